@@ -1,0 +1,67 @@
+# pyprivsep: `make run` starts the demo relay, `make test` runs the tests.
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+SOURCES := setup.py pyproject.toml build_ffi.py $(wildcard src/_rsaengine/*.[ch])
+CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -fsyntax-only
+
+.PHONY: all build run test bench asan warnings sysdeps clean
+
+all: build
+
+# What the machine needs besides PyPI: a C compiler, OpenSSL's headers, and
+# the openssl and curl tools the tests drive.  Installed only when missing.
+sysdeps:
+	@missing=""; \
+	command -v cc >/dev/null || missing="$$missing gcc"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
+	[ -f /usr/include/openssl/ssl.h ] || [ -n "$$OPENSSL_PREFIX" ] || missing="$$missing libssl-dev"; \
+	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $$missing; \
+		else echo "please install:$$missing" >&2; exit 1; fi; \
+	fi
+
+$(STAMP): $(SOURCES) | sysdeps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+build: $(STAMP)
+
+run: build
+	$(PY) -m pyprivsep.demo
+
+test: build
+	$(PY) -m pytest -q
+
+bench: build
+	@echo "make bench: not written yet (issue: benchmark side by side with nginx)"
+
+# The C sources must compile without a warning.
+warnings:
+	@for f in src/_rsaengine/*.c; do \
+		cc $(CFLAGS_STRICT) $$(pkg-config --cflags openssl 2>/dev/null) \
+		    $$( [ -n "$$OPENSSL_PREFIX" ] && echo -I$$OPENSSL_PREFIX/include ) \
+		    -Isrc/_rsaengine $$f || exit 1; \
+	done; echo "no warnings"
+
+# The end-to-end tests against an AddressSanitizer build of the extension.
+asan: build
+	rm -rf build/asan && mkdir -p build/asan
+	CFLAGS="-fsanitize=address -fno-omit-frame-pointer -g -O1" \
+	LDFLAGS="-fsanitize=address" $(PY) -m pip install -q --no-deps \
+	    --no-build-isolation --target build/asan . 
+	LD_PRELOAD=$$(cc -print-file-name=libasan.so) \
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:log_path=build/asan/asan \
+	PYTHONPATH=build/asan PYPRIVSEP_TEST_PYTHONPATH=build/asan \
+	    $(PY) -m pytest -q tests || true
+	@if ls build/asan/asan.* >/dev/null 2>&1; then \
+		echo "AddressSanitizer reports:"; cat build/asan/asan.*; exit 1; \
+	else echo "AddressSanitizer: clean"; fi
+
+clean:
+	rm -rf build $(VENV) pyprivsep/_rsaengine*.so pyprivsep/*.o *.egg-info

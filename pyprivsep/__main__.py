@@ -1,0 +1,5 @@
+import sys
+
+from pyprivsep.cli import main
+
+sys.exit(main())

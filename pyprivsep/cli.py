@@ -1,0 +1,106 @@
+"""pyprivsep [-dnvV] [-D macro=value] [-f file]"""
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import sys
+
+from pyprivsep import __version__, keys, native, parent, privsep
+from pyprivsep.config import Config, ConfigError, parse_config, parse_macro_arg
+
+DEFAULT_CONF = "/etc/pyprivsep.conf"
+log = logging.getLogger("pyprivsep")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="pyprivsep", usage="pyprivsep [-dnvV] [-D macro=value] [-f file]",
+        description="TLS relay with privilege-separated private keys")
+    ap.add_argument("-d", action="store_true", help="stay in the foreground, "
+                    "log to stderr")
+    ap.add_argument("-n", action="store_true", help="check the configuration "
+                    "(certificates and keys included) and exit")
+    ap.add_argument("-v", action="count", default=0, help="more logging")
+    ap.add_argument("-V", action="store_true", help="print the version and "
+                    "the TLS library, and exit")
+    ap.add_argument("-D", action="append", default=[], metavar="macro=value",
+                    help="define a macro")
+    ap.add_argument("-f", default=DEFAULT_CONF, metavar="file",
+                    help=f"configuration file (default {DEFAULT_CONF})")
+    return ap.parse_args(argv)
+
+
+def setup_logging(foreground: bool, verbose: int) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    if foreground:
+        h: logging.Handler = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        h = logging.handlers.SysLogHandler(
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        h.setFormatter(logging.Formatter(f"pyprivsep[{os.getpid()}]: %(message)s"))
+    root.addHandler(h)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def check_config(cfg: Config) -> None:
+    """-n: every certificate and key read, and each key matched to its
+    certificate.  This process exits right after; the daemon's parent
+    never loads a key."""
+    for r in cfg.relays:
+        for kp in r.keypairs:
+            keys.load_key(keys.load_cert(kp))
+
+
+def daemonize() -> None:
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    fd = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1, 2):
+        os.dup2(fd, std)
+    if fd > 2:
+        os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.V:
+        print(f"pyprivsep {__version__}, {native.library_version()}")
+        return 0
+    setup_logging(True, args.v)
+    try:
+        macros = dict(parse_macro_arg(d) for d in args.D)
+    except ValueError as e:
+        log.error("pyprivsep: -D %s", e)
+        return 1
+    try:
+        cfg = parse_config(args.f, macros)
+        if args.n:
+            check_config(cfg)
+            print("configuration OK", file=sys.stderr)
+            return 0
+        if not args.d:
+            daemonize()
+            setup_logging(False, args.v)
+        setup = parent.prepare(cfg, use_syslog=not args.d, verbose=bool(args.v))
+    except ConfigError as e:
+        log.error("%s", e)
+        return 1
+    privsep.set_title("parent")
+    privsep.prepare_chroot(cfg)
+    if not privsep.is_root():
+        log.warning("not running as root: no chroot, no privilege drop")
+    if cfg.keys_inprocess:
+        log.warning("WARNING: keys inprocess: the private keys are loaded "
+                    "into the relay processes; privilege separation is OFF. "
+                    "For benchmarks only.")
+    log.info("pyprivsep %s starting: %d relay processes, %s", __version__,
+             cfg.prefork, native.library_version())
+    return parent.Parent(cfg, setup).run()

@@ -1,0 +1,617 @@
+"""Configuration file parser: a subset of relayd.conf(5).
+
+The lexer follows relayd's parse.y: ``#`` comments, double-quoted strings,
+``{`` ``}`` ``=`` and newlines as tokens, backslash-newline continuation and
+``$name`` macro expansion of whole tokens.  Parsing stops at the first error,
+which is raised as a ConfigError naming the file and line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+
+SSL_DIR = "/etc/ssl"
+
+PREFORK_RANGE = (1, 64)
+TIMEOUT_RANGE = (1, 86400)
+KEYOP_TIMEOUT_RANGE = (10, 60000)
+PORT_RANGE = (1, 65535)
+
+KEYWORDS = frozenset({
+    "certificate", "changes", "chroot", "ciphers", "connection", "errors",
+    "forward", "include", "inprocess", "key", "keyop", "keypair", "keys",
+    "listen", "log", "on", "port", "prefork", "relay", "session", "state",
+    "timeout", "tls", "to", "user",
+})
+_GLOBAL_ONLY = frozenset({
+    "chroot", "include", "keys", "log", "prefork", "timeout", "user",
+})
+_RELAY_ONLY = frozenset({"forward", "listen", "session"})
+_RELAY_ONLY_TLS = frozenset({"certificate", "ciphers", "keypair"})
+
+_MACRO_NAME = re.compile(r"[A-Za-z0-9_]+\Z")
+_NUMBER = re.compile(r"[0-9]+\Z")
+_DOTTED_NUMERIC = re.compile(r"[0-9.]+\Z")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,254}}\Z){_LABEL}(?:\.{_LABEL})*\.?\Z")
+_SPACE = " \t\r\f\v"
+_NOT_IN_WORD = frozenset(_SPACE + '\n{}=#"')
+
+
+class ConfigError(Exception):
+    """A configuration error at file:line (line 0: the file as a whole)."""
+
+    def __init__(self, file: str, line: int, msg: str) -> None:
+        self.file = file
+        self.line = line
+        self.msg = msg
+        super().__init__(f"{file}:{line}: {msg}" if line else f"{file}: {msg}")
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a directive was written."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass
+class Keypair:
+    cert: str  # absolute path of the certificate chain PEM
+    key: str  # absolute path of the private key PEM
+    where: Where
+
+
+@dataclass
+class Listen:
+    host: str  # as written ("*" for any); the parent resolves it
+    port: int
+    tls: bool
+    where: Where
+
+
+@dataclass
+class Relay:
+    name: str
+    listens: list[Listen]
+    forward_host: str
+    forward_port: int
+    keypairs: list[Keypair]
+    ciphers: str | None
+    keyop_timeout_ms: int  # resolved: relay override or global
+    session_timeout: int  # resolved: relay override or global timeout
+    where: Where
+
+
+@dataclass
+class Config:
+    path: str
+    prefork: int = 3
+    user: str = "nobody"
+    chroot: str = "/var/empty"
+    timeout: int = 600
+    keys_inprocess: bool = False
+    keyop_timeout_ms: int = 1000
+    log: set[str] = field(default_factory=set)
+    relays: list[Relay] = field(default_factory=list)
+
+
+def parse_config(path: str, macros: dict[str, str] | None = None) -> Config:
+    """Parse the configuration file at path.
+
+    macros are command line (-D) definitions; they take precedence over
+    definitions of the same name in the file.
+    """
+    return _Parser(path, macros or {}).parse()
+
+
+def parse_macro_arg(arg: str) -> tuple[str, str]:
+    """Split a ``-D name=value`` argument into (name, value)."""
+    name, sep, value = arg.partition("=")
+    if not sep:
+        raise ValueError(f'invalid macro definition "{arg}": expected name=value')
+    problem = _macro_name_problem(name)
+    if problem:
+        raise ValueError(problem)
+    return name, value
+
+
+def _macro_name_problem(name: str) -> str | None:
+    if not _MACRO_NAME.match(name):
+        return f'invalid macro name "{name}" (use letters, digits and "_")'
+    if name in KEYWORDS:
+        return f'invalid macro name "{name}": it is a keyword'
+    return None
+
+
+# --- lexer -----------------------------------------------------------------
+
+_WORD, _STRING, _NL, _EOF = "word", "string", "end of line", "end of file"
+
+
+@dataclass(frozen=True)
+class _Token:
+    kind: str  # _WORD, _STRING, _NL, _EOF, "{", "}" or "="
+    value: str
+    line: int
+
+    @property
+    def is_arg(self) -> bool:
+        return self.kind in (_WORD, _STRING)
+
+    @property
+    def ends_statement(self) -> bool:
+        return self.kind in (_NL, _EOF, "}")
+
+    def is_word(self, value: str) -> bool:
+        return self.kind == _WORD and self.value == value
+
+    def describe(self) -> str:
+        return self.kind if self.kind in (_NL, _EOF) else f'"{self.value}"'
+
+
+class _Lexer:
+    def __init__(self, text: str, file: str, macros: dict[str, str]) -> None:
+        self._text = text
+        self._file = file
+        self._macros = macros  # live: definitions made while parsing apply
+        self._pos = 0
+        self._line = 1
+        self._pushed: _Token | None = None
+
+    def next(self) -> _Token:
+        if self._pushed is not None:
+            tok, self._pushed = self._pushed, None
+            return tok
+        return self._lex()
+
+    def peek(self) -> _Token:
+        if self._pushed is None:
+            self._pushed = self._lex()
+        return self._pushed
+
+    def push(self, tok: _Token) -> None:
+        assert self._pushed is None
+        self._pushed = tok
+
+    def _continuation(self, pos: int) -> int:
+        """Length of a backslash-newline at pos, or 0."""
+        for seq in ("\\\n", "\\\r\n"):
+            if self._text.startswith(seq, pos):
+                return len(seq)
+        return 0
+
+    def _lex(self) -> _Token:
+        text = self._text
+        while self._pos < len(text):
+            c = text[self._pos]
+            if c in _SPACE:
+                self._pos += 1
+            elif n := self._continuation(self._pos):
+                self._pos += n
+                self._line += 1
+            elif c == "#":
+                end = text.find("\n", self._pos)
+                self._pos = len(text) if end < 0 else end
+            elif c == "\n":
+                self._pos += 1
+                self._line += 1
+                return _Token(_NL, "", self._line - 1)
+            elif c in "{}=":
+                self._pos += 1
+                return _Token(c, c, self._line)
+            elif c == '"':
+                return self._string()
+            else:
+                return self._word()
+        line = self._line - 1 if text.endswith("\n") else self._line
+        return _Token(_EOF, "", max(line, 1))
+
+    def _string(self) -> _Token:
+        text, start = self._text, self._line
+        self._pos += 1
+        out: list[str] = []
+        while True:
+            if self._pos >= len(text) or text[self._pos] == "\n":
+                raise ConfigError(self._file, start, "unterminated string")
+            c = text[self._pos]
+            if c == '"':
+                self._pos += 1
+                return _Token(_STRING, "".join(out), start)
+            if c == "\\":
+                if n := self._continuation(self._pos):
+                    self._pos += n
+                    self._line += 1
+                    continue
+                if text[self._pos + 1:self._pos + 2] in ('"', "\\"):
+                    self._pos += 1
+                    c = text[self._pos]
+            out.append(c)
+            self._pos += 1
+
+    def _word(self) -> _Token:
+        text, start = self._text, self._pos
+        while (self._pos < len(text) and text[self._pos] not in _NOT_IN_WORD
+               and not self._continuation(self._pos)):
+            self._pos += 1
+        word = text[start:self._pos]
+        if not word.startswith("$"):
+            return _Token(_WORD, word, self._line)
+        name = word[1:]
+        if not _MACRO_NAME.match(name):
+            raise ConfigError(self._file, self._line, f'invalid macro reference "{word}"')
+        if name not in self._macros:
+            raise ConfigError(self._file, self._line, f'undefined macro "{name}"')
+        value = self._macros[name]
+        # Like relayd's re-lexing: a value that is a single bare word acts
+        # as one (keyword or number); anything else is one string token.
+        bare = value != "" and not any(ch in _NOT_IN_WORD for ch in value)
+        return _Token(_WORD if bare else _STRING, value, self._line)
+
+
+# --- parser ----------------------------------------------------------------
+
+@dataclass
+class _RelayBuilder:
+    name: str
+    where: Where
+    listens: list[Listen] = field(default_factory=list)
+    forward: tuple[str, int] | None = None
+    keypairs: list[Keypair] = field(default_factory=list)
+    ciphers: str | None = None
+    keyop_timeout_ms: int | None = None
+    session_timeout: int | None = None
+
+    def build(self, config: Config) -> Relay:
+        assert self.forward is not None
+        keyop = self.keyop_timeout_ms
+        session = self.session_timeout
+        return Relay(
+            name=self.name,
+            listens=self.listens,
+            forward_host=self.forward[0],
+            forward_port=self.forward[1],
+            keypairs=self.keypairs,
+            ciphers=self.ciphers,
+            keyop_timeout_ms=config.keyop_timeout_ms if keyop is None else keyop,
+            session_timeout=config.timeout if session is None else session,
+            where=self.where,
+        )
+
+
+def _valid_host(host: str, allow_any: bool) -> bool:
+    if host == "*":
+        return allow_any
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    return not _DOTTED_NUMERIC.match(host) and bool(_HOSTNAME.match(host))
+
+
+def _host_key(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.lower().rstrip(".")
+
+
+class _Parser:
+    def __init__(self, path: str, macros: dict[str, str]) -> None:
+        self.config = Config(path=path)
+        self.cli_macros = dict(macros)
+        self.macros = dict(macros)
+        self.relays: list[_RelayBuilder] = []
+        self.listens: dict[tuple[str, int], Where] = {}
+        self.active: list[str] = []  # real paths of files being parsed
+        self.file = path
+        self.lex = _Lexer("", path, self.macros)
+
+    def parse(self) -> Config:
+        self._parse_file(self.config.path, None)
+        self.config.relays = [r.build(self.config) for r in self.relays]
+        return self.config
+
+    def _err(self, line: int, msg: str) -> ConfigError:
+        return ConfigError(self.file, line, msg)
+
+    # files
+
+    def _parse_file(self, path: str, included_at: Where | None) -> None:
+        def fail(what: str, reason: str) -> ConfigError:
+            if included_at is None:
+                return ConfigError(path, 0, f"{what}: {reason}")
+            return ConfigError(included_at.file, included_at.line,
+                               f'{what} "{path}": {reason}')
+
+        real = os.path.realpath(path)
+        if included_at is not None and real in self.active:
+            raise ConfigError(included_at.file, included_at.line, f'include loop: "{path}"')
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise fail("cannot open", e.strerror or str(e)) from None
+        except UnicodeDecodeError as e:
+            raise fail("cannot read", e.reason) from None
+        saved = self.file, self.lex
+        self.file, self.lex = path, _Lexer(text, path, self.macros)
+        self.active.append(real)
+        try:
+            self._statements()
+        finally:
+            self.active.pop()
+            self.file, self.lex = saved
+
+    def _statements(self) -> None:
+        relay: _RelayBuilder | None = None
+        while True:
+            tok = self.lex.next()
+            if tok.kind == _EOF:
+                if relay is not None:
+                    raise self._err(tok.line, f'missing "}}" (relay "{relay.name}" '
+                                    f"opened at line {relay.where.line})")
+                return
+            if tok.kind == _NL:
+                continue
+            if tok.kind == "}":
+                if relay is None:
+                    raise self._err(tok.line, 'unexpected "}"')
+                self._close_relay(relay)
+                relay = None
+                self._eol("}")
+            elif relay is None:
+                relay = self._toplevel(tok)
+            else:
+                self._relay_option(relay, tok)
+
+    # token helpers
+
+    def _arg(self, what: str, start: _Token) -> _Token:
+        tok = self.lex.next()
+        if tok.is_arg:
+            return tok
+        if tok.ends_statement:
+            raise self._err(start.line, f'missing argument for "{what}"')
+        raise self._err(tok.line, f'unexpected {tok.describe()} in "{what}"')
+
+    def _expect(self, what: str, start: _Token, word: str) -> None:
+        tok = self.lex.next()
+        if tok.is_word(word):
+            return
+        if tok.ends_statement:
+            raise self._err(start.line, f'missing "{word}" in "{what}"')
+        raise self._err(tok.line, f'expected "{word}" in "{what}", got {tok.describe()}')
+
+    def _eol(self, what: str) -> None:
+        tok = self.lex.next()
+        if tok.kind in (_EOF, "}"):
+            self.lex.push(tok)
+        elif tok.kind != _NL:
+            raise self._err(tok.line, f'extra argument {tok.describe()} for "{what}"')
+
+    def _number(self, what: str, start: _Token, limits: tuple[int, int]) -> int:
+        tok = self._arg(what, start)
+        if not _NUMBER.match(tok.value):
+            raise self._err(tok.line, f'{what} "{tok.value}" is not a number')
+        lo, hi = limits
+        value = int(tok.value) if len(tok.value) < 20 else hi + 1
+        if not lo <= value <= hi:
+            raise self._err(tok.line, f"{what} {tok.value} out of range ({lo}-{hi})")
+        return value
+
+    def _host(self, what: str, start: _Token, allow_any: bool) -> str:
+        tok = self._arg(what, start)
+        if not _valid_host(tok.value, allow_any):
+            raise self._err(tok.line, f'invalid address "{tok.value}" in "{what}"')
+        return tok.value
+
+    def _path(self, tok: _Token) -> str:
+        if not tok.value:
+            raise self._err(tok.line, "empty path")
+        base = os.path.dirname(os.path.abspath(self.file))
+        return os.path.abspath(os.path.join(base, tok.value))
+
+    # top level
+
+    def _toplevel(self, tok: _Token) -> _RelayBuilder | None:
+        if tok.kind == _WORD and self.lex.peek().kind == "=":
+            self._macro(tok)
+            return None
+        if not tok.is_arg:
+            raise self._err(tok.line, f"unexpected {tok.describe()}")
+        word = tok.value if tok.kind == _WORD else ""
+        if word == "relay":
+            return self._relay(tok)
+        if word == "prefork":
+            self.config.prefork = self._number("prefork", tok, PREFORK_RANGE)
+            self._eol("prefork")
+        elif word == "user":
+            user = self._arg("user", tok)
+            if not user.value:
+                raise self._err(user.line, "empty user name")
+            self.config.user = user.value
+            self._eol("user")
+        elif word == "chroot":
+            path = self._arg("chroot", tok)
+            if not os.path.isabs(path.value):
+                raise self._err(path.line, f'chroot "{path.value}" is not an absolute path')
+            self.config.chroot = path.value
+            self._eol("chroot")
+        elif word == "timeout":
+            self.config.timeout = self._number("timeout", tok, TIMEOUT_RANGE)
+            self._eol("timeout")
+        elif word == "keys":
+            self._expect("keys", tok, "inprocess")
+            self.config.keys_inprocess = True
+            self._eol("keys inprocess")
+        elif word == "log":
+            self._log(tok)
+        elif word == "include":
+            self._include(tok)
+        elif word == "tls":
+            sub = self._arg("tls", tok)
+            if sub.is_word("keyop"):
+                self.config.keyop_timeout_ms = self._keyop(tok)
+            elif sub.kind == _WORD and sub.value in _RELAY_ONLY_TLS:
+                raise self._err(tok.line, f'"tls {sub.value}" is only valid inside a relay block')
+            else:
+                raise self._err(tok.line, f'unknown directive "tls {sub.value}"')
+        elif word in _RELAY_ONLY:
+            raise self._err(tok.line, f'"{word}" is only valid inside a relay block')
+        else:
+            raise self._err(tok.line, f'unknown directive "{tok.value}"')
+        return None
+
+    def _macro(self, name: _Token) -> None:
+        self.lex.next()  # "="
+        problem = _macro_name_problem(name.value)
+        if problem:
+            raise self._err(name.line, problem)
+        value = self.lex.next()
+        if not value.is_arg:
+            raise self._err(name.line, f'missing value for macro "{name.value}"')
+        self._eol(f"{name.value} =")
+        if name.value not in self.cli_macros:  # -D definitions win
+            self.macros[name.value] = value.value
+
+    def _log(self, tok: _Token) -> None:
+        sub = self._arg("log", tok)
+        if sub.is_word("connection") or sub.is_word("errors"):
+            self.config.log.add(sub.value)
+        elif sub.is_word("state"):
+            self._expect("log state", tok, "changes")
+            self.config.log.add("state changes")
+        else:
+            raise self._err(sub.line, f'unknown log option "{sub.value}"')
+        self._eol("log")
+
+    def _include(self, tok: _Token) -> None:
+        name = self._arg("include", tok)
+        if not name.value:
+            raise self._err(name.line, "empty include file name")
+        self._eol("include")
+        path = os.path.join(os.path.dirname(self.file), name.value)
+        self._parse_file(path, Where(self.file, tok.line))
+
+    def _keyop(self, start: _Token) -> int:
+        self._expect("tls keyop", start, "timeout")
+        value = self._number("tls keyop timeout", start, KEYOP_TIMEOUT_RANGE)
+        self._eol("tls keyop timeout")
+        return value
+
+    # relay blocks
+
+    def _relay(self, tok: _Token) -> _RelayBuilder:
+        name = self._arg("relay", tok)
+        if not name.value:
+            raise self._err(name.line, "empty relay name")
+        if any(r.name == name.value for r in self.relays):
+            raise self._err(name.line, f'duplicate relay name "{name.value}"')
+        brace = self.lex.next()
+        while brace.kind == _NL:
+            brace = self.lex.next()
+        if brace.kind != "{":
+            raise self._err(brace.line, f'expected "{{" after relay "{name.value}", '
+                            f"got {brace.describe()}")
+        relay = _RelayBuilder(name.value, Where(self.file, tok.line))
+        self.relays.append(relay)
+        return relay
+
+    def _relay_option(self, relay: _RelayBuilder, tok: _Token) -> None:
+        if tok.kind == _WORD and self.lex.peek().kind == "=":
+            raise self._err(tok.line, "macros must be defined at top level")
+        if not tok.is_arg:
+            raise self._err(tok.line, f"unexpected {tok.describe()}")
+        word = tok.value if tok.kind == _WORD else ""
+        if word == "listen":
+            self._listen(relay, tok)
+        elif word == "forward":
+            self._forward(relay, tok)
+        elif word == "tls":
+            self._relay_tls(relay, tok)
+        elif word == "session":
+            self._expect("session", tok, "timeout")
+            relay.session_timeout = self._number("session timeout", tok, TIMEOUT_RANGE)
+            self._eol("session timeout")
+        elif word == "relay":
+            raise self._err(tok.line, "nested relay blocks are not allowed")
+        elif word in _GLOBAL_ONLY:
+            raise self._err(tok.line, f'"{word}" is not allowed inside a relay block')
+        else:
+            raise self._err(tok.line, f'unknown directive "{tok.value}"')
+
+    def _listen(self, relay: _RelayBuilder, tok: _Token) -> None:
+        self._expect("listen", tok, "on")
+        host = self._host("listen on", tok, allow_any=True)
+        self._expect("listen on", tok, "port")
+        port = self._number("port", tok, PORT_RANGE)
+        tls = self.lex.peek().is_word("tls")
+        if tls:
+            self.lex.next()
+        self._eol("listen on")
+        where = Where(self.file, tok.line)
+        key = (_host_key(host), port)
+        if key in self.listens:
+            raise self._err(tok.line, f"duplicate listen address {host} port {port} "
+                            f"(already used at {self.listens[key]})")
+        self.listens[key] = where
+        relay.listens.append(Listen(host, port, tls, where))
+
+    def _forward(self, relay: _RelayBuilder, tok: _Token) -> None:
+        if relay.forward is not None:
+            raise self._err(tok.line, f'relay "{relay.name}" has more than one "forward to"')
+        self._expect("forward", tok, "to")
+        host = self._host("forward to", tok, allow_any=False)
+        self._expect("forward to", tok, "port")
+        relay.forward = (host, self._number("port", tok, PORT_RANGE))
+        self._eol("forward to")
+
+    def _relay_tls(self, relay: _RelayBuilder, tok: _Token) -> None:
+        sub = self._arg("tls", tok)
+        where = Where(self.file, tok.line)
+        if sub.is_word("keypair"):
+            name = self._arg("tls keypair", tok)
+            if name.value in ("", ".", "..") or "/" in name.value:
+                raise self._err(name.line, f'invalid keypair name "{name.value}"')
+            self._eol("tls keypair")
+            cert = os.path.join(SSL_DIR, f"{name.value}.crt")
+            key = os.path.join(SSL_DIR, "private", f"{name.value}.key")
+            relay.keypairs.append(Keypair(cert, key, where))
+        elif sub.is_word("certificate"):
+            cert = self._path(self._arg("tls certificate", tok))
+            self._expect("tls certificate", tok, "key")
+            key = self._path(self._arg("tls certificate key", tok))
+            self._eol("tls certificate")
+            relay.keypairs.append(Keypair(cert, key, where))
+        elif sub.is_word("ciphers"):
+            ciphers = self._arg("tls ciphers", tok)
+            if not ciphers.value:
+                raise self._err(ciphers.line, "empty cipher list")
+            relay.ciphers = ciphers.value
+            self._eol("tls ciphers")
+        elif sub.is_word("keyop"):
+            relay.keyop_timeout_ms = self._keyop(tok)
+        else:
+            raise self._err(tok.line, f'unknown directive "tls {sub.value}"')
+
+    def _close_relay(self, relay: _RelayBuilder) -> None:
+        line, name = relay.where.line, relay.name
+        if not relay.listens:
+            raise self._err(line, f'relay "{name}" has no "listen on"')
+        if relay.forward is None:
+            raise self._err(line, f'relay "{name}" has no "forward to"')
+        has_tls = any(listen.tls for listen in relay.listens)
+        if has_tls and not relay.keypairs:
+            raise self._err(line, f'relay "{name}" listens with tls but has no keypair')
+        if relay.keypairs and not has_tls:
+            raise self._err(relay.keypairs[0].where.line,
+                            f'relay "{name}" has a keypair but no "listen on ... tls"')

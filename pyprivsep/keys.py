@@ -1,0 +1,90 @@
+"""Certificates and keys as the parent, the relays and the cas see them.
+
+The parent and the relays read certificates only (public).  Private keys
+are read by the ca processes (and by the relays with ``keys inprocess``),
+and by ``pyprivsep -n`` to check that each key matches its certificate.
+A key is named on the wire by its key id: SHA-256 of the certificate's
+DER SubjectPublicKeyInfo, as relayd names keys by a hash of the public key.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from pyprivsep.config import ConfigError, Keypair
+from pyprivsep.native import CaKey, NativeError
+
+EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
+RSA_BITS = (2048, 8192)
+
+
+@dataclass(frozen=True)
+class Cert:
+    """A keypair's certificate chain and what the ca's policy needs of it."""
+
+    keypair: Keypair
+    chain_pem: bytes
+    keyid: bytes
+    kind: str               # "rsa" or "ec"
+    bits: int               # RSA modulus bits, or the curve's bits
+    subject: str
+
+    def describe(self) -> str:
+        return f"{self.kind.upper()}-{self.bits} {self.subject}"
+
+
+def _read(path: str, what: str, kp: Keypair) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(kp.where.file, kp.where.line,
+                          f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def load_cert(kp: Keypair) -> Cert:
+    pem = _read(kp.cert, "certificate", kp)
+    try:
+        leaf = x509.load_pem_x509_certificate(pem)
+    except ValueError as e:
+        raise ConfigError(kp.where.file, kp.where.line,
+                          f"{kp.cert}: not a PEM certificate ({e})") from None
+    pub = leaf.public_key()
+    if isinstance(pub, rsa.RSAPublicKey):
+        kind, bits = "rsa", pub.key_size
+        if not RSA_BITS[0] <= bits <= RSA_BITS[1]:
+            raise ConfigError(kp.where.file, kp.where.line,
+                              f"{kp.cert}: RSA-{bits} not supported "
+                              f"({RSA_BITS[0]} to {RSA_BITS[1]} bits)")
+    elif isinstance(pub, ec.EllipticCurvePublicKey):
+        if pub.curve.name not in EC_CURVES:
+            raise ConfigError(kp.where.file, kp.where.line,
+                              f"{kp.cert}: curve {pub.curve.name} not "
+                              f"supported ({', '.join(EC_CURVES.values())})")
+        kind, bits = "ec", pub.curve.key_size
+    else:
+        raise ConfigError(kp.where.file, kp.where.line,
+                          f"{kp.cert}: only RSA and ECDSA keys are supported")
+    spki = pub.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    return Cert(kp, pem, hashlib.sha256(spki).digest(), kind, bits,
+                leaf.subject.rfc4514_string())
+
+
+def read_key(cert: Cert) -> bytes:
+    """The private key PEM of a keypair (ca processes, keys inprocess, -n)."""
+    return _read(cert.keypair.key, "key", cert.keypair)
+
+
+def load_key(cert: Cert) -> CaKey:
+    """Load the private key into OpenSSL and check it matches the certificate."""
+    kp = cert.keypair
+    try:
+        return CaKey(read_key(cert), cert.chain_pem)
+    except NativeError as e:
+        raise ConfigError(kp.where.file, kp.where.line,
+                          f"{kp.key}: {e}") from None

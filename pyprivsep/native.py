@@ -1,0 +1,152 @@
+"""The thin Python face of the C extension (src/_rsaengine).
+
+Protocol constants and the frame header come from the C header through
+the FFI: ``P.PPS_OP_REPLY``, ``HDR_SIZE``.  Wrappers check their
+arguments, call the C function, and turn a failure into NativeError with
+the extension's message; nothing else.
+"""
+from __future__ import annotations
+
+from pyprivsep._rsaengine import ffi, lib
+
+P = lib                                   # protocol constants: P.PPS_*
+HDR_SIZE: int = ffi.sizeof("struct pps_hdr")
+FRAME_MAX: int = HDR_SIZE + lib.PPS_MAX_PAYLOAD
+
+
+class NativeError(Exception):
+    """A call into the extension failed; the message is the extension's."""
+
+
+def _check(ret: int) -> int:
+    if ret < 0:
+        raise NativeError(ffi.string(lib.pps_error()).decode())
+    return ret
+
+
+def library_version() -> str:
+    return ffi.string(lib.pps_library_version()).decode()
+
+
+def set_nondumpable() -> None:
+    _check(lib.pps_set_nondumpable())
+
+
+# ---- frames -------------------------------------------------------------
+
+class Frame:
+    """One frame: header fields and payload, parsed or to be sent."""
+
+    __slots__ = ("version", "type", "arg", "id", "key", "payload")
+
+    def __init__(self, type: int, arg: int, id: int, key: bytes,
+                 payload: bytes, version: int = lib.PPS_PROTO_VERSION) -> None:
+        self.version = version
+        self.type = type
+        self.arg = arg
+        self.id = id
+        self.key = key
+        self.payload = payload
+
+    def pack(self) -> bytes:
+        hdr = ffi.new("struct pps_hdr *")
+        hdr.version = self.version
+        hdr.type = self.type
+        hdr.arg = self.arg
+        hdr.id = self.id
+        hdr.len = len(self.payload)
+        ffi.memmove(hdr.key, self.key[:lib.PPS_KEYID_LEN],
+                    min(len(self.key), lib.PPS_KEYID_LEN))
+        return bytes(ffi.buffer(hdr)) + self.payload
+
+
+class FrameError(Exception):
+    """A frame that cannot be read as one; .status is the PPS_ERR_* to send
+    and .id the request id, where the header could be read (else 0)."""
+
+    def __init__(self, status: int, msg: str, id: int = 0) -> None:
+        super().__init__(msg)
+        self.status = status
+        self.id = id
+
+
+def parse_frame(data: bytes) -> Frame:
+    """Check a received frame's size, length field and version."""
+    if len(data) < HDR_SIZE:
+        raise FrameError(lib.PPS_ERR_FRAME, f"short frame ({len(data)} bytes)")
+    if len(data) > FRAME_MAX:
+        raise FrameError(lib.PPS_ERR_FRAME, f"frame too long ({len(data)} bytes)")
+    hdr = ffi.from_buffer("struct pps_hdr *", data)
+    frame = Frame(hdr.type, hdr.arg, hdr.id, bytes(hdr.key),
+                  data[HDR_SIZE:], version=hdr.version)
+    if hdr.len != len(data) - HDR_SIZE:
+        raise FrameError(lib.PPS_ERR_FRAME,
+                         f"length field {hdr.len} but {len(data) - HDR_SIZE} "
+                         "payload bytes", hdr.id)
+    if hdr.version != lib.PPS_PROTO_VERSION:
+        raise FrameError(lib.PPS_ERR_VERSION, f"version {hdr.version}", hdr.id)
+    return frame
+
+
+# ---- the ca's keys --------------------------------------------------------
+
+class CaKey:
+    """A private key held by a ca process, in OpenSSL's memory."""
+
+    def __init__(self, key_pem: bytes, cert_pem: bytes) -> None:
+        ptr = lib.pps_cakey_load(key_pem, len(key_pem), cert_pem, len(cert_pem))
+        if ptr == ffi.NULL:
+            raise NativeError(ffi.string(lib.pps_error()).decode())
+        self._ptr = ffi.gc(ptr, lib.pps_cakey_free)
+        self._out = ffi.new("uint8_t[]", lib.PPS_MAX_PAYLOAD)
+
+    def sign(self, op: int, arg: int, data: bytes) -> bytes:
+        n = _check(lib.pps_cakey_sign(self._ptr, op, arg, data, len(data),
+                                      self._out, lib.PPS_MAX_PAYLOAD))
+        return bytes(ffi.buffer(self._out, n))
+
+
+# ---- the relay engine -----------------------------------------------------
+
+def engine_init(*, id: int, ca_fd: int, ctl_fd: int, max_conns: int,
+                handshake_timeout: int, use_syslog: bool,
+                verbose: bool) -> None:
+    conf = ffi.new("struct pps_engine_conf *")
+    conf.id = id
+    conf.ca_fd = ca_fd
+    conf.ctl_fd = ctl_fd
+    conf.max_conns = max_conns
+    conf.handshake_timeout = handshake_timeout
+    conf.use_syslog = int(use_syslog)
+    conf.verbose = int(verbose)
+    _check(lib.pps_engine_init(conf))
+
+
+def relay_new(name: str, fwd_addr: str, fwd_port: int, ciphers: str | None,
+              keyop_timeout_ms: int, idle_timeout: int) -> int:
+    return _check(lib.pps_relay_new(
+        name.encode(), fwd_addr.encode(), fwd_port,
+        ciphers.encode() if ciphers is not None else ffi.NULL,
+        keyop_timeout_ms, idle_timeout))
+
+
+def relay_listen(relay: int, fd: int) -> None:
+    _check(lib.pps_relay_listen(relay, fd))
+
+
+def relay_keypair(relay: int, chain_pem: bytes, keyid: bytes,
+                  key_pem: bytes | None) -> None:
+    if len(keyid) != lib.PPS_KEYID_LEN:
+        raise ValueError("key id must be 32 bytes")
+    _check(lib.pps_relay_keypair(
+        relay, chain_pem, len(chain_pem), keyid,
+        key_pem if key_pem is not None else ffi.NULL,
+        len(key_pem) if key_pem is not None else 0))
+
+
+def ticket_keys(keys: bytes) -> None:
+    _check(lib.pps_ticket_keys(keys, len(keys)))
+
+
+def engine_run() -> None:
+    _check(lib.pps_engine_run())

@@ -1,0 +1,16 @@
+"""pyprivsep: the C extension is built by build_ffi.py (cffi, API mode)."""
+from setuptools import setup
+
+setup(
+    name="pyprivsep",
+    version="0.1.0",
+    description="TLS relay whose private keys live only in per-relay ca "
+                "processes (the OpenBSD relayd model)",
+    python_requires=">=3.9",
+    packages=["pyprivsep"],
+    setup_requires=["cffi>=1.15"],
+    cffi_modules=["build_ffi.py:ffibuilder"],
+    install_requires=["cffi>=1.15", "cryptography>=41", "setproctitle>=1.3"],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={"console_scripts": ["pyprivsep=pyprivsep.cli:main"]},
+)

@@ -1,0 +1,41 @@
+/*
+ * The C API the Python side sees: every function pyprivsep calls in the
+ * extension is declared here, once.  build_ffi.py feeds this file (after
+ * protocol.h) to cffi's cdef, so keep it free of preprocessor logic.
+ *
+ * A relay process builds one engine: pps_engine_init(), then per relay
+ * block pps_relay_new() + pps_relay_listen() + pps_relay_keypair(), then
+ * pps_engine_run() until it is told to stop.  A ca process uses only the
+ * pps_cakey_*() calls.  Failures return -1 (or NULL) and leave a message
+ * in pps_error().
+ */
+
+struct pps_engine_conf {
+	int		id;		/* relay process number, for logs */
+	int		ca_fd;		/* SOCK_SEQPACKET to our ca; -1: keys in-process */
+	int		ctl_fd;		/* SOCK_SEQPACKET to the parent */
+	int		max_conns;	/* connections per relay process */
+	int		handshake_timeout;	/* seconds */
+	int		use_syslog;	/* else log to stderr */
+	int		verbose;
+};
+
+int		 pps_engine_init(const struct pps_engine_conf *);
+int		 pps_relay_new(const char *name, const char *fwd_addr, int fwd_port,
+		    const char *ciphers, int keyop_timeout_ms, int idle_timeout);
+int		 pps_relay_listen(int relay, int fd);
+int		 pps_relay_keypair(int relay, const char *chain_pem, size_t chain_len,
+		    const uint8_t *keyid, const char *key_pem, size_t key_len);
+int		 pps_ticket_keys(const uint8_t *keys, size_t len);
+int		 pps_engine_run(void);
+
+struct pps_cakey;
+struct pps_cakey *pps_cakey_load(const char *key_pem, size_t key_len,
+		    const char *cert_pem, size_t cert_len);
+int		 pps_cakey_sign(struct pps_cakey *, int op, int arg,
+		    const uint8_t *in, size_t inlen, uint8_t *out, size_t outsize);
+void		 pps_cakey_free(struct pps_cakey *);
+
+int		 pps_set_nondumpable(void);
+const char	*pps_error(void);
+const char	*pps_library_version(void);

@@ -1,0 +1,111 @@
+/*
+ * The ca side: a private key loaded into OpenSSL, and the one operation a
+ * ca performs with it.  The policy (what may be signed) is decided in
+ * Python before this is called; this file only performs, with OpenSSL's
+ * blinded, constant-time code through EVP_PKEY_sign():
+ *   RSA, PPS_PAD_PKCS1: PKCS#1 v1.5 type 1 padding over the given DigestInfo
+ *   RSA, PPS_PAD_NONE:  the raw private operation on a full block
+ *   EC:  ECDSA over the given digest, DER ECDSA-Sig-Value out
+ */
+#include <string.h>
+
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/rsa.h>
+#include <openssl/x509.h>
+
+#include "engine.h"
+
+struct pps_cakey {
+	EVP_PKEY	*pkey;
+	int		 type;		/* EVP_PKEY_RSA or EVP_PKEY_EC */
+};
+
+struct pps_cakey *
+pps_cakey_load(const char *key_pem, size_t key_len, const char *cert_pem,
+    size_t cert_len)
+{
+	struct pps_cakey *k = NULL;
+	BIO *kb = NULL, *cb = NULL;
+	EVP_PKEY *pkey = NULL;
+	X509 *cert = NULL;
+
+	if (key_len > INT32_MAX || cert_len > INT32_MAX) {
+		pps_seterr("PEM too large");
+		return NULL;
+	}
+	if ((kb = BIO_new_mem_buf(key_pem, (int)key_len)) == NULL ||
+	    (cb = BIO_new_mem_buf(cert_pem, (int)cert_len)) == NULL)
+		goto ssl_fail;
+	if ((pkey = PEM_read_bio_PrivateKey(kb, NULL, NULL, NULL)) == NULL) {
+		pps_seterr_ssl("cannot read private key");
+		goto fail;
+	}
+	if ((cert = PEM_read_bio_X509(cb, NULL, NULL, NULL)) == NULL) {
+		pps_seterr_ssl("cannot read certificate");
+		goto fail;
+	}
+	if (!X509_check_private_key(cert, pkey)) {
+		ERR_clear_error();
+		pps_seterr("private key does not match the certificate");
+		goto fail;
+	}
+	if (EVP_PKEY_base_id(pkey) != EVP_PKEY_RSA &&
+	    EVP_PKEY_base_id(pkey) != EVP_PKEY_EC) {
+		pps_seterr("key type not supported (RSA and ECDSA only)");
+		goto fail;
+	}
+	if ((k = calloc(1, sizeof(*k))) == NULL)
+		goto ssl_fail;
+	k->pkey = pkey;
+	k->type = EVP_PKEY_base_id(pkey);
+	pkey = NULL;
+	goto done;
+ssl_fail:
+	pps_seterr_ssl("out of memory");
+fail:
+	EVP_PKEY_free(pkey);
+done:
+	X509_free(cert);
+	BIO_free(kb);
+	BIO_free(cb);
+	return k;
+}
+
+void
+pps_cakey_free(struct pps_cakey *k)
+{
+	if (k == NULL)
+		return;
+	EVP_PKEY_free(k->pkey);
+	free(k);
+}
+
+int
+pps_cakey_sign(struct pps_cakey *k, int op, int arg, const uint8_t *in,
+    size_t inlen, uint8_t *out, size_t outsize)
+{
+	EVP_PKEY_CTX *ctx;
+	size_t outlen = outsize;
+	int pad = 0, ok;
+
+	if (op == PPS_OP_RSA_PRIV_ENC && k->type == EVP_PKEY_RSA &&
+	    arg == PPS_PAD_PKCS1)
+		pad = RSA_PKCS1_PADDING;
+	else if (op == PPS_OP_RSA_PRIV_ENC && k->type == EVP_PKEY_RSA &&
+	    arg == PPS_PAD_NONE)
+		pad = RSA_NO_PADDING;
+	else if (!(op == PPS_OP_ECDSA_SIGN && k->type == EVP_PKEY_EC))
+		return pps_seterr("operation %d/%d not for this key", op, arg);
+
+	if ((ctx = EVP_PKEY_CTX_new(k->pkey, NULL)) == NULL)
+		return pps_seterr_ssl("EVP_PKEY_CTX_new");
+	ok = EVP_PKEY_sign_init(ctx) > 0 &&
+	    (pad == 0 || EVP_PKEY_CTX_set_rsa_padding(ctx, pad) > 0) &&
+	    EVP_PKEY_sign(ctx, out, &outlen, in, inlen) > 0;
+	EVP_PKEY_CTX_free(ctx);
+	if (!ok)
+		return pps_seterr_ssl("sign");
+	return (int)outlen;
+}

@@ -1,0 +1,106 @@
+/*
+ * Internal declarations of the relay engine.  Not seen by Python: the
+ * Python side sees api.h only.
+ */
+#ifndef PPS_ENGINE_H
+#define PPS_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+#include <sys/socket.h>
+
+#include <openssl/ssl.h>
+
+#include "protocol.h"
+#include "api.h"
+
+#define PPS_MAX_RELAYS		64
+#define PPS_MAX_KEYPAIRS	32	/* per relay block */
+#define PPS_MAX_LISTENERS	64	/* per process */
+#define PPS_BUFSZ		16384	/* one TLS record */
+#define PPS_FRAME_MAX		(sizeof(struct pps_hdr) + PPS_MAX_PAYLOAD)
+
+#if !defined(__GNUC__)
+#define __attribute__(x)
+#endif
+
+/* What an event source is; the loop dispatches on it. */
+enum ev_kind { EV_LISTEN, EV_CLIENT, EV_BACKEND, EV_CA, EV_CTL, EV_NKINDS };
+
+struct evsrc {
+	enum ev_kind	 kind;
+	int		 fd;
+	unsigned	 mask;		/* PPS_IN | PPS_OUT, as registered */
+};
+
+#define PPS_IN		0x1
+#define PPS_OUT		0x2
+#define PPS_ERR		0x4		/* only reported, never asked for */
+
+/* poller.c: epoll on Linux, kqueue on the BSDs */
+struct pps_event {
+	struct evsrc	*src;
+	unsigned	 events;
+};
+int	poller_init(void);
+int	poller_add(struct evsrc *, unsigned mask, int exclusive);
+int	poller_set(struct evsrc *, unsigned mask);
+void	poller_del(struct evsrc *);
+int	poller_wait(struct pps_event *, int max, int timeout_ms);
+
+/* A private key that lives in the ca: what the shim sends with a request. */
+struct keyref {
+	uint8_t		 id[PPS_KEYID_LEN];
+	int		 timeout_ms;
+};
+
+struct keypair {
+	SSL_CTX		*ctx;
+	X509		*cert;		/* leaf, for SNI matching */
+	struct keyref	 ref;
+};
+
+struct conn;
+struct connlist {
+	struct conn	*head, *tail;	/* oldest deadline first */
+};
+
+struct relay {
+	int		 index;
+	char		 name[64];
+	struct sockaddr_storage fwd;
+	socklen_t	 fwdlen;
+	char		*ciphers;
+	int		 keyop_timeout_ms;
+	int		 idle_timeout;
+	struct keypair	 kp[PPS_MAX_KEYPAIRS];
+	int		 nkp;
+	struct connlist	 handshaking;	/* deadline: handshake timeout */
+	struct connlist	 established;	/* deadline: idle timeout */
+};
+
+/* relay.c */
+extern struct pps_engine_conf pps_conf;
+extern time_t	pps_now;		/* monotonic seconds, per loop turn */
+
+/* tls.c */
+int	tls_keypair(struct relay *, const char *, size_t, const uint8_t *,
+	    const char *, size_t);
+int	tls_set_ticket_keys(const uint8_t *, size_t);
+
+/* shim.c */
+int	shim_init(void);
+EVP_PKEY *shim_pkey(X509 *, const struct keyref *);
+void	shim_ca_readable(void);
+int	shim_ca_fd(void);
+
+/* util.c */
+void	pps_log(int prio, const char *, ...)
+	    __attribute__((format(printf, 2, 3)));
+int	pps_seterr(const char *, ...)
+	    __attribute__((format(printf, 1, 2)));
+int	pps_seterr_ssl(const char *);
+uint64_t pps_now_ms(void);
+
+#endif

@@ -1,0 +1,162 @@
+/*
+ * Readiness notification: epoll on Linux, kqueue on the BSDs.  Level
+ * triggered; an event source asks for PPS_IN and/or PPS_OUT and the loop
+ * changes that mask as the connection's needs change.  Listening sockets
+ * shared by every relay process are registered "exclusive" so that one
+ * connection wakes one process (EPOLLEXCLUSIVE; kqueue has no thundering
+ * herd on accept to begin with).
+ */
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "engine.h"
+
+#ifdef __linux__
+#include <sys/epoll.h>
+
+static int pfd = -1;
+
+int
+poller_init(void)
+{
+	if (pfd == -1 && (pfd = epoll_create1(EPOLL_CLOEXEC)) == -1)
+		return pps_seterr("epoll_create1: %s", strerror(errno));
+	return 0;
+}
+
+static uint32_t
+to_epoll(unsigned mask)
+{
+	return (mask & PPS_IN ? EPOLLIN : 0) | (mask & PPS_OUT ? EPOLLOUT : 0);
+}
+
+int
+poller_add(struct evsrc *src, unsigned mask, int exclusive)
+{
+	struct epoll_event ev;
+
+	memset(&ev, 0, sizeof(ev));
+	ev.events = to_epoll(mask) | (exclusive ? EPOLLEXCLUSIVE : 0);
+	ev.data.ptr = src;
+	if (epoll_ctl(pfd, EPOLL_CTL_ADD, src->fd, &ev) == -1)
+		return pps_seterr("epoll_ctl add: %s", strerror(errno));
+	src->mask = mask;
+	return 0;
+}
+
+int
+poller_set(struct evsrc *src, unsigned mask)
+{
+	struct epoll_event ev;
+
+	if (src->mask == mask)
+		return 0;
+	memset(&ev, 0, sizeof(ev));
+	ev.events = to_epoll(mask);
+	ev.data.ptr = src;
+	if (epoll_ctl(pfd, EPOLL_CTL_MOD, src->fd, &ev) == -1)
+		return pps_seterr("epoll_ctl mod: %s", strerror(errno));
+	src->mask = mask;
+	return 0;
+}
+
+void
+poller_del(struct evsrc *src)
+{
+	(void)epoll_ctl(pfd, EPOLL_CTL_DEL, src->fd, NULL);
+	src->mask = 0;
+}
+
+int
+poller_wait(struct pps_event *out, int max, int timeout_ms)
+{
+	struct epoll_event evs[256];
+	int i, n;
+
+	if (max > 256)
+		max = 256;
+	n = epoll_wait(pfd, evs, max, timeout_ms);
+	for (i = 0; i < n; i++) {
+		out[i].src = evs[i].data.ptr;
+		out[i].events = (evs[i].events & EPOLLIN ? PPS_IN : 0) |
+		    (evs[i].events & EPOLLOUT ? PPS_OUT : 0) |
+		    (evs[i].events & (EPOLLERR | EPOLLHUP) ? PPS_ERR : 0);
+	}
+	return n;
+}
+
+#else /* kqueue */
+#include <sys/types.h>
+#include <sys/event.h>
+#include <sys/time.h>
+
+static int kq = -1;
+
+int
+poller_init(void)
+{
+	if (kq == -1 && (kq = kqueue()) == -1)
+		return pps_seterr("kqueue: %s", strerror(errno));
+	return 0;
+}
+
+static int
+kq_change(struct evsrc *src, unsigned mask)
+{
+	struct kevent ch[2];
+	int n = 0;
+
+	if ((mask ^ src->mask) & PPS_IN)
+		EV_SET(&ch[n++], src->fd, EVFILT_READ,
+		    mask & PPS_IN ? EV_ADD : EV_DELETE, 0, 0, src);
+	if ((mask ^ src->mask) & PPS_OUT)
+		EV_SET(&ch[n++], src->fd, EVFILT_WRITE,
+		    mask & PPS_OUT ? EV_ADD : EV_DELETE, 0, 0, src);
+	if (n > 0 && kevent(kq, ch, n, NULL, 0, NULL) == -1)
+		return pps_seterr("kevent: %s", strerror(errno));
+	src->mask = mask;
+	return 0;
+}
+
+int
+poller_add(struct evsrc *src, unsigned mask, int exclusive)
+{
+	(void)exclusive;
+	src->mask = 0;
+	return kq_change(src, mask);
+}
+
+int
+poller_set(struct evsrc *src, unsigned mask)
+{
+	return kq_change(src, mask);
+}
+
+void
+poller_del(struct evsrc *src)
+{
+	(void)kq_change(src, 0);
+}
+
+int
+poller_wait(struct pps_event *out, int max, int timeout_ms)
+{
+	struct kevent evs[256];
+	struct timespec ts;
+	int i, n;
+
+	if (max > 256)
+		max = 256;
+	ts.tv_sec = timeout_ms / 1000;
+	ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000;
+	n = kevent(kq, NULL, 0, evs, max, timeout_ms < 0 ? NULL : &ts);
+	for (i = 0; i < n; i++) {
+		out[i].src = evs[i].udata;
+		out[i].events = (evs[i].filter == EVFILT_READ ? PPS_IN : 0) |
+		    (evs[i].filter == EVFILT_WRITE ? PPS_OUT : 0) |
+		    (evs[i].flags & (EV_EOF | EV_ERROR) ? PPS_ERR : 0);
+	}
+	return n;
+}
+#endif

@@ -1,0 +1,848 @@
+/*
+ * The relay process's event loop: accept on the listening sockets shared
+ * by every relay process, run non-blocking TLS handshakes (whose private
+ * key operations the shim turns into requests to our ca), connect to the
+ * backend, and relay bytes both ways through bounded buffers.
+ *
+ * Every event source is a struct evsrc whose kind picks the handler from
+ * the dispatch table at the bottom; a connection owns two (client and
+ * backend) and one function, conn_pump(), moves its bytes and decides
+ * what it waits for next.
+ */
+#ifdef __linux__
+#define _GNU_SOURCE		/* accept4, SOCK_NONBLOCK */
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <syslog.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+
+#include <openssl/err.h>
+#include <openssl/rand.h>
+
+#include "engine.h"
+
+struct pps_engine_conf pps_conf;
+time_t pps_now;
+
+struct buf {
+	size_t		off, len;
+	uint8_t		data[PPS_BUFSZ];
+};
+
+enum conn_state { CS_HANDSHAKE, CS_CONNECTING, CS_RELAY };
+
+/* conn.flags */
+#define CF_CLIENT_EOF	0x01	/* no more bytes from the client */
+#define CF_BACKEND_EOF	0x02	/* no more bytes from the backend */
+#define CF_BACKEND_SHUT	0x04	/* we sent FIN to the backend */
+#define CF_TLS_SHUT	0x08	/* we sent close_notify */
+
+struct conn {
+	struct evsrc	 client;	/* first: a client evsrc is the conn */
+	struct evsrc	 backend;
+	struct relay	*relay;
+	SSL		*ssl;
+	enum conn_state	 state;
+	unsigned	 flags;
+	unsigned	 rd_want, wr_want;	/* what SSL_read/SSL_write wait for */
+	struct buf	*up, *down;	/* client->backend, backend->client */
+	time_t		 deadline;
+	struct connlist	*list;
+	struct conn	*prev, *next;
+	struct conn	*ready_next;	/* pump again without waiting */
+	int		 on_ready;
+	int		 closed;	/* freed after this turn's events */
+	struct conn	*dead_next;
+};
+
+struct listener {
+	struct evsrc	 src;
+	struct relay	*relay;
+};
+
+static struct relay	*relays[PPS_MAX_RELAYS];
+static int		 nrelays;
+static struct listener	 listeners[PPS_MAX_LISTENERS];
+static int		 nlisteners;
+static int		 accepting = 1;
+static int		 nconns;
+static struct evsrc	 ca_src = { EV_CA, -1, 0 };
+static struct evsrc	 ctl_src = { EV_CTL, -1, 0 };
+static struct conn	*ready;
+static struct conn	*dead;
+static volatile sig_atomic_t stopping;
+
+#define CONN_OF(src, member) \
+	((struct conn *)((char *)(src) - offsetof(struct conn, member)))
+
+/* ---- buffers: allocated when a direction first carries data ---- */
+
+static size_t
+buf_space(struct buf *b)
+{
+	return b == NULL ? PPS_BUFSZ : PPS_BUFSZ - b->off - b->len;
+}
+
+static size_t
+buf_len(struct buf *b)
+{
+	return b == NULL ? 0 : b->len;
+}
+
+static uint8_t *
+buf_tail(struct buf **bp)
+{
+	struct buf *b = *bp;
+
+	if (b == NULL) {
+		if ((b = *bp = malloc(sizeof(*b))) == NULL)
+			return NULL;
+		b->off = b->len = 0;
+	}
+	return b->data + b->off + b->len;
+}
+
+/* Consumed n bytes; an empty buffer is freed (idle sessions hold none). */
+static void
+buf_drain(struct buf **bp, size_t n)
+{
+	struct buf *b = *bp;
+
+	b->off += n;
+	b->len -= n;
+	if (b->len == 0) {
+		free(b);
+		*bp = NULL;
+	} else if (b->off > PPS_BUFSZ / 2) {
+		memmove(b->data, b->data + b->off, b->len);
+		b->off = 0;
+	}
+}
+
+/* ---- deadlines: per relay block, lists kept in deadline order ---- */
+
+static void
+list_unlink(struct conn *c)
+{
+	struct connlist *l = c->list;
+
+	if (l == NULL)
+		return;
+	if (c->prev != NULL)
+		c->prev->next = c->next;
+	else
+		l->head = c->next;
+	if (c->next != NULL)
+		c->next->prev = c->prev;
+	else
+		l->tail = c->prev;
+	c->list = NULL;
+	c->prev = c->next = NULL;
+}
+
+static void
+list_touch(struct conn *c, struct connlist *l, int timeout)
+{
+	list_unlink(c);
+	c->deadline = pps_now + timeout;
+	c->list = l;
+	c->prev = l->tail;
+	c->next = NULL;
+	if (l->tail != NULL)
+		l->tail->next = c;
+	else
+		l->head = c;
+	l->tail = c;
+}
+
+/* ---- connections ---- */
+
+static void listeners_enable(int);
+
+static void
+conn_close(struct conn *c, const char *why)
+{
+	struct conn **pp;
+
+	if (why != NULL)
+		pps_log(LOG_DEBUG, "relay %s: connection closed: %s",
+		    c->relay->name, why);
+	list_unlink(c);
+	if (c->on_ready)
+		for (pp = &ready; *pp != NULL; pp = &(*pp)->ready_next)
+			if (*pp == c) {
+				*pp = c->ready_next;
+				break;
+			}
+	if (c->backend.fd != -1) {
+		poller_del(&c->backend);
+		close(c->backend.fd);
+	}
+	poller_del(&c->client);
+	close(c->client.fd);
+	SSL_free(c->ssl);
+	free(c->up);
+	free(c->down);
+	/* events of this turn may still name c: free it after them */
+	c->closed = 1;
+	c->dead_next = dead;
+	dead = c;
+	if (--nconns < pps_conf.max_conns && !accepting)
+		listeners_enable(1);
+}
+
+static const char *
+ssl_reason(void)
+{
+	static char buf[160];
+	unsigned long e = ERR_get_error();
+
+	ERR_clear_error();
+	if (e == 0)
+		return "connection reset";
+	ERR_error_string_n(e, buf, sizeof(buf));
+	return buf;
+}
+
+static void
+conn_wait(struct conn *c, unsigned cmask, unsigned bmask)
+{
+	if (poller_set(&c->client, cmask) == -1 ||
+	    (c->backend.fd != -1 && poller_set(&c->backend, bmask) == -1))
+		pps_log(LOG_ERR, "%s", pps_error());
+}
+
+static void
+backend_connect(struct conn *c)
+{
+	struct relay *r = c->relay;
+	int fd, one = 1;
+
+	fd = socket(r->fwd.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
+	    0);
+	if (fd == -1) {
+		pps_log(LOG_WARNING, "relay %s: backend socket: %s", r->name,
+		    strerror(errno));
+		conn_close(c, NULL);
+		return;
+	}
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	c->backend.fd = fd;
+	c->state = CS_CONNECTING;
+	if (connect(fd, (struct sockaddr *)&r->fwd, r->fwdlen) == -1 &&
+	    errno != EINPROGRESS) {
+		pps_log(LOG_WARNING, "relay %s: backend connect: %s", r->name,
+		    strerror(errno));
+		conn_close(c, NULL);
+		return;
+	}
+	if (poller_add(&c->backend, PPS_OUT, 0) == -1) {
+		pps_log(LOG_ERR, "%s", pps_error());
+		conn_close(c, NULL);
+		return;
+	}
+	conn_wait(c, 0, PPS_OUT);
+}
+
+static void
+conn_handshake(struct conn *c)
+{
+	int r = SSL_do_handshake(c->ssl);
+
+	if (r == 1) {
+		pps_log(LOG_DEBUG, "relay %s: %s handshake %s %s",
+		    c->relay->name, SSL_session_reused(c->ssl) ? "resumed" :
+		    "full", SSL_get_version(c->ssl), SSL_get_cipher(c->ssl));
+		list_touch(c, &c->relay->established, c->relay->idle_timeout);
+		backend_connect(c);
+		return;
+	}
+	switch (SSL_get_error(c->ssl, r)) {
+	case SSL_ERROR_WANT_READ:
+		conn_wait(c, PPS_IN, 0);
+		break;
+	case SSL_ERROR_WANT_WRITE:
+		conn_wait(c, PPS_OUT, 0);
+		break;
+	default:
+		pps_log(LOG_INFO, "relay %s: handshake failed: %s",
+		    c->relay->name, ssl_reason());
+		conn_close(c, NULL);
+	}
+}
+
+static void
+conn_connected(struct conn *c)
+{
+	int err = 0;
+	socklen_t len = sizeof(err);
+
+	if (getsockopt(c->backend.fd, SOL_SOCKET, SO_ERROR, &err, &len) == -1)
+		err = errno;
+	if (err == EINPROGRESS)
+		return;
+	if (err != 0) {
+		pps_log(LOG_WARNING, "relay %s: backend: %s", c->relay->name,
+		    strerror(err));
+		/* tell the client politely that there is nobody behind us */
+		(void)SSL_shutdown(c->ssl);
+		conn_close(c, NULL);
+		return;
+	}
+	c->state = CS_RELAY;
+}
+
+/* SSL_read into up; returns 1 on progress, 0 if blocked, -1 on error. */
+static int
+pump_client_read(struct conn *c)
+{
+	uint8_t *p;
+	int n;
+
+	c->rd_want = 0;
+	if (c->flags & CF_CLIENT_EOF || buf_space(c->up) == 0)
+		return 0;
+	if ((p = buf_tail(&c->up)) == NULL)
+		return -1;
+	if ((n = SSL_read(c->ssl, p, (int)buf_space(c->up))) > 0) {
+		c->up->len += n;
+		return 1;
+	}
+	switch (SSL_get_error(c->ssl, n)) {
+	case SSL_ERROR_WANT_READ:
+		c->rd_want = PPS_IN;
+		break;
+	case SSL_ERROR_WANT_WRITE:
+		c->rd_want = PPS_OUT;
+		break;
+	case SSL_ERROR_ZERO_RETURN:
+		c->flags |= CF_CLIENT_EOF;
+		return 1;
+	case SSL_ERROR_SYSCALL:
+		if (ERR_peek_error() == 0 && (n == 0 || errno == 0 ||
+		    errno == ECONNRESET)) {
+			c->flags |= CF_CLIENT_EOF;
+			return 1;
+		}
+		/* FALLTHROUGH */
+	default:
+		pps_log(LOG_DEBUG, "relay %s: client read: %s", c->relay->name,
+		    ssl_reason());
+		return -1;
+	}
+	if (buf_len(c->up) == 0) {
+		free(c->up);
+		c->up = NULL;
+	}
+	return 0;
+}
+
+static int
+pump_backend_write(struct conn *c)
+{
+	ssize_t n;
+
+	if (c->state != CS_RELAY || buf_len(c->up) == 0)
+		return 0;
+	n = send(c->backend.fd, c->up->data + c->up->off, c->up->len,
+	    MSG_NOSIGNAL);
+	if (n > 0) {
+		buf_drain(&c->up, n);
+		return 1;
+	}
+	if (errno == EAGAIN || errno == EINTR)
+		return 0;
+	pps_log(LOG_DEBUG, "relay %s: backend write: %s", c->relay->name,
+	    strerror(errno));
+	return -1;
+}
+
+static int
+pump_backend_read(struct conn *c)
+{
+	uint8_t *p;
+	ssize_t n;
+
+	if (c->state != CS_RELAY || c->flags & CF_BACKEND_EOF ||
+	    buf_space(c->down) == 0)
+		return 0;
+	if ((p = buf_tail(&c->down)) == NULL)
+		return -1;
+	n = recv(c->backend.fd, p, buf_space(c->down), 0);
+	if (n > 0) {
+		c->down->len += n;
+		return 1;
+	}
+	if (buf_len(c->down) == 0) {
+		free(c->down);
+		c->down = NULL;
+	}
+	if (n == 0 || errno == ECONNRESET) {
+		c->flags |= CF_BACKEND_EOF;
+		return 1;
+	}
+	if (errno == EAGAIN || errno == EINTR)
+		return 0;
+	pps_log(LOG_DEBUG, "relay %s: backend read: %s", c->relay->name,
+	    strerror(errno));
+	return -1;
+}
+
+static int
+pump_client_write(struct conn *c)
+{
+	int n;
+
+	c->wr_want = 0;
+	if (buf_len(c->down) == 0)
+		return 0;
+	n = SSL_write(c->ssl, c->down->data + c->down->off, (int)c->down->len);
+	if (n > 0) {
+		buf_drain(&c->down, n);
+		return 1;
+	}
+	switch (SSL_get_error(c->ssl, n)) {
+	case SSL_ERROR_WANT_READ:
+		c->wr_want = PPS_IN;
+		return 0;
+	case SSL_ERROR_WANT_WRITE:
+		c->wr_want = PPS_OUT;
+		return 0;
+	default:
+		pps_log(LOG_DEBUG, "relay %s: client write: %s", c->relay->name,
+		    ssl_reason());
+		return -1;
+	}
+}
+
+/* Half-close: pass each side's end on once its bytes have gone through. */
+static void
+pump_shutdowns(struct conn *c)
+{
+	if (c->flags & CF_CLIENT_EOF && !(c->flags & CF_BACKEND_SHUT) &&
+	    buf_len(c->up) == 0 && c->state == CS_RELAY) {
+		(void)shutdown(c->backend.fd, SHUT_WR);
+		c->flags |= CF_BACKEND_SHUT;
+	}
+	if (c->flags & CF_BACKEND_EOF && !(c->flags & CF_TLS_SHUT) &&
+	    buf_len(c->down) == 0) {
+		(void)SSL_shutdown(c->ssl);
+		ERR_clear_error();
+		c->flags |= CF_TLS_SHUT;
+	}
+}
+
+#define PUMP_ROUNDS	16
+
+static void
+conn_pump(struct conn *c)
+{
+	int progress, rounds = 0, r;
+	unsigned cmask, bmask;
+
+	do {
+		progress = 0;
+		if ((r = pump_client_read(c)) == -1 ||
+		    (progress |= r, r = pump_backend_write(c)) == -1 ||
+		    (progress |= r, r = pump_backend_read(c)) == -1 ||
+		    (progress |= r, r = pump_client_write(c)) == -1) {
+			conn_close(c, "i/o error");
+			return;
+		}
+		progress |= r;
+		pump_shutdowns(c);
+	} while (progress && ++rounds < PUMP_ROUNDS);
+
+	if ((c->flags & (CF_TLS_SHUT | CF_BACKEND_SHUT)) ==
+	    (CF_TLS_SHUT | CF_BACKEND_SHUT)) {
+		conn_close(c, "done");
+		return;
+	}
+	if (rounds > 0 || progress)
+		list_touch(c, &c->relay->established, c->relay->idle_timeout);
+	if (progress && !c->on_ready) {
+		/* still going: let the others have a turn, then continue */
+		c->on_ready = 1;
+		c->ready_next = ready;
+		ready = c;
+	}
+	cmask = c->rd_want | c->wr_want;
+	bmask = 0;
+	if (c->state == CS_RELAY) {
+		if (!(c->flags & CF_BACKEND_EOF) && buf_space(c->down) > 0)
+			bmask |= PPS_IN;
+		if (buf_len(c->up) > 0)
+			bmask |= PPS_OUT;
+	}
+	conn_wait(c, cmask, bmask);
+}
+
+static void
+on_client(struct evsrc *src, unsigned events)
+{
+	struct conn *c = CONN_OF(src, client);
+
+	(void)events;
+	if (c->closed)
+		return;
+	if (c->state == CS_HANDSHAKE)
+		conn_handshake(c);
+	else if (c->state == CS_RELAY)
+		conn_pump(c);
+}
+
+static void
+on_backend(struct evsrc *src, unsigned events)
+{
+	struct conn *c = CONN_OF(src, backend);
+
+	(void)events;
+	if (c->closed)
+		return;
+	if (c->state == CS_CONNECTING) {
+		conn_connected(c);
+		if (c->state != CS_RELAY)
+			return;
+	}
+	conn_pump(c);
+}
+
+/* ---- listeners ---- */
+
+static void
+listeners_enable(int on)
+{
+	int i;
+
+	accepting = on;
+	for (i = 0; i < nlisteners; i++) {
+		if (on)
+			(void)poller_add(&listeners[i].src, PPS_IN, 1);
+		else
+			poller_del(&listeners[i].src);
+	}
+}
+
+static void
+conn_new(struct listener *l, int fd)
+{
+	struct conn *c;
+	int one = 1;
+
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	if ((c = calloc(1, sizeof(*c))) == NULL ||
+	    (c->ssl = SSL_new(l->relay->kp[0].ctx)) == NULL ||
+	    !SSL_set_fd(c->ssl, fd)) {
+		pps_log(LOG_ERR, "relay %s: out of memory", l->relay->name);
+		if (c != NULL)
+			SSL_free(c->ssl);
+		free(c);
+		close(fd);
+		ERR_clear_error();
+		return;
+	}
+	c->client.kind = EV_CLIENT;
+	c->client.fd = fd;
+	c->backend.kind = EV_BACKEND;
+	c->backend.fd = -1;
+	c->relay = l->relay;
+	c->state = CS_HANDSHAKE;
+	SSL_set_accept_state(c->ssl);
+	if (poller_add(&c->client, 0, 0) == -1) {
+		pps_log(LOG_ERR, "%s", pps_error());
+		SSL_free(c->ssl);
+		close(fd);
+		free(c);
+		return;
+	}
+	nconns++;
+	list_touch(c, &c->relay->handshaking, pps_conf.handshake_timeout);
+	conn_handshake(c);
+}
+
+#define ACCEPT_BURST	32
+
+static void
+on_listen(struct evsrc *src, unsigned events)
+{
+	struct listener *l = (struct listener *)src;
+	int i, fd;
+
+	(void)events;
+	for (i = 0; i < ACCEPT_BURST && accepting; i++) {
+		fd = accept4(src->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd == -1) {
+			if (errno == EMFILE || errno == ENFILE) {
+				pps_log(LOG_WARNING, "accept: %s: pausing",
+				    strerror(errno));
+				listeners_enable(0);
+			}
+			return;
+		}
+		conn_new(l, fd);
+		if (nconns >= pps_conf.max_conns) {
+			pps_log(LOG_WARNING, "%d connections: pausing accept",
+			    nconns);
+			listeners_enable(0);
+		}
+	}
+}
+
+/* ---- the ca and the parent ---- */
+
+static void
+on_ca(struct evsrc *src, unsigned events)
+{
+	(void)src;
+	(void)events;
+	shim_ca_readable();
+}
+
+static void
+on_ctl(struct evsrc *src, unsigned events)
+{
+	uint8_t frame[sizeof(struct pps_hdr) +
+	    PPS_MAX_TICKET_KEYS * PPS_TICKET_KEY_LEN + 1];
+	struct pps_hdr hdr;
+	ssize_t n;
+
+	(void)events;
+	n = recv(src->fd, frame, sizeof(frame), MSG_DONTWAIT);
+	if (n == -1 && (errno == EAGAIN || errno == EINTR))
+		return;
+	if (n <= 0) {
+		pps_log(LOG_INFO, "parent gone, stopping");
+		stopping = 1;
+		poller_del(src);
+		return;
+	}
+	if ((size_t)n < sizeof(hdr)) {
+		pps_log(LOG_WARNING, "parent: short frame");
+		return;
+	}
+	memcpy(&hdr, frame, sizeof(hdr));
+	if (hdr.version != PPS_PROTO_VERSION ||
+	    hdr.len != (size_t)n - sizeof(hdr)) {
+		pps_log(LOG_WARNING, "parent: malformed frame");
+		return;
+	}
+	switch (hdr.type) {
+	case PPS_CTL_TICKET_KEYS:
+		if (tls_set_ticket_keys(frame + sizeof(hdr), hdr.len) == -1)
+			pps_log(LOG_WARNING, "parent: %s", pps_error());
+		else
+			pps_log(LOG_DEBUG, "ticket keys updated");
+		break;
+	default:
+		pps_log(LOG_WARNING, "parent: unknown message %u", hdr.type);
+	}
+	OPENSSL_cleanse(frame, sizeof(frame));
+}
+
+/* ---- the loop ---- */
+
+static void (*const dispatch[EV_NKINDS])(struct evsrc *, unsigned) = {
+	[EV_LISTEN] =	on_listen,
+	[EV_CLIENT] =	on_client,
+	[EV_BACKEND] =	on_backend,
+	[EV_CA] =	on_ca,
+	[EV_CTL] =	on_ctl,
+};
+
+static void
+on_signal(int sig)
+{
+	(void)sig;
+	stopping = 1;
+}
+
+static void
+sweep(struct connlist *l, const char *what)
+{
+	struct conn *c;
+
+	while ((c = l->head) != NULL && c->deadline <= pps_now) {
+		pps_log(LOG_INFO, "relay %s: %s timeout", c->relay->name, what);
+		conn_close(c, NULL);
+	}
+}
+
+static void
+tick(void)
+{
+	struct timespec ts;
+	int i;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	pps_now = ts.tv_sec;
+	for (i = 0; i < nrelays; i++) {
+		sweep(&relays[i]->handshaking, "handshake");
+		sweep(&relays[i]->established, "idle");
+	}
+}
+
+int
+pps_engine_init(const struct pps_engine_conf *conf)
+{
+	struct rlimit rl;
+	struct sigaction sa;
+
+	pps_conf = *conf;
+	if (pps_conf.max_conns <= 0)
+		pps_conf.max_conns = 10000;
+	if (pps_conf.handshake_timeout <= 0)
+		pps_conf.handshake_timeout = 30;
+	/* two descriptors a connection */
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		(void)setrlimit(RLIMIT_NOFILE, &rl);
+	}
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_signal;
+	sigemptyset(&sa.sa_mask);
+	if (sigaction(SIGTERM, &sa, NULL) == -1 ||
+	    sigaction(SIGINT, &sa, NULL) == -1)
+		return pps_seterr("sigaction: %s", strerror(errno));
+	sa.sa_handler = SIG_IGN;
+	(void)sigaction(SIGPIPE, &sa, NULL);
+	(void)sigaction(SIGHUP, &sa, NULL);
+	if (OPENSSL_init_ssl(0, NULL) != 1)
+		return pps_seterr_ssl("OPENSSL_init_ssl");
+	if (pps_conf.ca_fd != -1 && shim_init() == -1)
+		return -1;
+	return poller_init();
+}
+
+int
+pps_relay_new(const char *name, const char *fwd_addr, int fwd_port,
+    const char *ciphers, int keyop_timeout_ms, int idle_timeout)
+{
+	struct relay *r;
+	struct sockaddr_in *sin;
+	struct sockaddr_in6 *sin6;
+
+	if (nrelays == PPS_MAX_RELAYS)
+		return pps_seterr("more than %d relays", PPS_MAX_RELAYS);
+	if (fwd_port < 1 || fwd_port > 65535)
+		return pps_seterr("relay %s: bad port %d", name, fwd_port);
+	if ((r = calloc(1, sizeof(*r))) == NULL)
+		return pps_seterr("out of memory");
+	snprintf(r->name, sizeof(r->name), "%s", name);
+	sin = (struct sockaddr_in *)&r->fwd;
+	sin6 = (struct sockaddr_in6 *)&r->fwd;
+	if (inet_pton(AF_INET, fwd_addr, &sin->sin_addr) == 1) {
+		sin->sin_family = AF_INET;
+		sin->sin_port = htons(fwd_port);
+		r->fwdlen = sizeof(*sin);
+	} else if (inet_pton(AF_INET6, fwd_addr, &sin6->sin6_addr) == 1) {
+		sin6->sin6_family = AF_INET6;
+		sin6->sin6_port = htons(fwd_port);
+		r->fwdlen = sizeof(*sin6);
+	} else {
+		free(r);
+		return pps_seterr("relay %s: forward address %s is not numeric",
+		    name, fwd_addr);
+	}
+	if (ciphers != NULL && (r->ciphers = strdup(ciphers)) == NULL) {
+		free(r);
+		return pps_seterr("out of memory");
+	}
+	r->keyop_timeout_ms = keyop_timeout_ms;
+	r->idle_timeout = idle_timeout;
+	r->index = nrelays;
+	relays[nrelays] = r;
+	return nrelays++;
+}
+
+static struct relay *
+relay_get(int index)
+{
+	if (index < 0 || index >= nrelays) {
+		pps_seterr("no relay %d", index);
+		return NULL;
+	}
+	return relays[index];
+}
+
+int
+pps_relay_listen(int index, int fd)
+{
+	struct relay *r = relay_get(index);
+	struct listener *l;
+	int flags;
+
+	if (r == NULL)
+		return -1;
+	if (nlisteners == PPS_MAX_LISTENERS)
+		return pps_seterr("more than %d listeners", PPS_MAX_LISTENERS);
+	if ((flags = fcntl(fd, F_GETFL)) == -1 ||
+	    fcntl(fd, F_SETFL, flags | O_NONBLOCK) == -1)
+		return pps_seterr("listener: %s", strerror(errno));
+	l = &listeners[nlisteners++];
+	l->src.kind = EV_LISTEN;
+	l->src.fd = fd;
+	l->relay = r;
+	return 0;
+}
+
+int
+pps_relay_keypair(int index, const char *chain_pem, size_t chain_len,
+    const uint8_t *keyid, const char *key_pem, size_t key_len)
+{
+	struct relay *r = relay_get(index);
+
+	if (r == NULL)
+		return -1;
+	if (key_pem == NULL && pps_conf.ca_fd == -1)
+		return pps_seterr("relay %s: no ca and no key", r->name);
+	return tls_keypair(r, chain_pem, chain_len, keyid, key_pem, key_len);
+}
+
+int
+pps_engine_run(void)
+{
+	struct pps_event evs[256];
+	struct conn *c;
+	int i, n;
+
+	for (i = 0; i < nrelays; i++)
+		if (relays[i]->nkp == 0)
+			return pps_seterr("relay %s has no keypair",
+			    relays[i]->name);
+	ca_src.fd = pps_conf.ca_fd;
+	ctl_src.fd = pps_conf.ctl_fd;
+	if ((ca_src.fd != -1 && poller_add(&ca_src, PPS_IN, 0) == -1) ||
+	    (ctl_src.fd != -1 && poller_add(&ctl_src, PPS_IN, 0) == -1))
+		return -1;
+	listeners_enable(1);
+	tick();
+	while (!stopping) {
+		n = poller_wait(evs, 256, ready != NULL ? 0 : 1000);
+		if (n == -1 && errno != EINTR)
+			return pps_seterr("poll: %s", strerror(errno));
+		tick();
+		/* connections that had more to do get their turn first */
+		while ((c = ready) != NULL) {
+			ready = c->ready_next;
+			c->on_ready = 0;
+			conn_pump(c);
+		}
+		for (i = 0; i < n; i++)
+			dispatch[evs[i].src->kind](evs[i].src, evs[i].events);
+		while ((c = dead) != NULL) {
+			dead = c->dead_next;
+			free(c);
+		}
+	}
+	pps_log(LOG_INFO, "stopping with %d connections", nconns);
+	return 0;
+}

@@ -1,0 +1,273 @@
+/*
+ * TLS contexts: one SSL_CTX per keypair of a relay block, the first one
+ * the default and the others chosen by SNI; session tickets sealed with
+ * keys that the parent gives every relay process, so that a session
+ * resumes on any of them.
+ */
+#include <string.h>
+#include <syslog.h>
+
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/rand.h>
+#include <openssl/x509v3.h>
+#if !defined(LIBRESSL_VERSION_NUMBER) && OPENSSL_VERSION_NUMBER >= 0x30000000L
+#include <openssl/core_names.h>
+#define PPS_TICKET_EVP	1
+#else
+#include <openssl/hmac.h>
+#endif
+
+#include "engine.h"
+
+/* Static RSA key exchange and anything without forward secrecy stay off. */
+#define PPS_CIPHERS_DEFAULT	"HIGH:!aNULL"
+#define PPS_CIPHERS_FORCED	":!kRSA:!kDHE:!PSK:!SRP:!aNULL:!eNULL"
+
+struct ticket_key {
+	uint8_t	name[16];
+	uint8_t	hmac[32];
+	uint8_t	aes[32];
+};
+
+static struct ticket_key tickets[PPS_MAX_TICKET_KEYS];
+static int ntickets;
+
+int
+tls_set_ticket_keys(const uint8_t *keys, size_t len)
+{
+	size_t i, n = len / PPS_TICKET_KEY_LEN;
+
+	if (len % PPS_TICKET_KEY_LEN != 0 || n == 0 || n > PPS_MAX_TICKET_KEYS)
+		return pps_seterr("ticket keys: bad length %zu", len);
+	for (i = 0; i < n; i++)
+		memcpy(&tickets[i], keys + i * PPS_TICKET_KEY_LEN,
+		    PPS_TICKET_KEY_LEN);
+	OPENSSL_cleanse(&tickets[n], sizeof(tickets) - n * sizeof(tickets[0]));
+	ntickets = n;
+	return 0;
+}
+
+int
+pps_ticket_keys(const uint8_t *keys, size_t len)
+{
+	return tls_set_ticket_keys(keys, len);
+}
+
+static const struct ticket_key *
+ticket_find(const uint8_t *name)
+{
+	int i;
+
+	for (i = 0; i < ntickets; i++)
+		if (memcmp(tickets[i].name, name, sizeof(tickets[i].name)) == 0)
+			return &tickets[i];
+	return NULL;
+}
+
+/*
+ * Seal with the newest key; open with any key still held, and ask for a
+ * fresh ticket (return 2) when it was not the newest.  No keys: no tickets.
+ */
+#ifdef PPS_TICKET_EVP
+static int
+ticket_cb(SSL *ssl, unsigned char *name, unsigned char *iv,
+    EVP_CIPHER_CTX *cctx, EVP_MAC_CTX *mctx, int enc)
+{
+	const struct ticket_key *k;
+	OSSL_PARAM params[3];
+
+	(void)ssl;
+	if (enc) {
+		if (ntickets == 0)
+			return 0;
+		k = &tickets[0];
+		memcpy(name, k->name, sizeof(k->name));
+		if (RAND_bytes(iv, 16) != 1)
+			return -1;
+	} else if ((k = ticket_find(name)) == NULL)
+		return 0;
+	params[0] = OSSL_PARAM_construct_octet_string(OSSL_MAC_PARAM_KEY,
+	    (void *)k->hmac, sizeof(k->hmac));
+	params[1] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST,
+	    (char *)"SHA256", 0);
+	params[2] = OSSL_PARAM_construct_end();
+	if (!EVP_MAC_CTX_set_params(mctx, params) ||
+	    !EVP_CipherInit_ex(cctx, EVP_aes_256_cbc(), NULL, k->aes, iv, enc))
+		return -1;
+	return enc || k == &tickets[0] ? 1 : 2;
+}
+#else
+static int
+ticket_cb(SSL *ssl, unsigned char *name, unsigned char *iv,
+    EVP_CIPHER_CTX *cctx, HMAC_CTX *hctx, int enc)
+{
+	const struct ticket_key *k;
+
+	(void)ssl;
+	if (enc) {
+		if (ntickets == 0)
+			return 0;
+		k = &tickets[0];
+		memcpy(name, k->name, sizeof(k->name));
+		arc4random_buf(iv, 16);
+	} else if ((k = ticket_find(name)) == NULL)
+		return 0;
+	if (!HMAC_Init_ex(hctx, k->hmac, sizeof(k->hmac), EVP_sha256(), NULL) ||
+	    !EVP_CipherInit_ex(cctx, EVP_aes_256_cbc(), NULL, k->aes, iv, enc))
+		return -1;
+	return enc || k == &tickets[0] ? 1 : 2;
+}
+#endif
+
+/* SNI: switch to the first keypair whose certificate names the host. */
+static int
+sni_cb(SSL *ssl, int *alert, void *arg)
+{
+	struct relay *r = arg;
+	const char *host = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+	int i;
+
+	(void)alert;
+	if (host == NULL)
+		return SSL_TLSEXT_ERR_NOACK;
+	for (i = 0; i < r->nkp; i++) {
+		if (X509_check_host(r->kp[i].cert, host, 0, 0, NULL) == 1) {
+			if (i > 0 && SSL_set_SSL_CTX(ssl, r->kp[i].ctx) == NULL)
+				return SSL_TLSEXT_ERR_ALERT_FATAL;
+			return SSL_TLSEXT_ERR_OK;
+		}
+	}
+	return SSL_TLSEXT_ERR_NOACK;	/* default certificate */
+}
+
+static SSL_CTX *
+tls_ctx(struct relay *r)
+{
+	char ciphers[1024];
+	const char *base = r->ciphers != NULL ? r->ciphers : PPS_CIPHERS_DEFAULT;
+	SSL_CTX *ctx;
+	long opts = SSL_OP_NO_COMPRESSION | SSL_OP_CIPHER_SERVER_PREFERENCE;
+
+#ifdef SSL_OP_NO_RENEGOTIATION
+	opts |= SSL_OP_NO_RENEGOTIATION;
+#endif
+#ifdef SSL_OP_IGNORE_UNEXPECTED_EOF
+	opts |= SSL_OP_IGNORE_UNEXPECTED_EOF;
+#endif
+	if ((size_t)snprintf(ciphers, sizeof(ciphers), "%s%s", base,
+	    PPS_CIPHERS_FORCED) >= sizeof(ciphers)) {
+		pps_seterr("relay %s: cipher list too long", r->name);
+		return NULL;
+	}
+	if ((ctx = SSL_CTX_new(TLS_server_method())) == NULL) {
+		pps_seterr_ssl("SSL_CTX_new");
+		return NULL;
+	}
+	SSL_CTX_set_options(ctx, opts);
+	SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE |
+	    SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
+	if (!SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) ||
+	    !SSL_CTX_set_cipher_list(ctx, ciphers)) {
+		pps_seterr_ssl("relay cipher list");
+		SSL_CTX_free(ctx);
+		return NULL;
+	}
+	/* no per-process cache: tickets carry sessions across relay processes */
+	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+	SSL_CTX_set_session_id_context(ctx, (const unsigned char *)r->name,
+	    strlen(r->name));
+	SSL_CTX_set_timeout(ctx, r->idle_timeout > 7200 ? r->idle_timeout : 7200);
+#ifdef PPS_TICKET_EVP
+	SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, ticket_cb);
+#else
+	SSL_CTX_set_tlsext_ticket_key_cb(ctx, ticket_cb);
+#endif
+	SSL_CTX_set_tlsext_servername_callback(ctx, sni_cb);
+	SSL_CTX_set_tlsext_servername_arg(ctx, r);
+	return ctx;
+}
+
+/* Certificate chain from PEM in memory: the leaf first, then the chain. */
+static int
+tls_use_chain(SSL_CTX *ctx, const char *pem, size_t len, X509 **leafp)
+{
+	BIO *bio;
+	X509 *x;
+	int ok = 0;
+
+	if ((bio = BIO_new_mem_buf(pem, (int)len)) == NULL)
+		return pps_seterr_ssl("BIO_new_mem_buf");
+	if ((x = PEM_read_bio_X509(bio, NULL, NULL, NULL)) == NULL ||
+	    !SSL_CTX_use_certificate(ctx, x)) {
+		pps_seterr_ssl("certificate");
+		goto done;
+	}
+	*leafp = x;
+	while ((x = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL) {
+		if (!SSL_CTX_add0_chain_cert(ctx, x)) {
+			X509_free(x);
+			pps_seterr_ssl("certificate chain");
+			goto done;
+		}
+	}
+	ERR_clear_error();	/* the end of the PEM stream */
+	ok = 1;
+done:
+	BIO_free(bio);
+	return ok ? 0 : -1;
+}
+
+static EVP_PKEY *
+tls_inprocess_key(const char *pem, size_t len)
+{
+	BIO *bio;
+	EVP_PKEY *pkey;
+
+	if ((bio = BIO_new_mem_buf(pem, (int)len)) == NULL)
+		return NULL;
+	pkey = PEM_read_bio_PrivateKey(bio, NULL, NULL, NULL);
+	BIO_free(bio);
+	if (pkey == NULL)
+		pps_seterr_ssl("private key");
+	return pkey;
+}
+
+int
+tls_keypair(struct relay *r, const char *chain, size_t chain_len,
+    const uint8_t *keyid, const char *key_pem, size_t key_len)
+{
+	struct keypair *kp;
+	EVP_PKEY *pkey;
+
+	if (r->nkp == PPS_MAX_KEYPAIRS)
+		return pps_seterr("relay %s: more than %d keypairs", r->name,
+		    PPS_MAX_KEYPAIRS);
+	if (chain_len > INT32_MAX || key_len > INT32_MAX)
+		return pps_seterr("relay %s: PEM too large", r->name);
+	kp = &r->kp[r->nkp];
+	memset(kp, 0, sizeof(*kp));
+	memcpy(kp->ref.id, keyid, sizeof(kp->ref.id));
+	kp->ref.timeout_ms = r->keyop_timeout_ms;
+	if ((kp->ctx = tls_ctx(r)) == NULL ||
+	    tls_use_chain(kp->ctx, chain, chain_len, &kp->cert) == -1)
+		goto fail;
+	pkey = key_pem != NULL ? tls_inprocess_key(key_pem, key_len) :
+	    shim_pkey(kp->cert, &kp->ref);
+	if (pkey == NULL)
+		goto fail;
+	if (!SSL_CTX_use_PrivateKey(kp->ctx, pkey)) {
+		EVP_PKEY_free(pkey);
+		pps_seterr_ssl("key does not match the certificate");
+		goto fail;
+	}
+	EVP_PKEY_free(pkey);
+	r->nkp++;
+	return 0;
+fail:
+	SSL_CTX_free(kp->ctx);
+	X509_free(kp->cert);
+	memset(kp, 0, sizeof(*kp));
+	return -1;
+}

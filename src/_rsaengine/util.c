@@ -1,0 +1,94 @@
+/* Errors, logging and process hardening shared by every role. */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <syslog.h>
+#include <sys/resource.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+
+#include "engine.h"
+
+static char errbuf[512];
+
+const char *
+pps_error(void)
+{
+	return errbuf;
+}
+
+int
+pps_seterr(const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(errbuf, sizeof(errbuf), fmt, ap);
+	va_end(ap);
+	return -1;
+}
+
+/* "what: <first OpenSSL error>", and the OpenSSL error queue cleared. */
+int
+pps_seterr_ssl(const char *what)
+{
+	unsigned long e = ERR_get_error();
+	char ebuf[256] = "unknown error";
+
+	if (e != 0)
+		ERR_error_string_n(e, ebuf, sizeof(ebuf));
+	ERR_clear_error();
+	return pps_seterr("%s: %s", what, ebuf);
+}
+
+void
+pps_log(int prio, const char *fmt, ...)
+{
+	va_list ap;
+	char msg[512];
+
+	if (prio == LOG_DEBUG && !pps_conf.verbose)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if (pps_conf.use_syslog)
+		syslog(prio, "relay %d: %s", pps_conf.id, msg);
+	else
+		fprintf(stderr, "relay %d: %s\n", pps_conf.id, msg);
+}
+
+uint64_t
+pps_now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* No core dumps, and (Linux) no ptrace or /proc/PID/mem by our own uid. */
+int
+pps_set_nondumpable(void)
+{
+	struct rlimit rl = { 0, 0 };
+
+	if (setrlimit(RLIMIT_CORE, &rl) == -1)
+		return pps_seterr("setrlimit(RLIMIT_CORE): %s", strerror(errno));
+#ifdef __linux__
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == -1)
+		return pps_seterr("prctl(PR_SET_DUMPABLE): %s", strerror(errno));
+#endif
+	return 0;
+}
+
+const char *
+pps_library_version(void)
+{
+	return OpenSSL_version(OPENSSL_VERSION);
+}

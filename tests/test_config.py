@@ -1,0 +1,385 @@
+"""Tests for pyprivsep.config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pyprivsep import config
+from pyprivsep.config import (
+    Config, ConfigError, Keypair, Listen, Where, parse_config, parse_macro_arg,
+)
+
+# A minimal valid relay block, for cases that need one around the error.
+PLAIN = """relay plain {
+    listen on 127.0.0.1 port 8080
+    forward to 127.0.0.1 port 80
+}
+"""
+
+
+def write(directory: Path, text: str, name: str = "test.conf") -> str:
+    path = directory / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def parse_text(tmp_path: Path, text: str, macros: dict[str, str] | None = None) -> Config:
+    return parse_config(write(tmp_path, text), macros)
+
+
+FULL = """\
+# pyprivsep test configuration
+ext = "127.0.0.1"   # the external address
+backend=10.0.0.2
+
+prefork 5
+user "_relayd"
+chroot "/var/chroot"
+keys inprocess
+log connection
+log state changes
+log errors
+
+relay "www" {
+    listen on $ext port 8443 tls
+    listen on ::1 port 8443 tls
+    listen on * port 9443
+    forward to $backend port 8080
+    tls keypair "server"
+    tls keypair other
+    tls certificate "certs/chain.pem" key "/abs/key.pem"
+    tls ciphers "HIGH:!aNULL"
+    tls keyop timeout 500
+    session timeout 300
+}
+
+relay api {
+    listen on localhost port 8080
+    forward to backend.example.com port 80
+}
+
+timeout 120
+tls keyop timeout 2000
+"""
+
+
+def test_full_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config, "SSL_DIR", "/ssl")
+    path = write(tmp_path, FULL)
+    cfg = parse_config(path)
+    assert cfg.path == path
+    assert cfg.prefork == 5
+    assert cfg.user == "_relayd"
+    assert cfg.chroot == "/var/chroot"
+    assert cfg.timeout == 120
+    assert cfg.keys_inprocess is True
+    assert cfg.keyop_timeout_ms == 2000
+    assert cfg.log == {"connection", "state changes", "errors"}
+    assert [r.name for r in cfg.relays] == ["www", "api"]
+
+    www, api = cfg.relays
+    assert www.where == Where(path, 13)
+    assert www.listens == [
+        Listen("127.0.0.1", 8443, True, Where(path, 14)),
+        Listen("::1", 8443, True, Where(path, 15)),
+        Listen("*", 9443, False, Where(path, 16)),
+    ]
+    assert (www.forward_host, www.forward_port) == ("10.0.0.2", 8080)
+    assert www.keypairs == [
+        Keypair("/ssl/server.crt", "/ssl/private/server.key", Where(path, 18)),
+        Keypair("/ssl/other.crt", "/ssl/private/other.key", Where(path, 19)),
+        Keypair(str(tmp_path / "certs/chain.pem"), "/abs/key.pem", Where(path, 20)),
+    ]
+    assert www.ciphers == "HIGH:!aNULL"
+    assert www.keyop_timeout_ms == 500
+    assert www.session_timeout == 300
+
+    # No overrides: the global values, even though given after the block.
+    assert api.where == Where(path, 26)
+    assert api.listens == [Listen("localhost", 8080, False, Where(path, 27))]
+    assert (api.forward_host, api.forward_port) == ("backend.example.com", 80)
+    assert api.keypairs == []
+    assert api.ciphers is None
+    assert api.keyop_timeout_ms == 2000
+    assert api.session_timeout == 120
+
+
+def test_defaults(tmp_path: Path) -> None:
+    cfg = parse_text(tmp_path, PLAIN)
+    assert (cfg.prefork, cfg.user, cfg.chroot, cfg.timeout) == (3, "nobody", "/var/empty", 600)
+    assert (cfg.keys_inprocess, cfg.keyop_timeout_ms, cfg.log) == (False, 1000, set())
+    relay = cfg.relays[0]
+    assert (relay.keyop_timeout_ms, relay.session_timeout) == (1000, 600)
+    assert parse_text(tmp_path, "").relays == []
+
+
+def test_keypair_maps_under_ssl_dir(tmp_path: Path) -> None:
+    cfg = parse_text(tmp_path, "relay r {\n listen on * port 1 tls\n forward to ::1 port 2\n"
+                     ' tls keypair "a.example"\n}\n')
+    kp = cfg.relays[0].keypairs[0]
+    assert kp.cert == os.path.join(config.SSL_DIR, "a.example.crt")
+    assert kp.key == os.path.join(config.SSL_DIR, "private", "a.example.key")
+
+
+def test_macros(tmp_path: Path) -> None:
+    text = """\
+p = 8000
+p = 8001
+host = "127.0.0.2"
+name = "relay name"
+flag = tls
+relay $name {
+    listen on $host port $p $flag
+    forward to $host port $fwd
+    tls certificate $cert key "k.pem"
+}
+"""
+    cfg = parse_text(tmp_path, text, {"fwd": "9", "cert": "/c d.pem"})
+    relay = cfg.relays[0]
+    assert relay.name == "relay name"
+    assert relay.listens[0].host == "127.0.0.2"
+    assert relay.listens[0].port == 8001  # a later file definition wins
+    assert relay.listens[0].tls
+    assert relay.forward_port == 9
+    assert relay.keypairs[0].cert == "/c d.pem"
+    assert relay.keypairs[0].key == str(tmp_path / "k.pem")
+
+
+def test_command_line_macros_take_precedence(tmp_path: Path) -> None:
+    text = 'p = 8000\nrelay r {\n listen on * port $p\n forward to ::1 port 1\n}\np = 7000\n'
+    assert parse_text(tmp_path, text).relays[0].listens[0].port == 8000
+    assert parse_text(tmp_path, text, {"p": "9000"}).relays[0].listens[0].port == 9000
+
+
+def test_macro_in_quotes_is_not_expanded(tmp_path: Path) -> None:
+    cfg = parse_text(tmp_path, 'u = x\nuser "$u"\n')
+    assert cfg.user == "$u"
+
+
+def test_include(tmp_path: Path) -> None:
+    write(tmp_path, 'addr = "127.0.0.1"\nprefork 7\n', "sub/macros.conf")
+    write(tmp_path, "relay inc {\n listen on $addr port 443 tls\n"
+          ' forward to $addr port 80\n tls certificate "c.pem" key "private/k.pem"\n}\n',
+          "sub/relay.conf")
+    write(tmp_path, 'include "macros.conf"\ninclude "relay.conf"\n', "sub/all.conf")
+    main = write(tmp_path, 'include "sub/all.conf"\n' + PLAIN)
+    cfg = parse_config(main)
+    assert cfg.prefork == 7
+    assert [r.name for r in cfg.relays] == ["inc", "plain"]
+    inc = cfg.relays[0]
+    relay_conf = str(tmp_path / "sub" / "relay.conf")
+    assert inc.where == Where(relay_conf, 1)
+    assert inc.keypairs == [Keypair(str(tmp_path / "sub/c.pem"),
+                                    str(tmp_path / "sub/private/k.pem"), Where(relay_conf, 4))]
+    assert cfg.relays[1].where == Where(main, 2)
+
+
+def test_include_error_names_included_file(tmp_path: Path) -> None:
+    write(tmp_path, "\n\nprefork 99\n", "inc.conf")
+    main = write(tmp_path, 'include "inc.conf"\n')
+    with pytest.raises(ConfigError) as info:
+        parse_config(main)
+    inc = str(tmp_path / "inc.conf")
+    assert (info.value.file, info.value.line) == (inc, 3)
+    assert str(info.value) == f"{inc}:3: prefork 99 out of range (1-64)"
+
+
+def test_line_continuation_and_comments(tmp_path: Path) -> None:
+    text = """\
+relay r { # comment after brace
+    listen on 127.0.0.1 \\
+        port 8443 tls # comment
+    forward to 127.0.0.1 port 80#no space needed
+    tls ciphers "HIGH:\\
+!aNULL#not a comment \\"quoted\\" \\\\"
+    tls keypair k
+}
+prefork \\
+    99
+"""
+    with pytest.raises(ConfigError, match=r":10: prefork 99 out of range"):
+        parse_text(tmp_path, text)
+    cfg = parse_text(tmp_path, text.replace("99", "9"))
+    relay = cfg.relays[0]
+    assert relay.listens[0].port == 8443 and relay.listens[0].tls
+    assert relay.forward_port == 80
+    assert relay.ciphers == 'HIGH:!aNULL#not a comment "quoted" \\'
+    assert relay.keypairs[0].where.line == 7
+    assert cfg.prefork == 9
+
+
+def test_layout_variants(tmp_path: Path) -> None:
+    text = ("relay one\n{\nlisten on 127.0.0.1 port 1\nforward to 127.0.0.1 port 2 }\n"
+            "relay two { listen on 127.0.0.1 port 3\r\n forward to 127.0.0.1 port 4\r\n}")
+    cfg = parse_text(tmp_path, text)
+    assert [(r.name, r.listens[0].port, r.forward_port) for r in cfg.relays] == [
+        ("one", 1, 2), ("two", 3, 4)]
+
+
+def test_where_and_error_formatting() -> None:
+    assert str(Where("/a.conf", 3)) == "/a.conf:3"
+    err = ConfigError("/a.conf", 12, "boom")
+    assert (err.file, err.line, err.msg, str(err)) == ("/a.conf", 12, "boom", "/a.conf:12: boom")
+    assert str(ConfigError("/a.conf", 0, "boom")) == "/a.conf: boom"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "nope.conf")
+    with pytest.raises(ConfigError) as info:
+        parse_config(path)
+    assert info.value.line == 0
+    assert str(info.value) == f"{path}: cannot open: No such file or directory"
+
+
+def relay(*body: str, name: str = "r") -> str:
+    return f'relay "{name}" {{\n' + "".join(f"    {line}\n" for line in body) + "}\n"
+
+
+LISTEN = "listen on 127.0.0.1 port 8443"
+FORWARD = "forward to 127.0.0.1 port 8080"
+
+ERRORS = [
+    ("unknown-directive", "prefork 2\nfoo bar\n", 2, 'unknown directive "foo"'),
+    ("unknown-tls-directive", "tls foo\n", 1, 'unknown directive "tls foo"'),
+    ("unknown-relay-directive", relay(LISTEN, "frobnicate", FORWARD), 3,
+     'unknown directive "frobnicate"'),
+    ("missing-argument", "prefork\n", 1, 'missing argument for "prefork"'),
+    ("missing-argument-eof", "user", 1, 'missing argument for "user"'),
+    ("missing-port", relay(LISTEN, "forward to 127.0.0.1"), 3, 'missing "port" in "forward to"'),
+    ("missing-port-number", relay("listen on * port", FORWARD), 2,
+     'missing argument for "port"'),
+    ("missing-keyop-timeout", "tls keyop 100\n", 1,
+     'expected "timeout" in "tls keyop", got "100"'),
+    ("extra-argument", "prefork 3 4\n", 1, 'extra argument "4" for "prefork"'),
+    ("extra-argument-listen", relay("listen on * port 1 tls now", FORWARD), 2,
+     'extra argument "now" for "listen on"'),
+    ("extra-after-brace", PLAIN.replace("}", "} x"), 4, 'extra argument "x" for "}"'),
+    ("not-a-number", "prefork three\n", 1, 'prefork "three" is not a number'),
+    ("negative-number", "timeout -1\n", 1, 'timeout "-1" is not a number'),
+    ("port-not-a-number", relay("listen on * port http", FORWARD), 2,
+     'port "http" is not a number'),
+    ("prefork-low", "prefork 0\n", 1, "prefork 0 out of range (1-64)"),
+    ("prefork-high", "prefork 65\n", 1, "prefork 65 out of range (1-64)"),
+    ("timeout-low", "timeout 0\n", 1, "timeout 0 out of range (1-86400)"),
+    ("timeout-high", "timeout 86401\n", 1, "timeout 86401 out of range (1-86400)"),
+    ("keyop-low", "tls keyop timeout 9\n", 1, "tls keyop timeout 9 out of range (10-60000)"),
+    ("keyop-high", relay(LISTEN, FORWARD, "tls keyop timeout 60001"), 4,
+     "tls keyop timeout 60001 out of range (10-60000)"),
+    ("session-high", relay(LISTEN, FORWARD, "session timeout 86401"), 4,
+     "session timeout 86401 out of range (1-86400)"),
+    ("port-high", relay("listen on * port 70000", FORWARD), 2,
+     "port 70000 out of range (1-65535)"),
+    ("port-zero", relay(LISTEN, "forward to ::1 port 0"), 3, "port 0 out of range (1-65535)"),
+    ("port-huge", relay(LISTEN, "forward to ::1 port " + "9" * 30), 3, "out of range (1-65535)"),
+    ("duplicate-relay", relay(LISTEN, FORWARD, name="a") + 'relay a {\n', 5,
+     'duplicate relay name "a"'),
+    ("unterminated-string", 'prefork 3\nuser "nobody\nprefork 4\n', 2, "unterminated string"),
+    ("unterminated-string-eof", 'user "nobody', 1, "unterminated string"),
+    ("missing-brace", "\n" + relay(LISTEN, FORWARD)[:-2] + "\n\n", 6,
+     'missing "}" (relay "r" opened at line 2)'),
+    ("unexpected-brace", PLAIN + "}\n", 5, 'unexpected "}"'),
+    ("unexpected-open-brace", "{\n", 1, 'unexpected "{"'),
+    ("relay-without-brace", "relay r\nprefork 3\n", 2, 'expected "{" after relay "r"'),
+    ("undefined-macro", relay("listen on $addr port 1", FORWARD), 2, 'undefined macro "addr"'),
+    ("macro-defined-later", relay("listen on $addr port 1", FORWARD) + "addr = ::1\n", 2,
+     'undefined macro "addr"'),
+    ("bad-macro-reference", "user $a-b\n", 1, 'invalid macro reference "$a-b"'),
+    ("macro-name-keyword", "port = 80\n", 1, 'invalid macro name "port": it is a keyword'),
+    ("macro-name-invalid", "a-b = 80\n", 1, 'invalid macro name "a-b"'),
+    ("macro-without-value", "a =\n", 1, 'missing value for macro "a"'),
+    ("macro-inside-relay", relay(LISTEN, "a = 1", FORWARD), 3,
+     "macros must be defined at top level"),
+    ("no-listen", "\n" + relay(FORWARD), 2, 'relay "r" has no "listen on"'),
+    ("no-forward", relay(LISTEN), 1, 'relay "r" has no "forward to"'),
+    ("two-forwards", relay(LISTEN, FORWARD, "forward to ::1 port 1"), 4,
+     'relay "r" has more than one "forward to"'),
+    ("tls-without-keypair", relay(LISTEN + " tls", FORWARD), 1,
+     'relay "r" listens with tls but has no keypair'),
+    ("keypair-without-tls", relay(LISTEN, FORWARD, "tls keypair k"), 4,
+     'relay "r" has a keypair but no "listen on ... tls"'),
+    ("duplicate-listen", relay("listen on ::1 port 1", FORWARD, name="a")
+     + relay("listen on 0::1 port 1", FORWARD, name="b"), 6,
+     "duplicate listen address 0::1 port 1 (already used at {path}:2)"),
+    ("duplicate-listen-same-relay", relay("listen on * port 1", "listen on * port 1 tls"), 3,
+     "duplicate listen address * port 1"),
+    ("nested-relay", relay(LISTEN, FORWARD, "relay x {"), 4, "nested relay blocks are not allowed"),
+    ("listen-at-top", "listen on * port 1\n", 1, '"listen" is only valid inside a relay block'),
+    ("forward-at-top", "forward to ::1 port 1\n", 1,
+     '"forward" is only valid inside a relay block'),
+    ("session-at-top", "session timeout 1\n", 1, '"session" is only valid inside a relay block'),
+    ("keypair-at-top", "tls keypair k\n", 1, '"tls keypair" is only valid inside a relay block'),
+    ("ciphers-at-top", "tls ciphers x\n", 1, '"tls ciphers" is only valid inside a relay block'),
+    ("prefork-in-relay", relay(LISTEN, "prefork 3"), 3,
+     '"prefork" is not allowed inside a relay block'),
+    ("timeout-in-relay", relay("timeout 3"), 2, '"timeout" is not allowed inside a relay block'),
+    ("log-in-relay", relay("log errors"), 2, '"log" is not allowed inside a relay block'),
+    ("include-in-relay", relay('include "x"'), 2, '"include" is not allowed inside a relay block'),
+    ("keys-not-inprocess", "keys elsewhere\n", 1,
+     'expected "inprocess" in "keys", got "elsewhere"'),
+    ("unknown-log", "log everything\n", 1, 'unknown log option "everything"'),
+    ("log-state", "log state\n", 1, 'missing "changes" in "log state"'),
+    ("bad-listen-address", relay("listen on 300.1.1.1 port 1", FORWARD), 2,
+     'invalid address "300.1.1.1" in "listen on"'),
+    ("bad-hostname", relay("listen on bad_host port 1", FORWARD), 2,
+     'invalid address "bad_host" in "listen on"'),
+    ("forward-to-any", relay(LISTEN, "forward to * port 1"), 3,
+     'invalid address "*" in "forward to"'),
+    ("bad-keypair-name", relay(LISTEN + " tls", FORWARD, 'tls keypair "../x"'), 4,
+     'invalid keypair name "../x"'),
+    ("certificate-without-key", relay(LISTEN + " tls", FORWARD, 'tls certificate "c"'), 4,
+     'missing "key" in "tls certificate"'),
+    ("relative-chroot", "chroot var/empty\n", 1, 'chroot "var/empty" is not an absolute path'),
+]
+
+
+@pytest.mark.parametrize("text, line, message", [e[1:] for e in ERRORS],
+                         ids=[e[0] for e in ERRORS])
+def test_errors(tmp_path: Path, text: str, line: int, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        parse_config(path)
+    err = info.value
+    assert (err.file, err.line) == (path, line)
+    assert str(err).startswith(f"{path}:{line}: ")
+    assert message.replace("{path}", path) in err.msg
+
+
+def test_include_missing(tmp_path: Path) -> None:
+    main = write(tmp_path, 'prefork 3\ninclude "missing.conf"\n')
+    with pytest.raises(ConfigError) as info:
+        parse_config(main)
+    assert str(info.value) == (f'{main}:2: cannot open "{tmp_path / "missing.conf"}": '
+                               "No such file or directory")
+
+
+def test_include_loop(tmp_path: Path) -> None:
+    write(tmp_path, 'include "a.conf"\n', "b.conf")
+    main = write(tmp_path, 'include "b.conf"\n', "a.conf")
+    with pytest.raises(ConfigError) as info:
+        parse_config(main)
+    assert str(info.value) == f'{tmp_path / "b.conf"}:1: include loop: "{main}"'
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("ext=127.0.0.1", ("ext", "127.0.0.1")),
+    ("a=b=c", ("a", "b=c")),
+    ("empty=", ("empty", "")),
+    ("with_space=a b", ("with_space", "a b")),
+])
+def test_parse_macro_arg(arg: str, expected: tuple[str, str]) -> None:
+    assert parse_macro_arg(arg) == expected
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("novalue", "expected name=value"),
+    ("=x", 'invalid macro name ""'),
+    ("bad-name=1", 'invalid macro name "bad-name"'),
+    ("relay=1", "keyword"),
+])
+def test_parse_macro_arg_errors(arg: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_macro_arg(arg)
