@@ -28,8 +28,9 @@ def library_version() -> str:
     return ffi.string(lib.pps_library_version()).decode()
 
 
-def set_nondumpable() -> None:
-    _check(lib.pps_set_nondumpable())
+def harden() -> None:
+    """No core dumps, not dumpable or traceable; pledge("stdio") on OpenBSD."""
+    _check(lib.pps_harden())
 
 
 # ---- frames -------------------------------------------------------------

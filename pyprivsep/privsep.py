@@ -67,7 +67,6 @@ def drop_privileges(cfg: Config) -> None:
 
 
 def harden() -> None:
-    """The ca: no core dumps, not dumpable or traceable (after setuid,
-    which resets the dumpable flag)."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    native.set_nondumpable()
+    """The ca: no core dumps, not dumpable or traceable, pledged on OpenBSD
+    (after setuid, which resets the dumpable flag)."""
+    native.harden()

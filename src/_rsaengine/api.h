@@ -36,6 +36,6 @@ int		 pps_cakey_sign(struct pps_cakey *, int op, int arg,
 		    const uint8_t *in, size_t inlen, uint8_t *out, size_t outsize);
 void		 pps_cakey_free(struct pps_cakey *);
 
-int		 pps_set_nondumpable(void);
+int		 pps_harden(void);
 const char	*pps_error(void);
 const char	*pps_library_version(void);

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <syslog.h>
+#include <unistd.h>
 #include <sys/resource.h>
 #ifdef __linux__
 #include <sys/prctl.h>
@@ -72,9 +73,13 @@ pps_now_ms(void)
 	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
-/* No core dumps, and (Linux) no ptrace or /proc/PID/mem by our own uid. */
+/*
+ * The ca, once its keys are loaded: no core dumps; on Linux not dumpable
+ * (no ptrace, no /proc/PID/mem, even by its own uid); on OpenBSD pledged to
+ * "stdio".  Call after setuid(), which resets the dumpable flag.
+ */
 int
-pps_set_nondumpable(void)
+pps_harden(void)
 {
 	struct rlimit rl = { 0, 0 };
 
@@ -83,6 +88,10 @@ pps_set_nondumpable(void)
 #ifdef __linux__
 	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == -1)
 		return pps_seterr("prctl(PR_SET_DUMPABLE): %s", strerror(errno));
+#endif
+#ifdef __OpenBSD__
+	if (pledge("stdio", NULL) == -1)
+		return pps_seterr("pledge: %s", strerror(errno));
 #endif
 	return 0;
 }

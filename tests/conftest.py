@@ -1,0 +1,53 @@
+"""Fixtures for the pyprivsep end-to-end tests (helpers live in util.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from util import Daemon, DaemonConfig, EchoServer, HttpBackend, Pki, StartDaemon, generate_pki
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """RSA-2048/4096 and P-256/384 self-signed keypairs (+ a mismatched pair), once per session."""
+    return generate_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def http_backend() -> Iterator[HttpBackend]:
+    with HttpBackend() as backend:
+        yield backend
+
+
+@pytest.fixture
+def echo_backend() -> Iterator[EchoServer]:
+    with EchoServer() as backend:
+        yield backend
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
+    """Factory: ``start_daemon(config, args=(), ready_timeout=20) -> Daemon`` (ready).
+
+    Every daemon started through it is killed (with all its processes) at teardown.
+    """
+    daemons: list[Daemon] = []
+
+    def start(
+        config: DaemonConfig,
+        *,
+        args: Sequence[str] = (),
+        ready_timeout: float = 20.0,
+    ) -> Daemon:
+        workdir = tmp_path / f"daemon{len(daemons)}"
+        workdir.mkdir()
+        daemon = Daemon(workdir, config, args=args)
+        daemons.append(daemon)
+        return daemon.start(ready_timeout)
+
+    yield start
+    for daemon in daemons:
+        daemon.kill_all()
