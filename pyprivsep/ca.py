@@ -110,14 +110,26 @@ def load_keys(cfg: Config) -> dict[bytes, HeldKey]:
     return held
 
 
+class Stop(Exception):
+    """SIGTERM: the parent stops us."""
+
+
+def _stop(signo: int, frame: object) -> None:
+    raise Stop()
+
+
 def main(cfg: Config, index: int, sock: socket.socket) -> int:
     """The ca process's life; returns its exit status."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent stops us
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    held = load_keys(cfg)
-    privsep.warm_up()
-    privsep.drop_privileges(cfg)
-    privsep.harden()
-    log.debug("ca %d: serving %d keys", index, len(held))
-    Ca(index, held).serve(sock)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        held = load_keys(cfg)
+        privsep.warm_up()
+        privsep.drop_privileges(cfg)
+        privsep.harden()
+        log.debug("ca %d: serving %d keys", index, len(held))
+        Ca(index, held).serve(sock)
+    except Stop:
+        pass
     return 0

@@ -7,10 +7,11 @@ import logging.handlers
 import os
 import sys
 
-from pyprivsep import __version__, keys, native, parent, privsep
+from pyprivsep import __version__, keys, native, parent, privsep, relay
 from pyprivsep.config import Config, ConfigError, parse_config, parse_macro_arg
 
 DEFAULT_CONF = "/etc/pyprivsep.conf"
+SYSLOG_SOCKET = "/dev/log"
 log = logging.getLogger("pyprivsep")
 
 
@@ -40,19 +41,24 @@ def setup_logging(foreground: bool, verbose: int) -> None:
         h.setFormatter(logging.Formatter("%(message)s"))
     else:
         h = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
         h.setFormatter(logging.Formatter(f"pyprivsep[{os.getpid()}]: %(message)s"))
     root.addHandler(h)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def check_config(cfg: Config) -> None:
-    """-n: every certificate and key read, and each key matched to its
-    certificate.  This process exits right after; the daemon's parent
-    never loads a key."""
-    for r in cfg.relays:
-        for kp in r.keypairs:
-            keys.load_key(keys.load_cert(kp))
+    """-n: every certificate and key read, each key matched to its
+    certificate as a ca does, and every relay block set up as a relay
+    process would (keys in-process, no sockets).  This process exits right
+    after; the daemon's parent never loads a key."""
+    certs = [[keys.load_cert(kp) for kp in r.keypairs] for r in cfg.relays]
+    for cert in (c for block in certs for c in block):
+        keys.load_key(cert)
+    native.engine_init(id=0, ca_fd=-1, ctl_fd=-1, max_conns=0,
+                       handshake_timeout=0, use_syslog=False, verbose=False)
+    relay.configure(cfg, certs, [parent.forward_address(r) for r in cfg.relays],
+                    [[] for _ in cfg.relays], inprocess=True)
 
 
 def daemonize() -> None:
@@ -87,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             print("configuration OK", file=sys.stderr)
             return 0
         if not args.d:
+            if not os.path.exists(SYSLOG_SOCKET):
+                log.error("pyprivsep: no syslog socket %s: run with -d",
+                          SYSLOG_SOCKET)
+                return 1
             daemonize()
             setup_logging(False, args.v)
         setup = parent.prepare(cfg, use_syslog=not args.d, verbose=bool(args.v))

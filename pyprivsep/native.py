@@ -33,6 +33,11 @@ def harden() -> None:
     _check(lib.pps_harden())
 
 
+def leak_check() -> None:
+    """Report leaks now in an AddressSanitizer build; nothing otherwise."""
+    lib.pps_leak_check()
+
+
 # ---- frames -------------------------------------------------------------
 
 class Frame:

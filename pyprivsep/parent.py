@@ -20,7 +20,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pyprivsep import ca, keys, privsep, relay
+from pyprivsep import ca, keys, native, privsep, relay
 from pyprivsep.config import Config, ConfigError, Listen, Relay
 from pyprivsep.native import Frame, P
 
@@ -150,6 +150,7 @@ class Parent:
             log.error("%s %d: %s", role, pair.index, traceback.format_exc())
         finally:
             logging.shutdown()
+            native.leak_check()
             os._exit(status)
 
     def child(self, pair: Pair, role: str) -> int:

@@ -62,8 +62,8 @@ def drop_privileges(cfg: Config) -> None:
     os.setgroups([pw.pw_gid])
     os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
     os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
-    if os.getuid() == 0 or os.geteuid() == 0:     # pragma: no cover
-        raise RuntimeError("privilege drop failed")
+    if os.getresuid() != (pw.pw_uid,) * 3:        # pragma: no cover
+        raise RuntimeError(f"could not become user {cfg.user}")
 
 
 def harden() -> None:

@@ -9,7 +9,7 @@ import socket
 from dataclasses import dataclass
 
 from pyprivsep import keys, native, privsep
-from pyprivsep.config import Config
+from pyprivsep.config import Config, ConfigError
 
 
 @dataclass
@@ -25,20 +25,39 @@ class RelaySetup:
     verbose: bool
 
 
+def configure(cfg: Config, certs: list[list[keys.Cert]], forward: list[str],
+              listeners: list[list[socket.socket]], inprocess: bool) -> None:
+    """Give the engine its relay blocks.  Anything it refuses (a cipher
+    list, a certificate chain, a key that does not fit) is a ConfigError
+    naming the directive, so that `pyprivsep -n`, which runs this too,
+    finds it before a relay process would."""
+    for n, r in enumerate(cfg.relays):
+        try:
+            rid = native.relay_new(r.name, forward[n], r.forward_port,
+                                   r.ciphers, r.keyop_timeout_ms,
+                                   r.session_timeout)
+            for sock in listeners[n]:
+                native.relay_listen(rid, sock.fileno())
+        except native.NativeError as e:
+            raise ConfigError(r.where.file, r.where.line,
+                              f"relay {r.name}: {e}") from None
+        for cert in certs[n]:
+            key = keys.read_key(cert) if inprocess else None
+            try:
+                native.relay_keypair(rid, cert.chain_pem, cert.keyid, key)
+            except native.NativeError as e:
+                kp = cert.keypair
+                raise ConfigError(kp.where.file, kp.where.line,
+                                  f"relay {r.name}: {kp.cert}: {e}") from None
+
+
 def main(setup: RelaySetup, index: int, ca_fd: int, ctl_fd: int) -> int:
     cfg = setup.cfg
     native.engine_init(id=index, ca_fd=ca_fd, ctl_fd=ctl_fd, max_conns=0,
                        handshake_timeout=0, use_syslog=setup.use_syslog,
                        verbose=setup.verbose)
-    for n, relay in enumerate(cfg.relays):
-        rid = native.relay_new(relay.name, setup.forward[n],
-                               relay.forward_port, relay.ciphers,
-                               relay.keyop_timeout_ms, relay.session_timeout)
-        for sock in setup.listeners[n]:
-            native.relay_listen(rid, sock.fileno())
-        for cert in setup.certs[n]:
-            key = keys.read_key(cert) if cfg.keys_inprocess else None
-            native.relay_keypair(rid, cert.chain_pem, cert.keyid, key)
+    configure(cfg, setup.certs, setup.forward, setup.listeners,
+              cfg.keys_inprocess)
     native.ticket_keys(setup.ticket_keys)
     privsep.drop_privileges(cfg)
     native.engine_run()

@@ -173,3 +173,27 @@ def test_macro_from_command_line(
     port = config.relays[0].listen_port
     assert https_get(port, kp.dns_name, cafile=kp.cert_path) == http_backend.page
     assert daemon.stop() == 0, daemon.describe()
+
+
+# -- what only OpenSSL can judge: found by -n, and at start ------------------------
+
+
+def cipher_config(pki: Pki, tmp_path: Path) -> tuple[Path, int]:
+    kp = pki["rsa2048"]
+    block = relay_block(free_port(), free_port(), [tls_line(kp.cert_path, kp.key_path),
+                                                    '    tls ciphers "NO-SUCH-CIPHER"'])
+    lines = HEADER + block
+    return write_conf(tmp_path / "ciphers.conf", lines), line_of(lines, 'relay "www"')
+
+
+def test_check_rejects_cipher_list_openssl_refuses(pki: Pki, tmp_path: Path) -> None:
+    conf, line = cipher_config(pki, tmp_path)
+    proc = check(conf)
+    assert_error_at(proc, conf, line)
+    assert "cipher" in proc.stderr.lower(), output(proc)
+
+
+def test_start_with_bad_cipher_list_exits_1(pki: Pki, tmp_path: Path) -> None:
+    conf, line = cipher_config(pki, tmp_path)
+    proc = run_pyprivsep("-d", "-f", str(conf))
+    assert_error_at(proc, conf, line)

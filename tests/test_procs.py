@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from util import (
+    SANITIZED,
     BACKEND_PAGE,
     ChildProcess,
     Daemon,
@@ -34,7 +35,9 @@ RESTART_TIMEOUT = 5.0  # spec: restarted within ~1-2 s
 RECOVERY_TIMEOUT = 10.0
 KEYOP_FAILURE_BOUND = 3.0  # spec: keyop timeout 1 s, handshakes fail within ~2 s
 
-requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="chroot and privilege drop only happen as root")
+requires_root = pytest.mark.skipif(
+    os.geteuid() != 0 or SANITIZED,
+    reason="chroot and privilege drop only happen as root (and not under `make asan`, whose children stay root)")
 
 
 def start(start_daemon: StartDaemon, pki: Pki, backend: HttpBackend, prefork: int) -> Daemon:

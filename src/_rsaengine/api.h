@@ -37,5 +37,6 @@ int		 pps_cakey_sign(struct pps_cakey *, int op, int arg,
 void		 pps_cakey_free(struct pps_cakey *);
 
 int		 pps_harden(void);
+void		 pps_leak_check(void);
 const char	*pps_error(void);
 const char	*pps_library_version(void);

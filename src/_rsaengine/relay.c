@@ -715,6 +715,8 @@ pps_engine_init(const struct pps_engine_conf *conf)
 	sa.sa_handler = SIG_IGN;
 	(void)sigaction(SIGPIPE, &sa, NULL);
 	(void)sigaction(SIGHUP, &sa, NULL);
+	if (pps_conf.use_syslog)	/* now: no /dev/log after chroot */
+		openlog("pyprivsep", LOG_PID | LOG_NDELAY, LOG_DAEMON);
 	if (OPENSSL_init_ssl(0, NULL) != 1)
 		return pps_seterr_ssl("OPENSSL_init_ssl");
 	if (pps_conf.ca_fd != -1 && shim_init() == -1)
@@ -758,6 +760,11 @@ pps_relay_new(const char *name, const char *fwd_addr, int fwd_port,
 	}
 	r->keyop_timeout_ms = keyop_timeout_ms;
 	r->idle_timeout = idle_timeout;
+	if (tls_check_relay(r) == -1) {
+		free(r->ciphers);
+		free(r);
+		return -1;
+	}
 	r->index = nrelays;
 	relays[nrelays] = r;
 	return nrelays++;

@@ -158,7 +158,7 @@ tls_ctx(struct relay *r)
 #endif
 	if ((size_t)snprintf(ciphers, sizeof(ciphers), "%s%s", base,
 	    PPS_CIPHERS_FORCED) >= sizeof(ciphers)) {
-		pps_seterr("relay %s: cipher list too long", r->name);
+		pps_seterr("cipher list too long");
 		return NULL;
 	}
 	if ((ctx = SSL_CTX_new(TLS_server_method())) == NULL) {
@@ -170,7 +170,7 @@ tls_ctx(struct relay *r)
 	    SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
 	if (!SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) ||
 	    !SSL_CTX_set_cipher_list(ctx, ciphers)) {
-		pps_seterr_ssl("relay cipher list");
+		pps_seterr_ssl("cipher list");
 		SSL_CTX_free(ctx);
 		return NULL;
 	}
@@ -187,6 +187,18 @@ tls_ctx(struct relay *r)
 	SSL_CTX_set_tlsext_servername_callback(ctx, sni_cb);
 	SSL_CTX_set_tlsext_servername_arg(ctx, r);
 	return ctx;
+}
+
+/* A relay block's TLS settings, checked before any keypair is added. */
+int
+tls_check_relay(struct relay *r)
+{
+	SSL_CTX *ctx = tls_ctx(r);
+
+	if (ctx == NULL)
+		return -1;
+	SSL_CTX_free(ctx);
+	return 0;
 }
 
 /* Certificate chain from PEM in memory: the leaf first, then the chain. */

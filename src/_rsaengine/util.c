@@ -96,6 +96,27 @@ pps_harden(void)
 	return 0;
 }
 
+#if defined(__SANITIZE_ADDRESS__)
+void	__lsan_do_leak_check(void);
+#endif
+
+/*
+ * In an AddressSanitizer build, report leaks now: the children leave by
+ * _exit().  LeakSanitizer needs /proc and ptrace of itself, so a process
+ * that is not dumpable (the ca) is skipped.
+ */
+void
+pps_leak_check(void)
+{
+#if defined(__SANITIZE_ADDRESS__)
+#ifdef __linux__
+	if (prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 1)
+		return;
+#endif
+	__lsan_do_leak_check();
+#endif
+}
+
 const char *
 pps_library_version(void)
 {
