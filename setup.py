@@ -11,6 +11,6 @@ setup(
     setup_requires=["cffi>=1.15"],
     cffi_modules=["build_ffi.py:ffibuilder"],
     install_requires=["cffi>=1.15", "cryptography>=41", "setproctitle>=1.3"],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
     entry_points={"console_scripts": ["pyprivsep=pyprivsep.cli:main"]},
 )

@@ -36,6 +36,9 @@ int		 pps_cakey_sign(struct pps_cakey *, int op, int arg,
 		    const uint8_t *in, size_t inlen, uint8_t *out, size_t outsize);
 void		 pps_cakey_free(struct pps_cakey *);
 
+int		 pps_reply_parse(const uint8_t *frame, size_t n,
+		    struct pps_hdr *hdr, const uint8_t **payload);
+
 int		 pps_harden(void);
 void		 pps_leak_check(void);
 const char	*pps_error(void);

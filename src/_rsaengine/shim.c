@@ -60,14 +60,39 @@ ca_status(unsigned arg)
 }
 
 /*
- * Read one frame from the ca.  Returns the payload length, 0 if nothing
- * was there, -1 if the channel is gone.  A frame that is not a well-formed
- * reply is logged and dropped (returns 0).
+ * Check a frame from the ca: a whole header, a known version, a reply, and
+ * a length field that matches the bytes received (so at most
+ * PPS_MAX_PAYLOAD).  On success *hdr is the header and *payload points into
+ * frame.  Exposed (api.h) for the fuzz test.
+ */
+int
+pps_reply_parse(const uint8_t *frame, size_t n, struct pps_hdr *hdr,
+    const uint8_t **payload)
+{
+	if (n < sizeof(*hdr) || n > PPS_FRAME_MAX)
+		return pps_seterr("frame of %zu bytes", n);
+	memcpy(hdr, frame, sizeof(*hdr));
+	if (hdr->version != PPS_PROTO_VERSION)
+		return pps_seterr("version %u", hdr->version);
+	if (hdr->type != PPS_OP_REPLY)
+		return pps_seterr("type %u is not a reply", hdr->type);
+	if (hdr->len != n - sizeof(*hdr))
+		return pps_seterr("length field %u, %zu payload bytes", hdr->len,
+		    n - sizeof(*hdr));
+	*payload = frame + sizeof(*hdr);
+	return 0;
+}
+
+/*
+ * Read one frame from the ca.  Returns 1 with a reply in hdr and payload,
+ * 0 if nothing (well-formed) was there, -1 if the channel is gone.  A frame
+ * that is not a well-formed reply is logged and dropped.
  */
 static int
 ca_recv(struct pps_hdr *hdr, uint8_t *payload)
 {
-	uint8_t frame[PPS_FRAME_MAX + 1];
+	uint8_t frame[PPS_FRAME_MAX + 1];	/* +1: a longer message shows */
+	const uint8_t *p;
 	ssize_t n;
 
 	n = recv(pps_conf.ca_fd, frame, sizeof(frame), MSG_DONTWAIT);
@@ -75,19 +100,12 @@ ca_recv(struct pps_hdr *hdr, uint8_t *payload)
 		return errno == EAGAIN || errno == EINTR ? 0 : -1;
 	if (n == 0)
 		return -1;
-	if ((size_t)n < sizeof(*hdr) || (size_t)n > PPS_FRAME_MAX) {
-		pps_log(LOG_WARNING, "ca: frame of %zd bytes dropped", n);
+	if (pps_reply_parse(frame, n, hdr, &p) == -1) {
+		pps_log(LOG_WARNING, "ca: malformed reply dropped: %s",
+		    pps_error());
 		return 0;
 	}
-	memcpy(hdr, frame, sizeof(*hdr));
-	if (hdr->version != PPS_PROTO_VERSION || hdr->type != PPS_OP_REPLY ||
-	    hdr->len != (size_t)n - sizeof(*hdr)) {
-		pps_log(LOG_WARNING, "ca: malformed reply dropped "
-		    "(version %u type %u len %u)", hdr->version, hdr->type,
-		    hdr->len);
-		return 0;
-	}
-	memcpy(payload, frame + sizeof(*hdr), hdr->len);
+	memcpy(payload, p, hdr->len);
 	return 1;
 }
 
