@@ -19,15 +19,18 @@ PREFORK_RANGE = (1, 64)
 TIMEOUT_RANGE = (1, 86400)
 KEYOP_TIMEOUT_RANGE = (10, 60000)
 PORT_RANGE = (1, 65535)
+MAX_CONNECTIONS_RANGE = (1, 1000000)
+HANDSHAKE_TIMEOUT_RANGE = (1, 3600)
 
 KEYWORDS = frozenset({
-    "certificate", "changes", "chroot", "ciphers", "connection", "errors",
-    "forward", "include", "inprocess", "key", "keyop", "keypair", "keys",
-    "listen", "log", "on", "port", "prefork", "relay", "session", "state",
+    "certificate", "changes", "chroot", "ciphers", "connection", "connections",
+    "errors", "forward", "handshake", "include", "inprocess", "key", "keyop",
+    "keypair", "keys", "listen", "log", "max", "on", "port", "prefork",
+    "relay", "session", "state",
     "timeout", "tls", "to", "user",
 })
 _GLOBAL_ONLY = frozenset({
-    "chroot", "include", "keys", "log", "prefork", "timeout", "user",
+    "chroot", "include", "keys", "log", "max", "prefork", "timeout", "user",
 })
 _RELAY_ONLY = frozenset({"forward", "listen", "session"})
 _RELAY_ONLY_TLS = frozenset({"certificate", "ciphers", "keypair"})
@@ -99,6 +102,8 @@ class Config:
     timeout: int = 600
     keys_inprocess: bool = False
     keyop_timeout_ms: int = 1000
+    max_connections: int = 10000      # per relay process
+    handshake_timeout: int = 30       # seconds
     log: set[str] = field(default_factory=set)
     relays: list[Relay] = field(default_factory=list)
 
@@ -449,6 +454,11 @@ class _Parser:
         elif word == "timeout":
             self.config.timeout = self._number("timeout", tok, TIMEOUT_RANGE)
             self._eol("timeout")
+        elif word == "max":
+            self._expect("max", tok, "connections")
+            self.config.max_connections = self._number(
+                "max connections", tok, MAX_CONNECTIONS_RANGE)
+            self._eol("max connections")
         elif word == "keys":
             self._expect("keys", tok, "inprocess")
             self.config.keys_inprocess = True
@@ -461,6 +471,11 @@ class _Parser:
             sub = self._arg("tls", tok)
             if sub.is_word("keyop"):
                 self.config.keyop_timeout_ms = self._keyop(tok)
+            elif sub.is_word("handshake"):
+                self._expect("tls handshake", tok, "timeout")
+                self.config.handshake_timeout = self._number(
+                    "tls handshake timeout", tok, HANDSHAKE_TIMEOUT_RANGE)
+                self._eol("tls handshake timeout")
             elif sub.kind == _WORD and sub.value in _RELAY_ONLY_TLS:
                 raise self._err(tok.line, f'"tls {sub.value}" is only valid inside a relay block')
             else:

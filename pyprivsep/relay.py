@@ -53,8 +53,10 @@ def configure(cfg: Config, certs: list[list[keys.Cert]], forward: list[str],
 
 def main(setup: RelaySetup, index: int, ca_fd: int, ctl_fd: int) -> int:
     cfg = setup.cfg
-    native.engine_init(id=index, ca_fd=ca_fd, ctl_fd=ctl_fd, max_conns=0,
-                       handshake_timeout=0, use_syslog=setup.use_syslog,
+    native.engine_init(id=index, ca_fd=ca_fd, ctl_fd=ctl_fd,
+                       max_conns=cfg.max_connections,
+                       handshake_timeout=cfg.handshake_timeout,
+                       use_syslog=setup.use_syslog,
                        verbose=setup.verbose)
     configure(cfg, setup.certs, setup.forward, setup.listeners,
               cfg.keys_inprocess)

@@ -383,3 +383,28 @@ def test_parse_macro_arg(arg: str, expected: tuple[str, str]) -> None:
 def test_parse_macro_arg_errors(arg: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_macro_arg(arg)
+
+
+def test_connection_limit_and_handshake_timeout(tmp_path: Path) -> None:
+    conf = tmp_path / "limits.conf"
+    conf.write_text("max connections 500\ntls handshake timeout 5\n")
+    cfg = parse_config(str(conf))
+    assert (cfg.max_connections, cfg.handshake_timeout) == (500, 5)
+    defaults = tmp_path / "defaults.conf"
+    defaults.write_text("")
+    cfg = parse_config(str(defaults))
+    assert (cfg.max_connections, cfg.handshake_timeout) == (10000, 30)
+
+
+@pytest.mark.parametrize("line, msg", [
+    ("max connections 0", "max connections 0 out of range"),
+    ("max connections", 'missing argument for "max connections"'),
+    ("max sessions 4", 'expected "connections"'),
+    ("tls handshake timeout 0", "tls handshake timeout 0 out of range"),
+])
+def test_limit_errors(tmp_path: Path, line: str, msg: str) -> None:
+    conf = tmp_path / "bad.conf"
+    conf.write_text(f"# limits\n{line}\n")
+    with pytest.raises(ConfigError) as e:
+        parse_config(str(conf))
+    assert str(e.value).startswith(f"{conf}:2: ") and msg in str(e.value)
