@@ -10,6 +10,7 @@ request it cannot or will not perform gets an error reply and is logged
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import time
@@ -51,11 +52,19 @@ class RateLimit:
         return self.count <= self.burst
 
 
+# Test only: make every operation this much slower, to show what a slow ca
+# does to its relay (tests/test_async.py).
+TEST_DELAY_ENV = "PYPRIVSEP_TEST_CA_DELAY_MS"
+BATCH = 64
+
+
 class Ca:
-    def __init__(self, index: int, held: dict[bytes, HeldKey]) -> None:
+    def __init__(self, index: int, held: dict[bytes, HeldKey],
+                 delay: float = 0.0) -> None:
         self.index = index
         self.held = held
         self.limit = RateLimit()
+        self.delay = delay
 
     def refuse(self, frame_id: int, key: bytes, status: int,
                reason: str) -> bytes:
@@ -77,6 +86,8 @@ class Ca:
             return self.refuse(req.id, req.key, P.PPS_ERR_NOKEY, "unknown key")
         try:
             check(req.type, req.arg, req.payload, held.policy)
+            if self.delay:
+                time.sleep(self.delay)
             sig = held.key.sign(req.type, req.arg, req.payload)
         except Refused as e:
             return self.refuse(req.id, req.key, e.status, str(e))
@@ -85,16 +96,23 @@ class Ca:
         return Frame(P.PPS_OP_REPLY, P.PPS_OK, req.id, req.key, sig).pack()
 
     def serve(self, sock: socket.socket) -> None:
+        """Answer until the channel closes.  Whatever requests are waiting
+        are read at once (up to BATCH), then answered one by one, so that an
+        async relay with many handshakes in flight can keep sending."""
         while True:
+            batch: list[bytes] = []
             try:
-                data = sock.recv(FRAME_MAX + 1)
-            except InterruptedError:
-                continue
+                batch.append(sock.recv(FRAME_MAX + 1))
+                while len(batch) < BATCH:
+                    batch.append(sock.recv(FRAME_MAX + 1, socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                pass
             except ConnectionResetError:
                 return
-            if not data:
-                return
-            sock.send(self.handle(data))
+            for data in batch:
+                if not data:
+                    return
+                sock.send(self.handle(data))
 
 
 def load_keys(cfg: Config) -> dict[bytes, HeldKey]:
@@ -129,7 +147,11 @@ def main(cfg: Config, index: int, sock: socket.socket) -> int:
         privsep.drop_privileges(cfg)
         privsep.harden()
         log.debug("ca %d: serving %d keys", index, len(held))
-        Ca(index, held).serve(sock)
+        delay = int(os.environ.get(TEST_DELAY_ENV, "0")) / 1000
+        if delay:
+            log.warning("ca %d: %s: every operation delayed by %.3f s "
+                        "(for tests only)", index, TEST_DELAY_ENV, delay)
+        Ca(index, held, delay).serve(sock)
     except Stop:
         pass
     return 0

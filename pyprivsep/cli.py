@@ -56,7 +56,8 @@ def check_config(cfg: Config) -> None:
     for cert in (c for block in certs for c in block):
         keys.load_key(cert)
     native.engine_init(id=0, ca_fd=-1, ctl_fd=-1, max_conns=0,
-                       handshake_timeout=0, use_syslog=False, verbose=False)
+                       handshake_timeout=0, keyops_async=relay.keyops_async(cfg),
+                       use_syslog=False, verbose=False)
     relay.configure(cfg, certs, [parent.forward_address(r) for r in cfg.relays],
                     [[] for _ in cfg.relays], inprocess=True)
 

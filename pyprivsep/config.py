@@ -25,12 +25,13 @@ HANDSHAKE_TIMEOUT_RANGE = (1, 3600)
 KEYWORDS = frozenset({
     "certificate", "changes", "chroot", "ciphers", "connection", "connections",
     "errors", "forward", "handshake", "include", "inprocess", "key", "keyop",
-    "keypair", "keys", "listen", "log", "max", "on", "port", "prefork",
+    "keyops", "keypair", "keys", "listen", "log", "max", "on", "port", "prefork",
     "relay", "session", "state",
     "timeout", "tls", "to", "user",
 })
 _GLOBAL_ONLY = frozenset({
-    "chroot", "include", "keys", "log", "max", "prefork", "timeout", "user",
+    "chroot", "include", "keyops", "keys", "log", "max", "prefork", "timeout",
+    "user",
 })
 _RELAY_ONLY = frozenset({"forward", "listen", "session"})
 _RELAY_ONLY_TLS = frozenset({"certificate", "ciphers", "keypair"})
@@ -104,6 +105,7 @@ class Config:
     keyop_timeout_ms: int = 1000
     max_connections: int = 10000      # per relay process
     handshake_timeout: int = 30       # seconds
+    keyops: str | None = None         # "async", "blocking"; None: the library's best
     log: set[str] = field(default_factory=set)
     relays: list[Relay] = field(default_factory=list)
 
@@ -459,6 +461,13 @@ class _Parser:
             self.config.max_connections = self._number(
                 "max connections", tok, MAX_CONNECTIONS_RANGE)
             self._eol("max connections")
+        elif word == "keyops":
+            mode = self._arg("keyops", tok)
+            if mode.value not in ("async", "blocking"):
+                raise self._err(mode.line, f'keyops "{mode.value}": expected '
+                                '"async" or "blocking"')
+            self.config.keyops = mode.value
+            self._eol("keyops")
         elif word == "keys":
             self._expect("keys", tok, "inprocess")
             self.config.keys_inprocess = True

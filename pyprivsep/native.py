@@ -114,10 +114,16 @@ class CaKey:
 
 # ---- the relay engine -----------------------------------------------------
 
+def async_supported() -> bool:
+    """Whether the TLS library has ASYNC jobs (OpenSSL yes, LibreSSL no)."""
+    return bool(lib.pps_async_supported())
+
+
 def engine_init(*, id: int, ca_fd: int, ctl_fd: int, max_conns: int,
-                handshake_timeout: int, use_syslog: bool,
+                handshake_timeout: int, keyops_async: bool, use_syslog: bool,
                 verbose: bool) -> None:
     conf = ffi.new("struct pps_engine_conf *")
+    conf.keyops_async = int(keyops_async)
     conf.id = id
     conf.ca_fd = ca_fd
     conf.ctl_fd = ctl_fd

@@ -51,11 +51,19 @@ def configure(cfg: Config, certs: list[list[keys.Cert]], forward: list[str],
                                   f"relay {r.name}: {kp.cert}: {e}") from None
 
 
+def keyops_async(cfg: Config) -> bool:
+    """`keyops async` unless configured blocking or the library has no ASYNC."""
+    if cfg.keyops is None:
+        return native.async_supported()
+    return cfg.keyops == "async"
+
+
 def main(setup: RelaySetup, index: int, ca_fd: int, ctl_fd: int) -> int:
     cfg = setup.cfg
     native.engine_init(id=index, ca_fd=ca_fd, ctl_fd=ctl_fd,
                        max_conns=cfg.max_connections,
                        handshake_timeout=cfg.handshake_timeout,
+                       keyops_async=keyops_async(cfg),
                        use_syslog=setup.use_syslog,
                        verbose=setup.verbose)
     configure(cfg, setup.certs, setup.forward, setup.listeners,

@@ -16,6 +16,7 @@ struct pps_engine_conf {
 	int		ctl_fd;		/* SOCK_SEQPACKET to the parent */
 	int		max_conns;	/* connections per relay process */
 	int		handshake_timeout;	/* seconds */
+	int		keyops_async;	/* handshakes in async jobs (OpenSSL) */
 	int		use_syslog;	/* else log to stderr */
 	int		verbose;
 };
@@ -39,6 +40,7 @@ void		 pps_cakey_free(struct pps_cakey *);
 int		 pps_reply_parse(const uint8_t *frame, size_t n,
 		    struct pps_hdr *hdr, const uint8_t **payload);
 
+int		 pps_async_supported(void);
 int		 pps_harden(void);
 void		 pps_leak_check(void);
 const char	*pps_error(void);

@@ -93,8 +93,18 @@ int	tls_check_relay(struct relay *);
 /* shim.c */
 int	shim_init(void);
 EVP_PKEY *shim_pkey(X509 *, const struct keyref *);
-void	shim_ca_readable(void);
-int	shim_ca_fd(void);
+
+/* keyop.c */
+int	keyop_init(void);
+int	keyop_start(void);
+int	keyop_call(const struct keyref *, int, int, const uint8_t *, size_t,
+	    uint8_t *, size_t);
+void	keyop_set_owner(void *);
+void	keyop_ca_event(unsigned);
+int	keyop_next_timeout(uint64_t);
+void	keyop_expire(uint64_t);
+void	keyop_cancel(void *);
+void	relay_keyop_done(void *);	/* relay.c: resume that handshake */
 
 /* util.c */
 void	pps_log(int prio, const char *, ...)

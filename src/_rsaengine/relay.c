@@ -60,6 +60,7 @@ struct conn {
 	struct conn	*prev, *next;
 	struct conn	*ready_next;	/* pump again without waiting */
 	int		 on_ready;
+	int		 keyop_wait;	/* handshake paused for the ca */
 	int		 closed;	/* freed after this turn's events */
 	struct conn	*dead_next;
 };
@@ -75,7 +76,6 @@ static struct listener	 listeners[PPS_MAX_LISTENERS];
 static int		 nlisteners;
 static int		 accepting = 1;
 static int		 nconns;
-static struct evsrc	 ca_src = { EV_CA, -1, 0 };
 static struct evsrc	 ctl_src = { EV_CTL, -1, 0 };
 static struct conn	*ready;
 static struct conn	*dead;
@@ -176,6 +176,15 @@ conn_close(struct conn *c, const char *why)
 	if (why != NULL)
 		pps_log(LOG_DEBUG, "relay %s: connection closed: %s",
 		    c->relay->name, why);
+	if (c->keyop_wait) {
+		/* let the paused job run to its (failed) end, then free it */
+		c->keyop_wait = 0;
+		keyop_cancel(c);
+		keyop_set_owner(c);
+		(void)SSL_do_handshake(c->ssl);
+		keyop_set_owner(NULL);
+		ERR_clear_error();
+	}
 	list_unlink(c);
 	if (c->on_ready)
 		for (pp = &ready; *pp != NULL; pp = &(*pp)->ready_next)
@@ -221,6 +230,17 @@ conn_wait(struct conn *c, unsigned cmask, unsigned bmask)
 		pps_log(LOG_ERR, "%s", pps_error());
 }
 
+/* Run c again on the next loop turn, without waiting for an event. */
+static void
+conn_ready(struct conn *c)
+{
+	if (c->on_ready)
+		return;
+	c->on_ready = 1;
+	c->ready_next = ready;
+	ready = c;
+}
+
 static void
 backend_connect(struct conn *c)
 {
@@ -256,9 +276,15 @@ backend_connect(struct conn *c)
 static void
 conn_handshake(struct conn *c)
 {
-	int r = SSL_do_handshake(c->ssl);
+	int r;
 
+	c->keyop_wait = 0;
+	keyop_set_owner(c);
+	r = SSL_do_handshake(c->ssl);
+	keyop_set_owner(NULL);
 	if (r == 1) {
+		if (pps_conf.keyops_async)	/* reads and writes: no jobs */
+			SSL_clear_mode(c->ssl, SSL_MODE_ASYNC);
 		pps_log(LOG_DEBUG, "relay %s: %s handshake %s %s",
 		    c->relay->name, SSL_session_reused(c->ssl) ? "resumed" :
 		    "full", SSL_get_version(c->ssl), SSL_get_cipher(c->ssl));
@@ -273,6 +299,16 @@ conn_handshake(struct conn *c)
 	case SSL_ERROR_WANT_WRITE:
 		conn_wait(c, PPS_OUT, 0);
 		break;
+#ifndef OPENSSL_NO_ASYNC
+	case SSL_ERROR_WANT_ASYNC:	/* waiting for the ca: keyop.c resumes */
+		c->keyop_wait = 1;
+		conn_wait(c, 0, 0);
+		break;
+	case SSL_ERROR_WANT_ASYNC_JOB:	/* no job to be had now: again soon */
+		conn_wait(c, 0, 0);
+		conn_ready(c);
+		break;
+#endif
 	default:
 		pps_log(LOG_INFO, "relay %s: handshake failed: %s",
 		    c->relay->name, ssl_reason());
@@ -469,12 +505,8 @@ conn_pump(struct conn *c)
 	}
 	if (rounds > 0 || progress)
 		list_touch(c, &c->relay->established, c->relay->idle_timeout);
-	if (progress && !c->on_ready) {
-		/* still going: let the others have a turn, then continue */
-		c->on_ready = 1;
-		c->ready_next = ready;
-		ready = c;
-	}
+	if (progress)	/* still going: the others get a turn first */
+		conn_ready(c);
 	cmask = c->rd_want | c->wr_want;
 	bmask = 0;
 	if (c->state == CS_RELAY) {
@@ -492,7 +524,7 @@ on_client(struct evsrc *src, unsigned events)
 	struct conn *c = CONN_OF(src, client);
 
 	(void)events;
-	if (c->closed)
+	if (c->closed || c->keyop_wait)
 		return;
 	if (c->state == CS_HANDSHAKE)
 		conn_handshake(c);
@@ -557,6 +589,8 @@ conn_new(struct listener *l, int fd)
 	c->relay = l->relay;
 	c->state = CS_HANDSHAKE;
 	SSL_set_accept_state(c->ssl);
+	if (pps_conf.keyops_async)
+		SSL_set_mode(c->ssl, SSL_MODE_ASYNC);
 	if (poller_add(&c->client, 0, 0) == -1) {
 		pps_log(LOG_ERR, "%s", pps_error());
 		SSL_free(c->ssl);
@@ -603,8 +637,7 @@ static void
 on_ca(struct evsrc *src, unsigned events)
 {
 	(void)src;
-	(void)events;
-	shim_ca_readable();
+	keyop_ca_event(events);
 }
 
 static void
@@ -684,10 +717,40 @@ tick(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	pps_now = ts.tv_sec;
+	keyop_expire(pps_now_ms());
 	for (i = 0; i < nrelays; i++) {
 		sweep(&relays[i]->handshaking, "handshake");
 		sweep(&relays[i]->established, "idle");
 	}
+}
+
+/* Stopping: every connection closed, paused handshakes failed, all freed. */
+static void
+close_all(void)
+{
+	struct conn *c;
+	int i;
+
+	for (i = 0; i < nrelays; i++) {
+		while ((c = relays[i]->handshaking.head) != NULL)
+			conn_close(c, NULL);
+		while ((c = relays[i]->established.head) != NULL)
+			conn_close(c, NULL);
+	}
+	while ((c = dead) != NULL) {
+		dead = c->dead_next;
+		free(c);
+	}
+}
+
+/* keyop.c: the ca answered c's request (or it failed): go on. */
+void
+relay_keyop_done(void *owner)
+{
+	struct conn *c = owner;
+
+	if (!c->closed && c->keyop_wait)
+		conn_handshake(c);
 }
 
 int
@@ -719,7 +782,8 @@ pps_engine_init(const struct pps_engine_conf *conf)
 		openlog("pyprivsep", LOG_PID | LOG_NDELAY, LOG_DAEMON);
 	if (OPENSSL_init_ssl(0, NULL) != 1)
 		return pps_seterr_ssl("OPENSSL_init_ssl");
-	if (pps_conf.ca_fd != -1 && shim_init() == -1)
+	if (keyop_init() == -1 ||
+	    (pps_conf.ca_fd != -1 && shim_init() == -1))
 		return -1;
 	return poller_init();
 }
@@ -819,21 +883,25 @@ pps_engine_run(void)
 {
 	struct pps_event evs[256];
 	struct conn *c;
-	int i, n;
+	int i, n, wait;
 
 	for (i = 0; i < nrelays; i++)
 		if (relays[i]->nkp == 0)
 			return pps_seterr("relay %s has no keypair",
 			    relays[i]->name);
-	ca_src.fd = pps_conf.ca_fd;
 	ctl_src.fd = pps_conf.ctl_fd;
-	if ((ca_src.fd != -1 && poller_add(&ca_src, PPS_IN, 0) == -1) ||
+	if (keyop_start() == -1 ||
 	    (ctl_src.fd != -1 && poller_add(&ctl_src, PPS_IN, 0) == -1))
 		return -1;
 	listeners_enable(1);
 	tick();
 	while (!stopping) {
-		n = poller_wait(evs, 256, ready != NULL ? 0 : 1000);
+		if (ready != NULL)
+			wait = 0;
+		else if ((wait = keyop_next_timeout(pps_now_ms())) == -1 ||
+		    wait > 1000)
+			wait = 1000;
+		n = poller_wait(evs, 256, wait);
 		if (n == -1 && errno != EINTR)
 			return pps_seterr("poll: %s", strerror(errno));
 		tick();
@@ -841,7 +909,7 @@ pps_engine_run(void)
 		while ((c = ready) != NULL) {
 			ready = c->ready_next;
 			c->on_ready = 0;
-			conn_pump(c);
+			on_client(&c->client, 0);
 		}
 		for (i = 0; i < n; i++)
 			dispatch[evs[i].src->kind](evs[i].src, evs[i].events);
@@ -851,5 +919,6 @@ pps_engine_run(void)
 		}
 	}
 	pps_log(LOG_INFO, "stopping with %d connections", nconns);
+	close_all();
 	return 0;
 }

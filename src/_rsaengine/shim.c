@@ -7,24 +7,17 @@
  * only hook that works on OpenSSL 3.0-4.0 and LibreSSL alike, see
  * shared NOTES-openssl.md), hence the local suppression.
  *
- * Until key operations become asynchronous, a request blocks this relay
- * process until the ca answers or the relay's keyop timeout passes, as
- * relayd does.  Every request carries an id; a reply with any other id is
- * a late answer to a request that already timed out and is dropped.
+ * How a request travels to the ca and its answer back: keyop.c.
  */
 #define OPENSSL_SUPPRESS_DEPRECATED 1
 
-#include <errno.h>
-#include <poll.h>
 #include <string.h>
 #include <syslog.h>
-#include <unistd.h>
 
 #include <openssl/ec.h>
 #include <openssl/ecdsa.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
-#include <openssl/rand.h>
 #include <openssl/rsa.h>
 #include <openssl/x509.h>
 
@@ -33,158 +26,6 @@
 static RSA_METHOD	*rsa_meth;
 static EC_KEY_METHOD	*ec_meth;
 static int		 rsa_idx = -1, ec_idx = -1;
-static uint32_t		 next_id;
-
-int
-shim_ca_fd(void)
-{
-	return pps_conf.ca_fd;
-}
-
-static const char *
-ca_status(unsigned arg)
-{
-	static const char *const names[] = {
-		[PPS_OK] = "ok",
-		[PPS_ERR_FRAME] = "malformed frame",
-		[PPS_ERR_VERSION] = "protocol version",
-		[PPS_ERR_OP] = "operation refused",
-		[PPS_ERR_NOKEY] = "unknown key",
-		[PPS_ERR_POLICY] = "refused by policy",
-		[PPS_ERR_CRYPTO] = "operation failed",
-	};
-
-	if (arg < sizeof(names) / sizeof(names[0]) && names[arg] != NULL)
-		return names[arg];
-	return "unknown status";
-}
-
-/*
- * Check a frame from the ca: a whole header, a known version, a reply, and
- * a length field that matches the bytes received (so at most
- * PPS_MAX_PAYLOAD).  On success *hdr is the header and *payload points into
- * frame.  Exposed (api.h) for the fuzz test.
- */
-int
-pps_reply_parse(const uint8_t *frame, size_t n, struct pps_hdr *hdr,
-    const uint8_t **payload)
-{
-	if (n < sizeof(*hdr) || n > PPS_FRAME_MAX)
-		return pps_seterr("frame of %zu bytes", n);
-	memcpy(hdr, frame, sizeof(*hdr));
-	if (hdr->version != PPS_PROTO_VERSION)
-		return pps_seterr("version %u", hdr->version);
-	if (hdr->type != PPS_OP_REPLY)
-		return pps_seterr("type %u is not a reply", hdr->type);
-	if (hdr->len != n - sizeof(*hdr))
-		return pps_seterr("length field %u, %zu payload bytes", hdr->len,
-		    n - sizeof(*hdr));
-	*payload = frame + sizeof(*hdr);
-	return 0;
-}
-
-/*
- * Read one frame from the ca.  Returns 1 with a reply in hdr and payload,
- * 0 if nothing (well-formed) was there, -1 if the channel is gone.  A frame
- * that is not a well-formed reply is logged and dropped.
- */
-static int
-ca_recv(struct pps_hdr *hdr, uint8_t *payload)
-{
-	uint8_t frame[PPS_FRAME_MAX + 1];	/* +1: a longer message shows */
-	const uint8_t *p;
-	ssize_t n;
-
-	n = recv(pps_conf.ca_fd, frame, sizeof(frame), MSG_DONTWAIT);
-	if (n == -1)
-		return errno == EAGAIN || errno == EINTR ? 0 : -1;
-	if (n == 0)
-		return -1;
-	if (pps_reply_parse(frame, n, hdr, &p) == -1) {
-		pps_log(LOG_WARNING, "ca: malformed reply dropped: %s",
-		    pps_error());
-		return 0;
-	}
-	memcpy(payload, p, hdr->len);
-	return 1;
-}
-
-/* The loop saw the ca socket readable with no request waiting: late replies. */
-void
-shim_ca_readable(void)
-{
-	struct pps_hdr hdr;
-	uint8_t payload[PPS_MAX_PAYLOAD];
-	int r;
-
-	while ((r = ca_recv(&hdr, payload)) > 0)
-		pps_log(LOG_DEBUG, "ca: late reply %u dropped", hdr.id);
-}
-
-/* Ask the ca; returns the reply's payload length in out, or -1. */
-static int
-ca_call(const struct keyref *k, int op, int arg, const uint8_t *in,
-    size_t inlen, uint8_t *out, size_t outsize)
-{
-	uint8_t frame[PPS_FRAME_MAX];
-	struct pps_hdr hdr, rep;
-	uint8_t payload[PPS_MAX_PAYLOAD];
-	struct pollfd pfd;
-	uint64_t deadline, now;
-	int r;
-
-	if (pps_conf.ca_fd == -1 || inlen > PPS_MAX_PAYLOAD)
-		return -1;
-	memset(&hdr, 0, sizeof(hdr));
-	hdr.version = PPS_PROTO_VERSION;
-	hdr.type = op;
-	hdr.arg = arg;
-	hdr.id = ++next_id;
-	hdr.len = inlen;
-	memcpy(hdr.key, k->id, sizeof(hdr.key));
-	memcpy(frame, &hdr, sizeof(hdr));
-	memcpy(frame + sizeof(hdr), in, inlen);
-	if (send(pps_conf.ca_fd, frame, sizeof(hdr) + inlen,
-	    MSG_DONTWAIT | MSG_NOSIGNAL) == -1) {
-		pps_log(LOG_WARNING, "ca: request %u not sent: %s", hdr.id,
-		    strerror(errno));
-		return -1;
-	}
-
-	deadline = pps_now_ms() + k->timeout_ms;
-	pfd.fd = pps_conf.ca_fd;
-	pfd.events = POLLIN;
-	while ((now = pps_now_ms()) < deadline) {
-		if (poll(&pfd, 1, (int)(deadline - now)) == -1 && errno != EINTR)
-			return -1;
-		while ((r = ca_recv(&rep, payload)) > 0) {
-			if (rep.id != hdr.id) {
-				pps_log(LOG_DEBUG, "ca: late reply %u dropped",
-				    rep.id);
-				continue;
-			}
-			if (rep.arg != PPS_OK) {
-				pps_log(LOG_WARNING, "ca: request %u: %s",
-				    rep.id, ca_status(rep.arg));
-				return -1;
-			}
-			if (rep.len > outsize) {
-				pps_log(LOG_WARNING, "ca: reply %u too long "
-				    "(%u > %zu)", rep.id, rep.len, outsize);
-				return -1;
-			}
-			memcpy(out, payload, rep.len);
-			return rep.len;
-		}
-		if (r == -1) {
-			pps_log(LOG_WARNING, "ca: channel closed");
-			return -1;
-		}
-	}
-	pps_log(LOG_WARNING, "ca: request %u timed out after %d ms", hdr.id,
-	    k->timeout_ms);
-	return -1;
-}
 
 static int
 shim_rsa_priv_enc(int flen, const unsigned char *from, unsigned char *to,
@@ -206,7 +47,7 @@ shim_rsa_priv_enc(int flen, const unsigned char *from, unsigned char *to,
 	}
 	if (k == NULL || flen < 0)
 		return -1;
-	n = ca_call(k, PPS_OP_RSA_PRIV_ENC, pad, from, flen, to, size);
+	n = keyop_call(k, PPS_OP_RSA_PRIV_ENC, pad, from, flen, to, size);
 	if (n != size) {
 		if (n >= 0)
 			pps_log(LOG_WARNING, "ca: RSA reply of %d bytes, want %d",
@@ -235,7 +76,7 @@ shim_ec_sign(int type, const unsigned char *dgst, int dlen, unsigned char *sig,
 	(void)type;
 	if (k == NULL || kinv != NULL || r != NULL || dlen < 0)
 		return 0;
-	n = ca_call(k, PPS_OP_ECDSA_SIGN, 0, dgst, dlen, sig, ECDSA_size(ec));
+	n = keyop_call(k, PPS_OP_ECDSA_SIGN, 0, dgst, dlen, sig, ECDSA_size(ec));
 	if (n <= 0)
 		return 0;
 	*siglen = n;
@@ -266,8 +107,6 @@ shim_init(void)
 
 	if (rsa_meth != NULL)
 		return 0;
-	if (RAND_bytes((unsigned char *)&next_id, sizeof(next_id)) != 1)
-		return pps_seterr_ssl("RAND_bytes");
 	rsa_idx = RSA_get_ex_new_index(0, NULL, NULL, NULL, NULL);
 	ec_idx = EC_KEY_get_ex_new_index(0, NULL, NULL, NULL, NULL);
 	if (rsa_idx < 0 || ec_idx < 0)

@@ -117,6 +117,16 @@ pps_leak_check(void)
 #endif
 }
 
+int
+pps_async_supported(void)
+{
+#ifdef OPENSSL_NO_ASYNC
+	return 0;
+#else
+	return 1;
+#endif
+}
+
 const char *
 pps_library_version(void)
 {
