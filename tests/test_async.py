@@ -34,7 +34,7 @@ from pyprivsep import native
 pytestmark = pytest.mark.skipif(not native.async_supported(),
                                 reason="this TLS library has no ASYNC (LibreSSL)")
 
-CA_DELAY_MS = 200
+CA_DELAY_MS = 300
 
 
 @dataclass(frozen=True)
@@ -73,14 +73,18 @@ def test_slow_ca_stalls_sessions_only_when_blocking(
     with socket.create_connection((LOCALHOST, relay.listen_port), timeout=10) as raw, \
             ctx.wrap_socket(raw, server_hostname=relay.keypairs[0].dns_name) as tls:
         before = max(session_rtt_ms(tls) for _ in range(5))
-        # eight handshakes: the ca needs 8 x 200 ms for them
+        # eight handshakes: the ca needs 8 x 300 ms for them; sample the
+        # session's round trip for as long as they last
         clients = [subprocess.Popen(
             ["openssl", "s_client", "-connect", f"{LOCALHOST}:{relay.listen_port}", "-brief"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for _ in range(8)]
+        during = []
+        deadline = time.monotonic() + 30
         try:
-            time.sleep(0.1)         # let them reach the ca
-            during = [session_rtt_ms(tls) for _ in range(10)]
+            while any(c.poll() is None for c in clients) and time.monotonic() < deadline:
+                during.append(session_rtt_ms(tls))
+                time.sleep(0.01)
         finally:
             for c in clients:
                 c.wait(timeout=30)

@@ -46,6 +46,7 @@ static struct keyop	*hash[KEYOP_HASH];
 static struct keyop	*oldest, *newest;	/* in flight */
 static struct keyop	*unsent, **unsent_tail = &unsent;
 static struct evsrc	 ca_src = { EV_CA, -1, 0 };
+static uint64_t		 earliest = UINT64_MAX;	/* no deadline before */
 static void		*owner;			/* whose handshake runs now */
 static uint32_t		 next_id;
 
@@ -127,6 +128,8 @@ inflight_add(struct keyop *op)
 
 	op->hnext = *hp;
 	*hp = op;
+	if (op->deadline < earliest)
+		earliest = op->deadline;
 	op->prev = newest;
 	op->next = NULL;
 	if (newest != NULL)
@@ -283,18 +286,17 @@ keyop_ca_event(unsigned events)
 
 /* ---- timeouts and cancellation ---- */
 
+/*
+ * `earliest` is a lower bound of the deadlines in flight (an operation that
+ * ended may have set it), so the loop may wake early, never late, and the
+ * list is walked only when something may have expired.
+ */
 int
 keyop_next_timeout(uint64_t now)
 {
-	struct keyop *op;
-	uint64_t first = UINT64_MAX;
-
-	for (op = oldest; op != NULL; op = op->next)
-		if (op->deadline < first)
-			first = op->deadline;
-	if (first == UINT64_MAX)
+	if (oldest == NULL)
 		return -1;
-	return first <= now ? 0 : (int)(first - now);
+	return earliest <= now ? 0 : (int)(earliest - now);
 }
 
 void
@@ -302,6 +304,8 @@ keyop_expire(uint64_t now)
 {
 	struct keyop *op, *next;
 
+	if (now < earliest)
+		return;
 	for (op = oldest; op != NULL; op = next) {
 		next = op->next;
 		if (op->deadline <= now) {
@@ -310,6 +314,10 @@ keyop_expire(uint64_t now)
 			next = oldest;	/* resuming may have changed the list */
 		}
 	}
+	earliest = UINT64_MAX;
+	for (op = oldest; op != NULL; op = op->next)
+		if (op->deadline < earliest)
+			earliest = op->deadline;
 }
 
 /* A connection closes while its handshake waits: fail that operation. */
