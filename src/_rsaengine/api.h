@@ -17,6 +17,8 @@ struct pps_engine_conf {
 	int		max_conns;	/* connections per relay process */
 	int		handshake_timeout;	/* seconds */
 	int		keyops_async;	/* handshakes in async jobs (OpenSSL) */
+	int		log_conn;	/* a line for each connection closed */
+	int		log_errors;	/* failed handshakes and their reason */
 	int		use_syslog;	/* else log to stderr */
 	int		verbose;
 };

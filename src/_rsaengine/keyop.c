@@ -35,6 +35,7 @@ struct keyop {
 	void		*owner;		/* the connection to resume */
 	uint32_t	 id;
 	enum keyop_state state;
+	const char	*why;		/* KO_FAILED: the reason */
 	uint64_t	 deadline;	/* ms */
 	size_t		 len;		/* request, then result, in buf */
 	uint8_t		 buf[PPS_FRAME_MAX];
@@ -49,6 +50,17 @@ static struct evsrc	 ca_src = { EV_CA, -1, 0 };
 static uint64_t		 earliest = UINT64_MAX;	/* no deadline before */
 static void		*owner;			/* whose handshake runs now */
 static uint32_t		 next_id;
+
+/* counters for the parent (pps_stats), and why the last operation failed */
+static struct {
+	uint64_t	 calls, fail, timeout, lat_sum;
+	uint64_t	 lat[PPS_LAT_BUCKETS];
+} counts;
+static const uint64_t lat_bounds[PPS_LAT_BUCKETS - 1] = {	/* us */
+	250, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000, 500000
+};
+static void		*failed_owner;
+static const char	*failed_why;
 
 static const char *
 status_name(unsigned arg)
@@ -180,10 +192,11 @@ inflight_find(uint32_t id)
 
 /* End an operation and resume its connection, which frees it. */
 static void
-finish(struct keyop *op, enum keyop_state state)
+finish(struct keyop *op, enum keyop_state state, const char *why)
 {
 	inflight_remove(op);
 	op->state = state;
+	op->why = why;
 	relay_keyop_done(op->owner);
 }
 
@@ -216,7 +229,7 @@ flush_unsent(void)
 		if (unsent == NULL)
 			unsent_tail = &unsent;
 		if (r == -1)
-			finish(op, KO_FAILED);
+			finish(op, KO_FAILED, "ca unreachable");
 	}
 	(void)poller_set(&ca_src, unsent != NULL ? PPS_IN | PPS_OUT : PPS_IN);
 }
@@ -254,6 +267,9 @@ take_reply(struct keyop *op, const struct pps_hdr *rep, const uint8_t *payload)
 	if (rep->arg != PPS_OK) {
 		pps_log(LOG_WARNING, "ca: request %u: %s", rep->id,
 		    status_name(rep->arg));
+		op->why = rep->arg == PPS_ERR_POLICY ? "ca refusal (policy)" :
+		    rep->arg == PPS_ERR_NOKEY ? "ca refusal (unknown key)" :
+		    "ca refusal";
 		return KO_FAILED;
 	}
 	memcpy(op->buf, payload, rep->len);
@@ -267,6 +283,7 @@ keyop_ca_event(unsigned events)
 	struct pps_hdr rep;
 	uint8_t payload[PPS_MAX_PAYLOAD];
 	struct keyop *op;
+	enum keyop_state st;
 	int r;
 
 	if (events & PPS_OUT)
@@ -276,7 +293,8 @@ keyop_ca_event(unsigned events)
 			pps_log(LOG_DEBUG, "ca: late reply %u dropped", rep.id);
 			continue;
 		}
-		finish(op, take_reply(op, &rep, payload));
+		st = take_reply(op, &rep, payload);
+		finish(op, st, op->why);
 	}
 	if (r == -1) {
 		pps_log(LOG_WARNING, "ca: channel closed");
@@ -310,7 +328,8 @@ keyop_expire(uint64_t now)
 		next = op->next;
 		if (op->deadline <= now) {
 			pps_log(LOG_WARNING, "ca: request %u timed out", op->id);
-			finish(op, KO_FAILED);
+			counts.timeout++;
+			finish(op, KO_FAILED, "ca timeout");
 			next = oldest;	/* resuming may have changed the list */
 		}
 	}
@@ -330,6 +349,7 @@ keyop_cancel(void *conn)
 		if (op->owner == conn) {
 			inflight_remove(op);
 			op->state = KO_FAILED;
+			op->why = "connection closed";
 			return;
 		}
 }
@@ -365,8 +385,10 @@ wait_blocking(struct keyop *op)
 	uint64_t now;
 	int r;
 
-	if (send_request(op) != 0)
+	if (send_request(op) != 0) {
+		op->why = "ca unreachable";
 		return KO_FAILED;
+	}
 	while ((now = pps_now_ms()) < op->deadline) {
 		if (poll(&pfd, 1, (int)(op->deadline - now)) == -1 &&
 		    errno != EINTR)
@@ -378,10 +400,13 @@ wait_blocking(struct keyop *op)
 		}
 		if (r == -1) {
 			pps_log(LOG_WARNING, "ca: channel closed");
+			op->why = "ca unreachable";
 			return KO_FAILED;
 		}
 	}
 	pps_log(LOG_WARNING, "ca: request %u timed out", op->id);
+	counts.timeout++;
+	op->why = "ca timeout";
 	return KO_FAILED;
 }
 
@@ -390,7 +415,6 @@ wait_blocking(struct keyop *op)
 static enum keyop_state
 wait_async(struct keyop *op)
 {
-	op->owner = owner;
 	op->state = KO_WAITING;
 	inflight_add(op);
 	if (unsent == NULL) {
@@ -405,6 +429,7 @@ wait_async(struct keyop *op)
 			break;
 		default:
 			inflight_remove(op);
+			op->why = "ca unreachable";
 			return KO_FAILED;
 		}
 	} else {
@@ -415,6 +440,7 @@ wait_async(struct keyop *op)
 	while (op->state == KO_WAITING) {
 		if (!ASYNC_pause_job()) {
 			inflight_remove(op);
+			op->why = "ASYNC_pause_job failed";
 			return KO_FAILED;
 		}
 	}
@@ -422,18 +448,68 @@ wait_async(struct keyop *op)
 }
 #endif
 
+static uint64_t
+now_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
+}
+
+static void
+count_latency(uint64_t us)
+{
+	int i;
+
+	for (i = 0; i < PPS_LAT_BUCKETS - 1 && us > lat_bounds[i]; i++)
+		;
+	counts.lat[i]++;
+	counts.lat_sum += us;
+}
+
+/* Why conn's handshake failed, if a key operation of its own failed. */
+const char *
+keyop_failure(void *conn)
+{
+	const char *why = NULL;
+
+	if (conn != NULL && failed_owner == conn) {
+		why = failed_why;
+		failed_owner = NULL;
+	}
+	return why;
+}
+
+_Static_assert(sizeof(((struct pps_stats *)0)->keyop_lat) ==
+    PPS_LAT_BUCKETS * sizeof(uint64_t), "protocol.h: keyop_lat size");
+
+void
+keyop_stats(struct pps_stats *st)
+{
+	st->keyops = counts.calls;
+	st->keyop_fail = counts.fail;
+	st->keyop_timeout = counts.timeout;
+	st->keyop_lat_sum = counts.lat_sum;
+	memcpy(st->keyop_lat, counts.lat, sizeof(st->keyop_lat));
+}
+
 int
 keyop_call(const struct keyref *k, int type, int arg, const uint8_t *in,
     size_t inlen, uint8_t *out, size_t outsize)
 {
 	struct keyop *op;
 	enum keyop_state st;
+	uint64_t start;
 	int len = -1;
 
 	if (pps_conf.ca_fd == -1 || inlen > PPS_MAX_PAYLOAD ||
 	    (op = calloc(1, sizeof(*op))) == NULL)
 		return -1;
 	build_request(op, k, type, arg, in, inlen);
+	op->owner = owner;
+	start = now_us();
+	counts.calls++;
 #ifndef OPENSSL_NO_ASYNC
 	if (pps_conf.keyops_async && owner != NULL &&
 	    ASYNC_get_current_job() != NULL)
@@ -445,9 +521,18 @@ keyop_call(const struct keyref *k, int type, int arg, const uint8_t *in,
 		if (op->len <= outsize) {
 			memcpy(out, op->buf, op->len);
 			len = (int)op->len;
-		} else
+		} else {
 			pps_log(LOG_WARNING, "ca: reply %u too long (%zu > %zu)",
 			    op->id, op->len, outsize);
+			op->why = "ca reply too long";
+		}
+	}
+	if (len >= 0)
+		count_latency(now_us() - start);
+	else {
+		counts.fail++;
+		failed_owner = op->owner;
+		failed_why = op->why != NULL ? op->why : "ca failure";
 	}
 	free(op);
 	return len;

@@ -24,8 +24,13 @@
 #define PPS_OP_ECDSA_SIGN	3	/* arg: 0; payload: the digest */
 /* hdr.type: reply, ca -> relay; arg: PPS_OK or PPS_ERR_*; same id and key */
 #define PPS_OP_REPLY		128
-/* hdr.type: control, parent -> relay */
+/* hdr.type: control, parent -> relay (and the relay's answers, same type) */
 #define PPS_CTL_TICKET_KEYS	64	/* payload: n * PPS_TICKET_KEY_LEN, newest first */
+#define PPS_CTL_STATS		65	/* answer: struct pps_stats */
+#define PPS_CTL_SESSIONS	66	/* answers: struct pps_session[], arg 1 while more follow */
+#define PPS_CTL_SESSIONS_MAX	64	/* sessions in one answer */
+#define PPS_CTL_DRAIN		67	/* stop accepting; exit once every session ended */
+#define PPS_CTL_VERBOSE		68	/* arg: 0 brief, 1 verbose logging */
 
 /* hdr.arg of PPS_OP_RSA_PRIV_ENC */
 #define PPS_PAD_PKCS1		1	/* payload is a DigestInfo, PKCS#1 v1.5 type 1 */
@@ -51,4 +56,41 @@ struct pps_hdr {
 	uint32_t	id;		/* request id, echoed in the reply */
 	uint32_t	len;		/* payload bytes after the header */
 	uint8_t		key[32];	/* key id (PPS_KEYID_LEN) */
+};
+
+/* Key operation latency histogram: upper bounds in microseconds, the last
+ * bucket unbounded.  PPS_LAT_BUCKETS entries in pps_stats.keyop_lat. */
+#define PPS_LAT_BUCKETS		12
+
+/* A relay process's counters, since it started. */
+struct pps_stats {
+	uint64_t	accepted;	/* connections accepted */
+	uint64_t	active;		/* connections open now */
+	uint64_t	hs_full;	/* handshakes done, full */
+	uint64_t	hs_resumed;	/* handshakes done, resumed */
+	uint64_t	fail_client;	/* handshake failed: the client (alert, protocol) */
+	uint64_t	fail_ca;	/* handshake failed: the ca (timeout, refusal) */
+	uint64_t	fail_timeout;	/* handshake failed: handshake timeout */
+	uint64_t	fail_backend;	/* backend refused or unreachable */
+	uint64_t	keyops;		/* key operations asked of the ca */
+	uint64_t	keyop_fail;	/* ... of which failed (incl. timeouts) */
+	uint64_t	keyop_timeout;	/* ... of which timed out */
+	uint64_t	keyop_lat_sum;	/* microseconds, answered operations */
+	uint64_t	keyop_lat[12];	/* PPS_LAT_BUCKETS */
+	uint64_t	bytes_in;	/* client -> backend */
+	uint64_t	bytes_out;	/* backend -> client */
+	uint64_t	draining;	/* 1 once told to drain */
+};
+
+/* One open connection, for `pyprivsep ctl show sessions`. */
+struct pps_session {
+	uint8_t		addr[16];	/* client address (IPv4 in the first 4) */
+	uint8_t		family;		/* 4 or 6 */
+	uint8_t		state;		/* 0 handshake, 1 connecting, 2 relaying */
+	uint16_t	port;		/* client port */
+	uint32_t	relay;		/* relay block index */
+	uint32_t	age;		/* seconds since accepted */
+	uint32_t	idle;		/* seconds since last traffic */
+	uint64_t	bytes_in;
+	uint64_t	bytes_out;
 };

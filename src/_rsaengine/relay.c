@@ -61,6 +61,9 @@ struct conn {
 	struct conn	*ready_next;	/* pump again without waiting */
 	int		 on_ready;
 	int		 keyop_wait;	/* handshake paused for the ca */
+	struct sockaddr_storage peer;	/* the client */
+	time_t		 started, active;	/* accepted, last traffic */
+	uint64_t	 bytes_in, bytes_out;
 	int		 closed;	/* freed after this turn's events */
 	struct conn	*dead_next;
 };
@@ -78,6 +81,8 @@ static int		 accepting = 1;
 static int		 nconns;
 static struct evsrc	 ctl_src = { EV_CTL, -1, 0 };
 static struct conn	*ready;
+static struct pps_stats	 stats;
+static int		 draining;
 static struct conn	*dead;
 static volatile sig_atomic_t stopping;
 
@@ -168,6 +173,24 @@ list_touch(struct conn *c, struct connlist *l, int timeout)
 
 static void listeners_enable(int);
 
+static const char *
+peer_name(const struct conn *c)
+{
+	static char buf[INET6_ADDRSTRLEN + 8];
+	char host[INET6_ADDRSTRLEN] = "?";
+	const struct sockaddr_in *sin = (const struct sockaddr_in *)&c->peer;
+	const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)&c->peer;
+
+	if (c->peer.ss_family == AF_INET6) {
+		inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof(host));
+		snprintf(buf, sizeof(buf), "[%s]:%u", host, ntohs(sin6->sin6_port));
+	} else {
+		inet_ntop(AF_INET, &sin->sin_addr, host, sizeof(host));
+		snprintf(buf, sizeof(buf), "%s:%u", host, ntohs(sin->sin_port));
+	}
+	return buf;
+}
+
 static void
 conn_close(struct conn *c, const char *why)
 {
@@ -176,6 +199,12 @@ conn_close(struct conn *c, const char *why)
 	if (why != NULL)
 		pps_log(LOG_DEBUG, "relay %s: connection closed: %s",
 		    c->relay->name, why);
+	if (pps_conf.log_conn)
+		pps_log(LOG_INFO, "relay %s: %s: closed after %llds, %llu bytes "
+		    "in, %llu out", c->relay->name, peer_name(c),
+		    (long long)(pps_now - c->started),
+		    (unsigned long long)c->bytes_in,
+		    (unsigned long long)c->bytes_out);
 	if (c->keyop_wait) {
 		/* let the paused job run to its (failed) end, then free it */
 		c->keyop_wait = 0;
@@ -183,6 +212,7 @@ conn_close(struct conn *c, const char *why)
 		keyop_set_owner(c);
 		(void)SSL_do_handshake(c->ssl);
 		keyop_set_owner(NULL);
+		(void)keyop_failure(c);
 		ERR_clear_error();
 	}
 	list_unlink(c);
@@ -205,7 +235,7 @@ conn_close(struct conn *c, const char *why)
 	c->closed = 1;
 	c->dead_next = dead;
 	dead = c;
-	if (--nconns < pps_conf.max_conns && !accepting)
+	if (--nconns < pps_conf.max_conns && !accepting && !draining)
 		listeners_enable(1);
 }
 
@@ -273,6 +303,25 @@ backend_connect(struct conn *c)
 	conn_wait(c, 0, PPS_OUT);
 }
 
+/* Why a handshake failed: the ca (it says why), else the client. */
+static void
+handshake_failed(struct conn *c)
+{
+	const char *why = keyop_failure(c);
+
+	if (why != NULL) {
+		stats.fail_ca++;
+		ERR_clear_error();
+	} else {
+		stats.fail_client++;
+		why = ssl_reason();
+	}
+	pps_log(pps_conf.log_errors ? LOG_WARNING : LOG_DEBUG,
+	    "relay %s: %s: handshake failed: %s", c->relay->name, peer_name(c),
+	    why);
+	conn_close(c, NULL);
+}
+
 static void
 conn_handshake(struct conn *c)
 {
@@ -285,9 +334,14 @@ conn_handshake(struct conn *c)
 	if (r == 1) {
 		if (pps_conf.keyops_async)	/* reads and writes: no jobs */
 			SSL_clear_mode(c->ssl, SSL_MODE_ASYNC);
-		pps_log(LOG_DEBUG, "relay %s: %s handshake %s %s",
-		    c->relay->name, SSL_session_reused(c->ssl) ? "resumed" :
-		    "full", SSL_get_version(c->ssl), SSL_get_cipher(c->ssl));
+		if (SSL_session_reused(c->ssl))
+			stats.hs_resumed++;
+		else
+			stats.hs_full++;
+		pps_log(LOG_DEBUG, "relay %s: %s: %s handshake %s %s",
+		    c->relay->name, peer_name(c), SSL_session_reused(c->ssl) ?
+		    "resumed" : "full", SSL_get_version(c->ssl),
+		    SSL_get_cipher(c->ssl));
 		list_touch(c, &c->relay->established, c->relay->idle_timeout);
 		backend_connect(c);
 		return;
@@ -310,9 +364,7 @@ conn_handshake(struct conn *c)
 		break;
 #endif
 	default:
-		pps_log(LOG_INFO, "relay %s: handshake failed: %s",
-		    c->relay->name, ssl_reason());
-		conn_close(c, NULL);
+		handshake_failed(c);
 	}
 }
 
@@ -327,8 +379,9 @@ conn_connected(struct conn *c)
 	if (err == EINPROGRESS)
 		return;
 	if (err != 0) {
-		pps_log(LOG_WARNING, "relay %s: backend: %s", c->relay->name,
-		    strerror(err));
+		stats.fail_backend++;
+		pps_log(LOG_WARNING, "relay %s: %s: backend: %s", c->relay->name,
+		    peer_name(c), strerror(err));
 		/* tell the client politely that there is nobody behind us */
 		(void)SSL_shutdown(c->ssl);
 		conn_close(c, NULL);
@@ -351,6 +404,8 @@ pump_client_read(struct conn *c)
 		return -1;
 	if ((n = SSL_read(c->ssl, p, (int)buf_space(c->up))) > 0) {
 		c->up->len += n;
+		c->bytes_in += n;
+		stats.bytes_in += n;
 		return 1;
 	}
 	switch (SSL_get_error(c->ssl, n)) {
@@ -416,6 +471,8 @@ pump_backend_read(struct conn *c)
 	n = recv(c->backend.fd, p, buf_space(c->down), 0);
 	if (n > 0) {
 		c->down->len += n;
+		c->bytes_out += n;
+		stats.bytes_out += n;
 		return 1;
 	}
 	if (buf_len(c->down) == 0) {
@@ -503,8 +560,10 @@ conn_pump(struct conn *c)
 		conn_close(c, "done");
 		return;
 	}
-	if (rounds > 0 || progress)
+	if (rounds > 0 || progress) {
+		c->active = pps_now;
 		list_touch(c, &c->relay->established, c->relay->idle_timeout);
+	}
 	if (progress)	/* still going: the others get a turn first */
 		conn_ready(c);
 	cmask = c->rd_want | c->wr_want;
@@ -565,7 +624,7 @@ listeners_enable(int on)
 }
 
 static void
-conn_new(struct listener *l, int fd)
+conn_new(struct listener *l, int fd, const struct sockaddr_storage *peer)
 {
 	struct conn *c;
 	int one = 1;
@@ -588,6 +647,8 @@ conn_new(struct listener *l, int fd)
 	c->backend.fd = -1;
 	c->relay = l->relay;
 	c->state = CS_HANDSHAKE;
+	c->peer = *peer;
+	c->started = c->active = pps_now;
 	SSL_set_accept_state(c->ssl);
 	if (pps_conf.keyops_async)
 		SSL_set_mode(c->ssl, SSL_MODE_ASYNC);
@@ -599,6 +660,7 @@ conn_new(struct listener *l, int fd)
 		return;
 	}
 	nconns++;
+	stats.accepted++;
 	list_touch(c, &c->relay->handshaking, pps_conf.handshake_timeout);
 	conn_handshake(c);
 }
@@ -609,11 +671,16 @@ static void
 on_listen(struct evsrc *src, unsigned events)
 {
 	struct listener *l = (struct listener *)src;
+	struct sockaddr_storage peer;
+	socklen_t len;
 	int i, fd;
 
 	(void)events;
 	for (i = 0; i < ACCEPT_BURST && accepting; i++) {
-		fd = accept4(src->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		len = sizeof(peer);
+		memset(&peer, 0, sizeof(peer));
+		fd = accept4(src->fd, (struct sockaddr *)&peer, &len,
+		    SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (fd == -1) {
 			if (errno == EMFILE || errno == ENFILE) {
 				pps_log(LOG_WARNING, "accept: %s: pausing",
@@ -622,7 +689,7 @@ on_listen(struct evsrc *src, unsigned events)
 			}
 			return;
 		}
-		conn_new(l, fd);
+		conn_new(l, fd, &peer);
 		if (nconns >= pps_conf.max_conns) {
 			pps_log(LOG_WARNING, "%d connections: pausing accept",
 			    nconns);
@@ -640,12 +707,133 @@ on_ca(struct evsrc *src, unsigned events)
 	keyop_ca_event(events);
 }
 
+/* An answer to the parent: same type and id as its question. */
+static void
+ctl_answer(const struct pps_hdr *q, unsigned arg, const void *payload,
+    size_t len)
+{
+	uint8_t frame[sizeof(struct pps_hdr) + PPS_CTL_SESSIONS_MAX *
+	    sizeof(struct pps_session)];
+	struct pps_hdr hdr = *q;
+
+	hdr.arg = arg;
+	hdr.len = len;
+	memcpy(frame, &hdr, sizeof(hdr));
+	memcpy(frame + sizeof(hdr), payload, len);
+	if (send(ctl_src.fd, frame, sizeof(hdr) + len, MSG_DONTWAIT |
+	    MSG_NOSIGNAL) == -1)
+		pps_log(LOG_WARNING, "parent: answer not sent: %s",
+		    strerror(errno));
+}
+
+static void
+ctl_ticket_keys(const struct pps_hdr *q, const uint8_t *payload)
+{
+	if (tls_set_ticket_keys(payload, q->len) == -1)
+		pps_log(LOG_WARNING, "parent: %s", pps_error());
+	else
+		pps_log(LOG_DEBUG, "ticket keys updated");
+}
+
+static void
+ctl_stats(const struct pps_hdr *q, const uint8_t *payload)
+{
+	(void)payload;
+	stats.active = nconns;
+	stats.draining = draining;
+	keyop_stats(&stats);
+	ctl_answer(q, 0, &stats, sizeof(stats));
+}
+
+static void
+session_of(const struct conn *c, struct pps_session *s)
+{
+	const struct sockaddr_in *sin = (const struct sockaddr_in *)&c->peer;
+	const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)&c->peer;
+
+	memset(s, 0, sizeof(*s));
+	if (c->peer.ss_family == AF_INET6) {
+		s->family = 6;
+		memcpy(s->addr, &sin6->sin6_addr, 16);
+		s->port = ntohs(sin6->sin6_port);
+	} else {
+		s->family = 4;
+		memcpy(s->addr, &sin->sin_addr, 4);
+		s->port = ntohs(sin->sin_port);
+	}
+	s->state = c->state;
+	s->relay = c->relay->index;
+	s->age = pps_now - c->started;
+	s->idle = pps_now - c->active;
+	s->bytes_in = c->bytes_in;
+	s->bytes_out = c->bytes_out;
+}
+
+/* Every open connection, PPS_CTL_SESSIONS_MAX a frame, arg 1 while more. */
+static void
+ctl_sessions(const struct pps_hdr *q, const uint8_t *payload)
+{
+	struct pps_session batch[PPS_CTL_SESSIONS_MAX];
+	struct connlist *lists[2];
+	struct conn *c;
+	int i, l, n = 0;
+
+	(void)payload;
+	for (i = 0; i < nrelays; i++) {
+		lists[0] = &relays[i]->handshaking;
+		lists[1] = &relays[i]->established;
+		for (l = 0; l < 2; l++)
+			for (c = lists[l]->head; c != NULL; c = c->next) {
+				if (n == PPS_CTL_SESSIONS_MAX) {
+					ctl_answer(q, 1, batch, sizeof(batch));
+					n = 0;
+				}
+				session_of(c, &batch[n++]);
+			}
+	}
+	ctl_answer(q, 0, batch, n * sizeof(batch[0]));
+}
+
+/* Reload: stop accepting, let the sessions end, then exit. */
+static void
+ctl_drain(const struct pps_hdr *q, const uint8_t *payload)
+{
+	int i;
+
+	(void)q;
+	(void)payload;
+	if (draining)
+		return;
+	draining = 1;
+	listeners_enable(0);
+	for (i = 0; i < nlisteners; i++)
+		close(listeners[i].src.fd);
+	nlisteners = 0;
+	pps_log(LOG_INFO, "draining: %d connections left", nconns);
+}
+
+static void
+ctl_verbose(const struct pps_hdr *q, const uint8_t *payload)
+{
+	(void)payload;
+	pps_conf.verbose = q->arg != 0;
+}
+
+static void (*const ctl_dispatch[])(const struct pps_hdr *, const uint8_t *) = {
+	[PPS_CTL_TICKET_KEYS - PPS_CTL_TICKET_KEYS] =	ctl_ticket_keys,
+	[PPS_CTL_STATS - PPS_CTL_TICKET_KEYS] =		ctl_stats,
+	[PPS_CTL_SESSIONS - PPS_CTL_TICKET_KEYS] =	ctl_sessions,
+	[PPS_CTL_DRAIN - PPS_CTL_TICKET_KEYS] =		ctl_drain,
+	[PPS_CTL_VERBOSE - PPS_CTL_TICKET_KEYS] =	ctl_verbose,
+};
+
 static void
 on_ctl(struct evsrc *src, unsigned events)
 {
 	uint8_t frame[sizeof(struct pps_hdr) +
 	    PPS_MAX_TICKET_KEYS * PPS_TICKET_KEY_LEN + 1];
 	struct pps_hdr hdr;
+	unsigned slot;
 	ssize_t n;
 
 	(void)events;
@@ -658,26 +846,20 @@ on_ctl(struct evsrc *src, unsigned events)
 		poller_del(src);
 		return;
 	}
-	if ((size_t)n < sizeof(hdr)) {
-		pps_log(LOG_WARNING, "parent: short frame");
+	if ((size_t)n < sizeof(hdr) || (size_t)n > sizeof(frame) - 1) {
+		pps_log(LOG_WARNING, "parent: frame of %zd bytes", n);
 		return;
 	}
 	memcpy(&hdr, frame, sizeof(hdr));
+	slot = hdr.type - PPS_CTL_TICKET_KEYS;
 	if (hdr.version != PPS_PROTO_VERSION ||
-	    hdr.len != (size_t)n - sizeof(hdr)) {
+	    hdr.len != (size_t)n - sizeof(hdr))
 		pps_log(LOG_WARNING, "parent: malformed frame");
-		return;
-	}
-	switch (hdr.type) {
-	case PPS_CTL_TICKET_KEYS:
-		if (tls_set_ticket_keys(frame + sizeof(hdr), hdr.len) == -1)
-			pps_log(LOG_WARNING, "parent: %s", pps_error());
-		else
-			pps_log(LOG_DEBUG, "ticket keys updated");
-		break;
-	default:
+	else if (hdr.type < PPS_CTL_TICKET_KEYS ||
+	    slot >= sizeof(ctl_dispatch) / sizeof(ctl_dispatch[0]))
 		pps_log(LOG_WARNING, "parent: unknown message %u", hdr.type);
-	}
+	else
+		ctl_dispatch[slot](&hdr, frame + sizeof(hdr));
 	OPENSSL_cleanse(frame, sizeof(frame));
 }
 
@@ -704,7 +886,14 @@ sweep(struct connlist *l, const char *what)
 	struct conn *c;
 
 	while ((c = l->head) != NULL && c->deadline <= pps_now) {
-		pps_log(LOG_INFO, "relay %s: %s timeout", c->relay->name, what);
+		if (c->state == CS_HANDSHAKE) {
+			stats.fail_timeout++;
+			pps_log(pps_conf.log_errors ? LOG_WARNING : LOG_DEBUG,
+			    "relay %s: %s: handshake failed: %s timeout",
+			    c->relay->name, peer_name(c), what);
+		} else
+			pps_log(LOG_DEBUG, "relay %s: %s: %s timeout",
+			    c->relay->name, peer_name(c), what);
 		conn_close(c, NULL);
 	}
 }
@@ -917,8 +1106,13 @@ pps_engine_run(void)
 			dead = c->dead_next;
 			free(c);
 		}
+		if (draining && nconns == 0) {
+			pps_log(LOG_INFO, "drained");
+			break;
+		}
 	}
-	pps_log(LOG_INFO, "stopping with %d connections", nconns);
+	if (!draining || nconns > 0)
+		pps_log(LOG_INFO, "stopping with %d connections", nconns);
 	close_all();
 	return 0;
 }
