@@ -7,7 +7,8 @@ import logging.handlers
 import os
 import sys
 
-from pyprivsep import __version__, keys, native, parent, privsep, relay
+from pyprivsep import (__version__, control, ctl, keys, metrics, native, parent,
+                       privsep, relay)
 from pyprivsep.config import Config, ConfigError, parse_config, parse_macro_arg
 
 DEFAULT_CONF = "/etc/pyprivsep.conf"
@@ -77,7 +78,10 @@ def daemonize() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ctl"]:
+        return ctl.main(argv[1:])
+    args = parse_args(argv)
     if args.V:
         print(f"pyprivsep {__version__}, {native.library_version()}")
         return 0
@@ -112,6 +116,21 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("WARNING: keys inprocess: the private keys are loaded "
                     "into the relay processes; privilege separation is OFF. "
                     "For benchmarks only.")
-    log.info("pyprivsep %s starting: %d relay processes, %s", __version__,
-             cfg.prefork, native.library_version())
-    return parent.Parent(cfg, setup).run()
+    log.info("pyprivsep %s starting: %d relay processes, %s, keyops %s",
+             __version__, cfg.prefork, native.library_version(),
+             "async" if relay.keyops_async(cfg) else "blocking")
+    daemon = parent.Parent(cfg, setup, macros)
+    try:
+        daemon.control = control.Server(cfg.socket)
+    except OSError as e:
+        log.warning("no control socket %s: %s", cfg.socket, e.strerror or e)
+    if cfg.metrics is not None:
+        try:
+            daemon.metrics = metrics.Server(daemon, cfg.metrics.host,
+                                            cfg.metrics.port)
+        except OSError as e:
+            log.error("%s: metrics: cannot listen on %s port %d: %s",
+                      cfg.metrics.where, cfg.metrics.host, cfg.metrics.port,
+                      e.strerror or e)
+            return 1
+    return daemon.run()

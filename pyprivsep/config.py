@@ -21,17 +21,18 @@ KEYOP_TIMEOUT_RANGE = (10, 60000)
 PORT_RANGE = (1, 65535)
 MAX_CONNECTIONS_RANGE = (1, 1000000)
 HANDSHAKE_TIMEOUT_RANGE = (1, 3600)
+TICKET_LIFETIME_RANGE = (4, 604800)
 
 KEYWORDS = frozenset({
     "certificate", "changes", "chroot", "ciphers", "connection", "connections",
     "errors", "forward", "handshake", "include", "inprocess", "key", "keyop",
-    "keyops", "keypair", "keys", "listen", "log", "max", "on", "port", "prefork",
-    "relay", "session", "state",
+    "keyops", "keypair", "keys", "lifetime", "listen", "log", "max", "metrics",
+    "on", "port", "prefork", "relay", "session", "socket", "state", "ticket",
     "timeout", "tls", "to", "user",
 })
 _GLOBAL_ONLY = frozenset({
-    "chroot", "include", "keyops", "keys", "log", "max", "prefork", "timeout",
-    "user",
+    "chroot", "include", "keyops", "keys", "log", "max", "metrics", "prefork",
+    "socket", "timeout", "user",
 })
 _RELAY_ONLY = frozenset({"forward", "listen", "session"})
 _RELAY_ONLY_TLS = frozenset({"certificate", "ciphers", "keypair"})
@@ -106,6 +107,9 @@ class Config:
     max_connections: int = 10000      # per relay process
     handshake_timeout: int = 30       # seconds
     keyops: str | None = None         # "async", "blocking"; None: the library's best
+    ticket_lifetime: int = 7200       # seconds; keys rotate every quarter
+    socket: str = "/var/run/pyprivsep.sock"
+    metrics: Listen | None = None     # Prometheus endpoint, off by default
     log: set[str] = field(default_factory=set)
     relays: list[Relay] = field(default_factory=list)
 
@@ -461,6 +465,20 @@ class _Parser:
             self.config.max_connections = self._number(
                 "max connections", tok, MAX_CONNECTIONS_RANGE)
             self._eol("max connections")
+        elif word == "socket":
+            path = self._arg("socket", tok)
+            if not os.path.isabs(path.value):
+                raise self._err(path.line, f'socket "{path.value}" is not an absolute path')
+            self.config.socket = path.value
+            self._eol("socket")
+        elif word == "metrics":
+            self._expect("metrics", tok, "listen")
+            self._expect("metrics listen", tok, "on")
+            host = self._host("metrics listen on", tok, allow_any=True)
+            self._expect("metrics listen on", tok, "port")
+            port = self._number("port", tok, PORT_RANGE)
+            self._eol("metrics listen on")
+            self.config.metrics = Listen(host, port, False, Where(self.file, tok.line))
         elif word == "keyops":
             mode = self._arg("keyops", tok)
             if mode.value not in ("async", "blocking"):
@@ -480,6 +498,11 @@ class _Parser:
             sub = self._arg("tls", tok)
             if sub.is_word("keyop"):
                 self.config.keyop_timeout_ms = self._keyop(tok)
+            elif sub.is_word("ticket"):
+                self._expect("tls ticket", tok, "lifetime")
+                self.config.ticket_lifetime = self._number(
+                    "tls ticket lifetime", tok, TICKET_LIFETIME_RANGE)
+                self._eol("tls ticket lifetime")
             elif sub.is_word("handshake"):
                 self._expect("tls handshake", tok, "timeout")
                 self.config.handshake_timeout = self._number(

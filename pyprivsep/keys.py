@@ -32,6 +32,7 @@ class Cert:
     kind: str               # "rsa" or "ec"
     bits: int               # RSA modulus bits, or the curve's bits
     subject: str
+    not_after: str          # ISO 8601, UTC
 
     def describe(self) -> str:
         return f"{self.kind.upper()}-{self.bits} {self.subject}"
@@ -72,7 +73,8 @@ def load_cert(kp: Keypair) -> Cert:
     spki = pub.public_bytes(serialization.Encoding.DER,
                             serialization.PublicFormat.SubjectPublicKeyInfo)
     return Cert(kp, pem, hashlib.sha256(spki).digest(), kind, bits,
-                leaf.subject.rfc4514_string())
+                leaf.subject.rfc4514_string(),
+                leaf.not_valid_after_utc.isoformat())
 
 
 def read_key(cert: Cert) -> bytes:

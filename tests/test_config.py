@@ -408,3 +408,28 @@ def test_limit_errors(tmp_path: Path, line: str, msg: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(str(conf))
     assert str(e.value).startswith(f"{conf}:2: ") and msg in str(e.value)
+
+
+def test_operations_directives(tmp_path: Path) -> None:
+    conf = tmp_path / "ops.conf"
+    conf.write_text('tls ticket lifetime 60\nsocket "/tmp/x.sock"\n'
+                    "metrics listen on 127.0.0.1 port 9102\nkeyops blocking\n"
+                    "log connection\nlog errors\n")
+    cfg = parse_config(str(conf))
+    assert cfg.ticket_lifetime == 60 and cfg.socket == "/tmp/x.sock"
+    assert cfg.metrics is not None and (cfg.metrics.host, cfg.metrics.port) == ("127.0.0.1", 9102)
+    assert cfg.keyops == "blocking" and cfg.log == {"connection", "errors"}
+
+
+@pytest.mark.parametrize("line, msg", [
+    ("tls ticket lifetime 1", "tls ticket lifetime 1 out of range"),
+    ('socket "relative.sock"', "is not an absolute path"),
+    ("metrics listen on 127.0.0.1", 'missing "port"'),
+    ("keyops sometimes", 'keyops "sometimes"'),
+])
+def test_operations_errors(tmp_path: Path, line: str, msg: str) -> None:
+    conf = tmp_path / "bad.conf"
+    conf.write_text(f"# ops\n{line}\n")
+    with pytest.raises(ConfigError) as e:
+        parse_config(str(conf))
+    assert str(e.value).startswith(f"{conf}:2: ") and msg in str(e.value)

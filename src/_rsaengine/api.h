@@ -43,6 +43,7 @@ int		 pps_reply_parse(const uint8_t *frame, size_t n,
 		    struct pps_hdr *hdr, const uint8_t **payload);
 
 int		 pps_async_supported(void);
+int64_t		 pps_lat_bound(int bucket);
 int		 pps_harden(void);
 void		 pps_leak_check(void);
 const char	*pps_error(void);

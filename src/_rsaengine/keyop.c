@@ -468,6 +468,15 @@ count_latency(uint64_t us)
 	counts.lat_sum += us;
 }
 
+/* The latency histogram's upper bounds (us), for the parent's metrics. */
+int64_t
+pps_lat_bound(int i)
+{
+	if (i < 0 || i >= PPS_LAT_BUCKETS - 1)
+		return -1;
+	return (int64_t)lat_bounds[i];
+}
+
 /* Why conn's handshake failed, if a key operation of its own failed. */
 const char *
 keyop_failure(void *conn)
