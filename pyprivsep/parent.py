@@ -515,6 +515,8 @@ def kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+    except PermissionError:     # e.g. a unit that took CAP_KILL away
+        log.error("cannot signal pid %d: permission denied", pid)
 
 
 def new_ticket_key() -> bytes:

@@ -64,6 +64,8 @@ def main(setup: RelaySetup, index: int, ca_fd: int, ctl_fd: int) -> int:
                        max_conns=cfg.max_connections,
                        handshake_timeout=cfg.handshake_timeout,
                        keyops_async=keyops_async(cfg),
+                       log_conn="connection" in cfg.log,
+                       log_errors="errors" in cfg.log,
                        use_syslog=setup.use_syslog,
                        verbose=setup.verbose)
     configure(cfg, setup.certs, setup.forward, setup.listeners,
