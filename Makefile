@@ -39,7 +39,7 @@ test: build
 	$(PY) -m pytest -q
 
 bench: build
-	@echo "make bench: not written yet (issue: benchmark side by side with nginx)"
+	sh bench/bench.sh $(BENCH_ARGS)
 
 # The C sources must compile without a warning.
 warnings:

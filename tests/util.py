@@ -1083,3 +1083,187 @@ def python_process(code: str, *args: str, ready_line: bytes = b"ready") -> Itera
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+# --- failure tests ---
+
+
+@dataclass(frozen=True)
+class TunedConfig(DaemonConfig):
+    """DaemonConfig plus the global directives the failure/client tests tune
+    (None: the directive is left out and the daemon's default applies)."""
+
+    keyop_timeout_ms: int | None = None  # tls keyop timeout MS
+    handshake_timeout: int | None = None  # tls handshake timeout S
+    max_connections: int | None = None  # max connections N
+
+    def render(self) -> str:
+        extra = []
+        if self.keyop_timeout_ms is not None:
+            extra.append(f"tls keyop timeout {self.keyop_timeout_ms}")
+        if self.handshake_timeout is not None:
+            extra.append(f"tls handshake timeout {self.handshake_timeout}")
+        if self.max_connections is not None:
+            extra.append(f"max connections {self.max_connections}")
+        return "".join(line + "\n" for line in extra) + super().render()
+
+
+def http_backend_on(port: int, page: bytes = BACKEND_PAGE) -> BackgroundServer:
+    """An HttpBackend bound to a given port (e.g. one a relay already forwards to)."""
+    server = _HttpServer((LOCALHOST, port), _BackendHandler)
+    server.page = page
+    return BackgroundServer(server)
+
+
+def vm_rss(pid: int) -> int:
+    """Resident set size of ``pid`` in bytes (VmRSS of /proc/PID/status)."""
+    value, unit = proc_status(pid)["VmRSS"].split()
+    assert unit == "kB", unit
+    return int(value) * 1024
+
+
+def open_fds(pid: int) -> dict[int, str]:
+    """fd -> readlink target of every open descriptor of ``pid``."""
+    fds = {}
+    for entry in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            fds[int(entry)] = os.readlink(f"/proc/{pid}/fd/{entry}")
+    return fds
+
+
+# --- ca tests ---
+# Shared by test_policy.py, test_ca_hostile.py and test_fuzz.py: an EMSA-PSS
+# encoder written from RFC 8017 9.1.1 (independent of pyprivsep.policy), raw
+# relay <-> ca frames (any header, even a lying one) and key ids.
+
+PSS_HASH_NAMES: tuple[str, ...] = ("sha256", "sha384", "sha512")
+FRAME_HDR_SIZE = 44  # struct pps_hdr: u8 version, u8 type, u16 arg, u32 id, u32 len, u8 key[32]
+
+
+def hash_algorithm(name: str) -> hashes.HashAlgorithm:
+    """The cryptography hash object for a hashlib name ("sha256", ...)."""
+    algorithms: dict[str, hashes.HashAlgorithm] = {
+        "sha1": hashes.SHA1(),
+        "sha224": hashes.SHA224(),
+        "sha256": hashes.SHA256(),
+        "sha384": hashes.SHA384(),
+        "sha512": hashes.SHA512(),
+    }
+    return algorithms[name]
+
+
+def ref_mgf1(seed: bytes, length: int, hash_name: str) -> bytes:
+    """MGF1 (RFC 8017 B.2.1)."""
+    out = b"".join(
+        hashlib.new(hash_name, seed + counter.to_bytes(4, "big")).digest()
+        for counter in range(-(-length // hashlib.new(hash_name).digest_size))
+    )
+    return out[:length]
+
+
+def emsa_pss_encode(
+    mhash: bytes,
+    em_bits: int,
+    hash_name: str = "sha256",
+    *,
+    salt: bytes | None = None,
+    mgf_hash: str | None = None,
+) -> bytes:
+    """EMSA-PSS-ENCODE (RFC 8017 9.1.1) of the message hash ``mhash``.
+
+    ``hash_name`` is the hash of step 6 (H = Hash(M')); ``mgf_hash`` the hash
+    of MGF1 (default: the same); ``salt`` defaults to random bytes as long as
+    the hash.  Returns EM, ceil(em_bits / 8) bytes.
+    """
+    hlen = hashlib.new(hash_name).digest_size
+    if salt is None:
+        salt = os.urandom(hlen)
+    em_len = -(-em_bits // 8)
+    if em_len < len(mhash) + len(salt) + 2:
+        raise ValueError("encoding error: modulus too small for this hash and salt")
+    h = hashlib.new(hash_name, b"\0" * 8 + mhash + salt).digest()
+    db = b"\0" * (em_len - len(salt) - len(h) - 2) + b"\x01" + salt
+    masked = bytearray(a ^ b for a, b in zip(db, ref_mgf1(h, len(db), mgf_hash or hash_name)))
+    masked[0] &= 0xFF >> (8 * em_len - em_bits)
+    return bytes(masked) + h + b"\xbc"
+
+
+def pss_block(
+    mhash: bytes,
+    mod_bits: int,
+    hash_name: str = "sha256",
+    *,
+    salt: bytes | None = None,
+    mgf_hash: str | None = None,
+) -> bytes:
+    """The modulus-sized block a TLS stack hands to the raw RSA private
+    operation: EM for emBits = modBits - 1, with a leading zero byte when
+    EM is one byte shorter than the modulus (modBits = 8k + 1)."""
+    em = emsa_pss_encode(mhash, mod_bits - 1, hash_name, salt=salt, mgf_hash=mgf_hash)
+    return em.rjust(-(-mod_bits // 8), b"\0")
+
+
+def raw_frame(
+    type: int,  # noqa: A002 (the protocol's name)
+    arg: int,
+    id: int,  # noqa: A002
+    key: bytes,
+    payload: bytes,
+    *,
+    version: int = 1,
+    length: int | None = None,
+) -> bytes:
+    """A frame with any header: ``length`` None means the true payload length."""
+    order: Literal["little", "big"] = sys.byteorder
+    return (
+        version.to_bytes(1, order)
+        + type.to_bytes(1, order)
+        + arg.to_bytes(2, order)
+        + id.to_bytes(4, order)
+        + (len(payload) if length is None else length).to_bytes(4, order)
+        + key.ljust(32, b"\0")[:32]
+        + payload
+    )
+
+
+@dataclass(frozen=True)
+class RawHeader:
+    version: int
+    type: int
+    arg: int
+    id: int
+    length: int
+    key: bytes
+
+
+def unpack_header(data: bytes) -> RawHeader:
+    """The header fields of the first FRAME_HDR_SIZE bytes of data."""
+    if len(data) < FRAME_HDR_SIZE:
+        raise ValueError("short frame")
+    order: Literal["little", "big"] = sys.byteorder
+    return RawHeader(
+        data[0],
+        data[1],
+        int.from_bytes(data[2:4], order),
+        int.from_bytes(data[4:8], order),
+        int.from_bytes(data[8:12], order),
+        data[12:44],
+    )
+
+
+def spki_keyid(cert: x509.Certificate) -> bytes:
+    """A key's id on the wire: SHA-256 of the DER SubjectPublicKeyInfo."""
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).digest()
+
+
+def load_private_key(kp: KeyPair) -> PrivateKey:
+    key = serialization.load_pem_private_key(kp.key_path.read_bytes(), password=None)
+    assert isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey))
+    return key
+
+
+def ca_config_text(keypairs: Sequence[KeyPair]) -> str:
+    """A daemon configuration whose one relay block names ``keypairs``
+    (for pyprivsep.ca.load_keys; nothing listens on its ports)."""
+    return DaemonConfig([RelaySpec("ca-test", 8443, 8080, list(keypairs))], prefork=1).render()

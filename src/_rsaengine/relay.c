@@ -332,8 +332,10 @@ conn_handshake(struct conn *c)
 	r = SSL_do_handshake(c->ssl);
 	keyop_set_owner(NULL);
 	if (r == 1) {
+#ifndef OPENSSL_NO_ASYNC
 		if (pps_conf.keyops_async)	/* reads and writes: no jobs */
 			SSL_clear_mode(c->ssl, SSL_MODE_ASYNC);
+#endif
 		if (SSL_session_reused(c->ssl))
 			stats.hs_resumed++;
 		else
@@ -650,8 +652,10 @@ conn_new(struct listener *l, int fd, const struct sockaddr_storage *peer)
 	c->peer = *peer;
 	c->started = c->active = pps_now;
 	SSL_set_accept_state(c->ssl);
+#ifndef OPENSSL_NO_ASYNC
 	if (pps_conf.keyops_async)
 		SSL_set_mode(c->ssl, SSL_MODE_ASYNC);
+#endif
 	if (poller_add(&c->client, 0, 0) == -1) {
 		pps_log(LOG_ERR, "%s", pps_error());
 		SSL_free(c->ssl);

@@ -111,7 +111,8 @@ ticket_cb(SSL *ssl, unsigned char *name, unsigned char *iv,
 			return 0;
 		k = &tickets[0];
 		memcpy(name, k->name, sizeof(k->name));
-		arc4random_buf(iv, 16);
+		if (RAND_bytes(iv, 16) != 1)
+			return -1;
 	} else if ((k = ticket_find(name)) == NULL)
 		return 0;
 	if (!HMAC_Init_ex(hctx, k->hmac, sizeof(k->hmac), EVP_sha256(), NULL) ||
