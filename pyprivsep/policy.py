@@ -28,6 +28,8 @@ DIGESTINFO = {
 }
 DIGESTINFO_SHA1 = bytes.fromhex("3021300906052b0e03021a05000414")
 PSS_HASHES = ("sha256", "sha384", "sha512")
+_HASH = {name: (getattr(hashlib, name), getattr(hashlib, name)().digest_size)
+         for name in ("sha1", "sha256", "sha384", "sha512")}
 ECDSA_DIGEST = (20, 64)
 
 
@@ -78,12 +80,9 @@ def _check_digestinfo(data: bytes, key: KeyPolicy) -> None:
 
 
 def mgf1(seed: bytes, length: int, hash_name: str) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < length:
-        out += hashlib.new(hash_name, seed + counter.to_bytes(4, "big")).digest()
-        counter += 1
-    return bytes(out[:length])
+    new, size = _HASH[hash_name]
+    return b"".join(new(seed + i.to_bytes(4, "big")).digest()
+                    for i in range(-(-length // size)))[:length]
 
 
 def _check_pss(block: bytes, mod_bits: int) -> None:
@@ -111,13 +110,16 @@ def _check_pss(block: bytes, mod_bits: int) -> None:
 
 
 def _pss_db_ok(em: bytes, top: int, hash_name: str) -> bool:
-    hlen = hashlib.new(hash_name).digest_size
+    """DB = MGF1(H) xor maskedDB must be 00..00 01 || salt, the salt as
+    long as the hash: as a number, DB (its unused top bits cleared) shifted
+    right past the salt is exactly 1."""
+    hlen = _HASH[hash_name][1]
     db_len = len(em) - hlen - 1
     if db_len < hlen + 1:       # room for 0x01 and a salt of hlen bytes
         return False
-    masked, h = em[:db_len], em[db_len:-1]
-    db = bytearray(a ^ b for a, b in zip(masked, mgf1(h, db_len, hash_name)))
+    h = em[db_len:-1]
+    db = int.from_bytes(em[:db_len], "big") ^ \
+        int.from_bytes(mgf1(h, db_len, hash_name), "big")
     if top:
-        db[0] &= 0xFF >> (8 - top)
-    ps_len = db_len - hlen - 1
-    return db[ps_len] == 1 and not any(db[:ps_len])
+        db &= (1 << (8 * (db_len - 1) + top)) - 1
+    return db >> (8 * hlen) == 1
