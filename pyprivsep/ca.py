@@ -133,6 +133,7 @@ class Stop(Exception):
 
 
 def _stop(signo: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # a second one: at once
     raise Stop()
 
 

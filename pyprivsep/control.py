@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from pyprivsep import __version__, native
@@ -114,7 +115,6 @@ class Server:
         except OSError:
             return
         with conn:
-            conn.settimeout(1.0)
             try:
                 answer = self.answer(parent, read_line(conn))
                 conn.sendall(json.dumps(answer).encode() + b"\n")
@@ -126,6 +126,8 @@ class Server:
         try:
             words = tuple(json.loads(line)["cmd"])
         except (ValueError, KeyError, TypeError):
+            words = ()
+        if not words or not all(isinstance(w, str) for w in words):
             return {"error": "malformed request"}
         command = COMMANDS.get(words)
         if command is None:
@@ -142,9 +144,16 @@ class Server:
             pass
 
 
-def read_line(conn: socket.socket) -> bytes:
+def read_line(conn: socket.socket, timeout: float = 1.0) -> bytes:
+    """One request line, within `timeout` in all: a client that trickles
+    its bytes cannot hold the parent's loop any longer."""
     data = b""
+    deadline = time.monotonic() + timeout
     while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ValueError("request not sent in time")
+        conn.settimeout(left)
         chunk = conn.recv(MAX_REQUEST)
         if not chunk:
             break

@@ -122,11 +122,12 @@ def async_supported() -> bool:
 def engine_init(*, id: int, ca_fd: int, ctl_fd: int, max_conns: int,
                 handshake_timeout: int, keyops_async: bool, use_syslog: bool,
                 verbose: bool, log_conn: bool = False,
-                log_errors: bool = False) -> None:
+                log_errors: bool = False, ticket_lifetime: int = 0) -> None:
     conf = ffi.new("struct pps_engine_conf *")
     conf.keyops_async = int(keyops_async)
     conf.log_conn = int(log_conn)
     conf.log_errors = int(log_errors)
+    conf.ticket_lifetime = ticket_lifetime
     conf.id = id
     conf.ca_fd = ca_fd
     conf.ctl_fd = ctl_fd

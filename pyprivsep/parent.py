@@ -153,6 +153,7 @@ class Parent:
         self.cfg = cfg
         self.setup = setup
         self.macros = macros
+        self.verbose = setup.verbose        # `ctl log verbose` changes it
         self.generation = 1
         self.pairs = [Pair.new(i, 1) for i in range(1, cfg.prefork + 1)]
         self.draining: list[Pair] = []      # old generations, finishing
@@ -213,6 +214,7 @@ class Parent:
             keep.add(ca_fd)
         privsep.close_fds_except(keep)
         self.setup.ticket_keys = b"".join(self.tickets)
+        self.setup.verbose = self.verbose
         return relay.main(self.setup, pair.index, ca_fd,
                           pair.ctl_relay.fileno())
 
@@ -349,6 +351,7 @@ class Parent:
         return [r.name for r in self.cfg.relays]
 
     def set_verbose(self, verbose: bool) -> None:
+        self.verbose = verbose
         logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
         for pair in self.all_pairs():
             self.tell(pair, P.PPS_CTL_VERBOSE, int(verbose))
@@ -375,13 +378,23 @@ class Parent:
         relays stop accepting, finish their sessions and exit.  A broken
         configuration keeps the running generation; returns its error."""
         old_sockets = sockets_of(self.setup)
+        old_fds = {s.fileno() for socks in old_sockets.values() for s in socks}
         try:
             cfg = parse_config(self.cfg.path, self.macros)
-            setup = prepare(cfg, self.setup.use_syslog, self.setup.verbose,
+            setup = prepare(cfg, self.setup.use_syslog, self.verbose,
                             reuse=old_sockets)
         except ConfigError as e:
             log.error("reload failed, keeping the running configuration: %s", e)
             return str(e)
+        error = None if cfg.keys_inprocess else check_keys(cfg)
+        if error is not None:
+            for socks in setup.listeners:
+                for s in socks:
+                    if s.fileno() not in old_fds:
+                        s.close()
+            log.error("reload failed, keeping the running configuration: %s",
+                      error)
+            return error
         kept = {s.fileno() for socks in setup.listeners for s in socks}
         for socks in old_sockets.values():
             for s in socks:
@@ -499,6 +512,31 @@ def session_dict(s: Any, pair: Pair, names: list[str]) -> dict[str, Any]:
             "state": ("handshake", "connecting", "relaying")[min(s.state, 2)],
             "age": s.age, "idle": s.idle, "bytes_in": s.bytes_in,
             "bytes_out": s.bytes_out}
+
+
+def check_keys(cfg: Config) -> str | None:
+    """Load every key and match it to its certificate, as the new cas will,
+    in a throwaway child: the parent never holds a private key.  Returns
+    the error, or None."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 0
+        try:
+            signal.set_wakeup_fd(-1)
+            os.close(r)
+            ca.load_keys(cfg)
+        except ConfigError as e:
+            os.write(w, str(e).encode()[:4000])
+        except BaseException as e:
+            os.write(w, f"checking the keys: {e}".encode()[:4000])
+        finally:
+            os._exit(status)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        error = f.read().decode(errors="replace")
+    os.waitpid(pid, 0)
+    return error or None
 
 
 def log_fds() -> set[int]:

@@ -66,6 +66,7 @@ def main(setup: RelaySetup, index: int, ca_fd: int, ctl_fd: int) -> int:
                        keyops_async=keyops_async(cfg),
                        log_conn="connection" in cfg.log,
                        log_errors="errors" in cfg.log,
+                       ticket_lifetime=cfg.ticket_lifetime,
                        use_syslog=setup.use_syslog,
                        verbose=setup.verbose)
     configure(cfg, setup.certs, setup.forward, setup.listeners,

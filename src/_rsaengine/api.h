@@ -19,6 +19,7 @@ struct pps_engine_conf {
 	int		keyops_async;	/* handshakes in async jobs (OpenSSL) */
 	int		log_conn;	/* a line for each connection closed */
 	int		log_errors;	/* failed handshakes and their reason */
+	int		ticket_lifetime;	/* seconds a session ticket is good */
 	int		use_syslog;	/* else log to stderr */
 	int		verbose;
 };
