@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pyprivsep._rsaengine import ffi, lib
 
+__all__ = ["ffi", "lib", "P", "HDR_SIZE", "FRAME_MAX"]
+
 P = lib                                   # protocol constants: P.PPS_*
 HDR_SIZE: int = ffi.sizeof("struct pps_hdr")
 FRAME_MAX: int = HDR_SIZE + lib.PPS_MAX_PAYLOAD
@@ -97,7 +99,8 @@ def parse_frame(data: bytes) -> Frame:
 # ---- the ca's keys --------------------------------------------------------
 
 class CaKey:
-    """A private key held by a ca process, in OpenSSL's memory."""
+    """A private key held by a ca process, in OpenSSL's memory (loaded only
+    if it matches the certificate)."""
 
     def __init__(self, key_pem: bytes, cert_pem: bytes) -> None:
         ptr = lib.pps_cakey_load(key_pem, len(key_pem), cert_pem, len(cert_pem))
@@ -106,10 +109,48 @@ class CaKey:
         self._ptr = ffi.gc(ptr, lib.pps_cakey_free)
         self._out = ffi.new("uint8_t[]", lib.PPS_MAX_PAYLOAD)
 
+    @property
+    def ptr(self) -> object:
+        return self._ptr
+
     def sign(self, op: int, arg: int, data: bytes) -> bytes:
         n = _check(lib.pps_cakey_sign(self._ptr, op, arg, data, len(data),
                                       self._out, lib.PPS_MAX_PAYLOAD))
         return bytes(ffi.buffer(self._out, n))
+
+
+class CaCore:
+    """The ca's request path in C: the keys it holds, the policy, the loop."""
+
+    def __init__(self, index: int, delay_ms: int = 0) -> None:
+        ptr = lib.pps_ca_new(index, delay_ms)
+        if ptr == ffi.NULL:
+            raise NativeError(ffi.string(lib.pps_error()).decode())
+        self._ptr = ffi.gc(ptr, lib.pps_ca_free)
+        self._keys: list[CaKey] = []        # alive as long as the ca
+        self._reply = ffi.new("uint8_t[]", FRAME_MAX)
+
+    def add_key(self, keyid: bytes, key: CaKey, name: str,
+                allow_sha1: bool = False) -> None:
+        if len(keyid) != lib.PPS_KEYID_LEN:
+            raise ValueError("key id must be 32 bytes")
+        _check(lib.pps_ca_add_key(self._ptr, keyid, key.ptr, int(allow_sha1),
+                                  name.encode()))
+        self._keys.append(key)
+
+    def handle(self, frame: bytes) -> bytes:
+        n = lib.pps_ca_handle(self._ptr, frame, len(frame), self._reply,
+                              FRAME_MAX)
+        return bytes(ffi.buffer(self._reply, n))
+
+    def serve(self, fd: int) -> bool:
+        """Answer until the channel closes (False) or a signal interrupts
+        (True: Python's handler has run; call again)."""
+        return _check(lib.pps_ca_serve(self._ptr, fd)) == 1
+
+
+def log_setup(prefix: str, use_syslog: bool, verbose: bool) -> None:
+    lib.pps_log_setup(prefix.encode(), int(use_syslog), int(verbose))
 
 
 # ---- the relay engine -----------------------------------------------------

@@ -206,7 +206,8 @@ class Parent:
     def child(self, pair: Pair, role: str) -> int:
         if role == "ca":
             privsep.close_fds_except({pair.ca_end.fileno()} | log_fds())
-            return ca.main(self.cfg, pair.index, pair.ca_end)
+            return ca.main(self.cfg, pair.index, pair.ca_end,
+                           self.setup.use_syslog, self.verbose)
         ca_fd = -1 if self.cfg.keys_inprocess else pair.relay_end.fileno()
         listeners = {s.fileno() for socks in self.setup.listeners for s in socks}
         keep = {pair.ctl_relay.fileno()} | listeners | log_fds()

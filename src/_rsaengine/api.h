@@ -39,6 +39,20 @@ struct pps_cakey *pps_cakey_load(const char *key_pem, size_t key_len,
 int		 pps_cakey_sign(struct pps_cakey *, int op, int arg,
 		    const uint8_t *in, size_t inlen, uint8_t *out, size_t outsize);
 void		 pps_cakey_free(struct pps_cakey *);
+int		 pps_cakey_type(const struct pps_cakey *);
+int		 pps_cakey_bits(const struct pps_cakey *);
+
+struct pps_ca;
+struct pps_ca	*pps_ca_new(int index, int delay_ms);
+void		 pps_ca_free(struct pps_ca *);
+int		 pps_ca_add_key(struct pps_ca *, const uint8_t *keyid,
+		    struct pps_cakey *, int allow_sha1, const char *name);
+size_t		 pps_ca_handle(struct pps_ca *, const uint8_t *req, size_t n,
+		    uint8_t *reply, size_t replysize);
+int		 pps_ca_serve(struct pps_ca *, int fd);
+int		 pps_policy_check(int is_rsa, int bits, int allow_sha1, int op,
+		    int arg, const uint8_t *in, size_t len);
+void		 pps_log_setup(const char *prefix, int use_syslog, int verbose);
 
 int		 pps_reply_parse(const uint8_t *frame, size_t n,
 		    struct pps_hdr *hdr, const uint8_t **payload);

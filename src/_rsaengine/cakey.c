@@ -1,7 +1,7 @@
 /*
  * The ca side: a private key loaded into OpenSSL, and the one operation a
  * ca performs with it.  The policy (what may be signed) is decided in
- * Python before this is called; this file only performs, with OpenSSL's
+ * ca.c before this is called; this file only performs, with OpenSSL's
  * blinded, constant-time code through EVP_PKEY_sign():
  *   RSA, PPS_PAD_PKCS1: PKCS#1 v1.5 type 1 padding over the given DigestInfo
  *   RSA, PPS_PAD_NONE:  the raw private operation on a full block
@@ -19,8 +19,22 @@
 
 struct pps_cakey {
 	EVP_PKEY	*pkey;
+	EVP_PKEY_CTX	*ctx;		/* initialised for signing once */
 	int		 type;		/* EVP_PKEY_RSA or EVP_PKEY_EC */
+	int		 bits;
 };
+
+int
+pps_cakey_type(const struct pps_cakey *k)
+{
+	return k->type;
+}
+
+int
+pps_cakey_bits(const struct pps_cakey *k)
+{
+	return k->bits;
+}
 
 struct pps_cakey *
 pps_cakey_load(const char *key_pem, size_t key_len, const char *cert_pem,
@@ -58,8 +72,17 @@ pps_cakey_load(const char *key_pem, size_t key_len, const char *cert_pem,
 	}
 	if ((k = calloc(1, sizeof(*k))) == NULL)
 		goto ssl_fail;
+	if ((k->ctx = EVP_PKEY_CTX_new(pkey, NULL)) == NULL ||
+	    EVP_PKEY_sign_init(k->ctx) <= 0) {
+		pps_seterr_ssl("EVP_PKEY_sign_init");
+		EVP_PKEY_CTX_free(k->ctx);
+		free(k);
+		k = NULL;
+		goto fail;
+	}
 	k->pkey = pkey;
 	k->type = EVP_PKEY_base_id(pkey);
+	k->bits = EVP_PKEY_bits(pkey);
 	pkey = NULL;
 	goto done;
 ssl_fail:
@@ -78,6 +101,7 @@ pps_cakey_free(struct pps_cakey *k)
 {
 	if (k == NULL)
 		return;
+	EVP_PKEY_CTX_free(k->ctx);
 	EVP_PKEY_free(k->pkey);
 	free(k);
 }
@@ -86,7 +110,6 @@ int
 pps_cakey_sign(struct pps_cakey *k, int op, int arg, const uint8_t *in,
     size_t inlen, uint8_t *out, size_t outsize)
 {
-	EVP_PKEY_CTX *ctx;
 	size_t outlen = outsize;
 	int pad = 0, ok;
 
@@ -99,12 +122,8 @@ pps_cakey_sign(struct pps_cakey *k, int op, int arg, const uint8_t *in,
 	else if (!(op == PPS_OP_ECDSA_SIGN && k->type == EVP_PKEY_EC))
 		return pps_seterr("operation %d/%d not for this key", op, arg);
 
-	if ((ctx = EVP_PKEY_CTX_new(k->pkey, NULL)) == NULL)
-		return pps_seterr_ssl("EVP_PKEY_CTX_new");
-	ok = EVP_PKEY_sign_init(ctx) > 0 &&
-	    (pad == 0 || EVP_PKEY_CTX_set_rsa_padding(ctx, pad) > 0) &&
-	    EVP_PKEY_sign(ctx, out, &outlen, in, inlen) > 0;
-	EVP_PKEY_CTX_free(ctx);
+	ok = (pad == 0 || EVP_PKEY_CTX_set_rsa_padding(k->ctx, pad) > 0) &&
+	    EVP_PKEY_sign(k->ctx, out, &outlen, in, inlen) > 0;
 	if (!ok)
 		return pps_seterr_ssl("sign");
 	return (int)outlen;

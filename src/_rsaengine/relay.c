@@ -951,6 +951,7 @@ pps_engine_init(const struct pps_engine_conf *conf)
 {
 	struct rlimit rl;
 	struct sigaction sa;
+	char prefix[32];
 
 	pps_conf = *conf;
 	if (pps_conf.max_conns <= 0)
@@ -971,8 +972,8 @@ pps_engine_init(const struct pps_engine_conf *conf)
 	sa.sa_handler = SIG_IGN;
 	(void)sigaction(SIGPIPE, &sa, NULL);
 	(void)sigaction(SIGHUP, &sa, NULL);
-	if (pps_conf.use_syslog)	/* now: no /dev/log after chroot */
-		openlog("pyprivsep", LOG_PID | LOG_NDELAY, LOG_DAEMON);
+	snprintf(prefix, sizeof(prefix), "relay %d", pps_conf.id);
+	pps_log_setup(prefix, pps_conf.use_syslog, pps_conf.verbose);
 	if (OPENSSL_init_ssl(0, NULL) != 1)
 		return pps_seterr_ssl("OPENSSL_init_ssl");
 	if (keyop_init() == -1 ||

@@ -16,6 +16,7 @@
 #include "engine.h"
 
 static char errbuf[512];
+static char log_prefix[32] = "pyprivsep";
 
 const char *
 pps_error(void)
@@ -59,9 +60,20 @@ pps_log(int prio, const char *fmt, ...)
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
 	if (pps_conf.use_syslog)
-		syslog(prio, "relay %d: %s", pps_conf.id, msg);
+		syslog(prio, "%s: %s", log_prefix, msg);
 	else
-		fprintf(stderr, "relay %d: %s\n", pps_conf.id, msg);
+		fprintf(stderr, "%s: %s\n", log_prefix, msg);
+}
+
+/* Who is talking ("relay 1", "ca 1") and where to; before any chroot. */
+void
+pps_log_setup(const char *prefix, int use_syslog, int verbose)
+{
+	snprintf(log_prefix, sizeof(log_prefix), "%s", prefix);
+	pps_conf.use_syslog = use_syslog;
+	pps_conf.verbose = verbose;
+	if (use_syslog)		/* now: no /dev/log after chroot */
+		openlog("pyprivsep", LOG_PID | LOG_NDELAY, LOG_DAEMON);
 }
 
 uint64_t
