@@ -116,8 +116,11 @@ class Server:
             return
         with conn:
             try:
-                answer = self.answer(parent, read_line(conn))
-                conn.sendall(json.dumps(answer).encode() + b"\n")
+                line = read_line(conn)
+                if not line:        # a probe (another daemon's start)
+                    return
+                conn.sendall(json.dumps(self.answer(parent, line)).encode()
+                             + b"\n")
             except (OSError, ValueError) as e:
                 log.warning("control: %s", e)
 

@@ -298,6 +298,21 @@ class Parent:
                 if hdr.arg == 0:
                     return answers
 
+    def wait_ready(self, pairs: list[Pair], timeout: float = 8.0) -> None:
+        """Until each relay answers: it does once its ca answers it and it
+        accepts (or gave up waiting for the ca).  The old generation keeps
+        accepting meanwhile."""
+        deadline = time.monotonic() + timeout
+        for pair in pairs:
+            while time.monotonic() < deadline and "relay" in pair.pids:
+                try:
+                    self.ask(pair, P.PPS_CTL_STATS)
+                    break
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+
     def tell(self, pair: Pair, type: int, arg: int = 0,
              payload: bytes = b"") -> None:
         """Send a control message that has no answer."""
@@ -409,6 +424,7 @@ class Parent:
         for pair in self.pairs:
             for role in self.roles():
                 self.spawn(pair, role)
+        self.wait_ready(self.pairs)
         for pair in old:
             pair.draining = True
             pair.due.clear()

@@ -536,7 +536,9 @@ class Daemon:
             # root (setuid would clear "dumpable") in chroot "/".
             self.config = replace(self.config, chroot=Path("/"), user="root")
         self.conf_path = workdir / "pyprivsep.conf"
-        self.conf_path.write_text(self.config.render())
+        # each daemon its own control socket (a test may name another)
+        self.conf_path.write_text(f'socket "{workdir / "ctl.sock"}"\n'
+                                  + self.config.render())
         self.stderr_path = workdir / "daemon.stderr"
         self.args = list(args)
         self._proc: subprocess.Popen[bytes] | None = None

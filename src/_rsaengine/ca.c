@@ -313,6 +313,8 @@ pps_ca_handle(struct pps_ca *ca, const uint8_t *req, size_t n, uint8_t *reply,
 		pps_seterr("version %u", hdr.version);
 		status = PPS_ERR_VERSION;
 	}
+	else if (hdr.type == PPS_OP_PING && hdr.len == 0)
+		status = PPS_OK;
 	else if ((k = find_key(ca, hdr.key)) == NULL)
 		status = refuse(PPS_ERR_NOKEY, "unknown key");
 	else {

@@ -104,6 +104,7 @@ void	keyop_ca_event(unsigned);
 int	keyop_next_timeout(uint64_t);
 void	keyop_expire(uint64_t);
 void	keyop_cancel(void *);
+int	keyop_ping(int);
 const char *keyop_failure(void *);
 void	keyop_stats(struct pps_stats *);
 void	relay_keyop_done(void *);	/* relay.c: resume that handshake */

@@ -370,7 +370,8 @@ build_request(struct keyop *op, const struct keyref *k, int type, int arg,
 	hdr.len = inlen;
 	memcpy(hdr.key, k->id, sizeof(hdr.key));
 	memcpy(op->buf, &hdr, sizeof(hdr));
-	memcpy(op->buf + sizeof(hdr), in, inlen);
+	if (inlen > 0)
+		memcpy(op->buf + sizeof(hdr), in, inlen);
 	op->len = sizeof(hdr) + inlen;
 	op->deadline = pps_now_ms() + k->timeout_ms;
 }
@@ -501,6 +502,29 @@ keyop_stats(struct pps_stats *st)
 	st->keyop_timeout = counts.timeout;
 	st->keyop_lat_sum = counts.lat_sum;
 	memcpy(st->keyop_lat, counts.lat, sizeof(st->keyop_lat));
+}
+
+/*
+ * Before a relay accepts: wait (at most timeout_ms) until its ca answers,
+ * so that no handshake waits for a ca that is still loading its keys.
+ */
+int
+keyop_ping(int timeout_ms)
+{
+	struct keyref none;
+	struct keyop *op;
+	enum keyop_state st;
+
+	if (pps_conf.ca_fd == -1)
+		return 0;
+	if ((op = calloc(1, sizeof(*op))) == NULL)
+		return -1;
+	memset(&none, 0, sizeof(none));
+	none.timeout_ms = timeout_ms;
+	build_request(op, &none, PPS_OP_PING, 0, NULL, 0);
+	st = wait_blocking(op);
+	free(op);
+	return st == KO_DONE ? 0 : -1;
 }
 
 int

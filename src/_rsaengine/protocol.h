@@ -22,6 +22,7 @@
 #define PPS_OP_RSA_PRIV_ENC	1	/* arg: PPS_PAD_*; payload: the block */
 #define PPS_OP_RSA_PRIV_DEC	2	/* defined to be refused: never performed */
 #define PPS_OP_ECDSA_SIGN	3	/* arg: 0; payload: the digest */
+#define PPS_OP_PING		4	/* no key, no payload: is the ca serving? */
 /* hdr.type: reply, ca -> relay; arg: PPS_OK or PPS_ERR_*; same id and key */
 #define PPS_OP_REPLY		128
 /* hdr.type: control, parent -> relay (and the relay's answers, same type) */

@@ -14,6 +14,9 @@
 #endif
 #include <errno.h>
 #include <fcntl.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +35,7 @@
 
 struct pps_engine_conf pps_conf;
 time_t pps_now;
+static uint64_t now_ms;		/* per loop turn, like pps_now */
 
 struct buf {
 	size_t		off, len;
@@ -55,7 +59,7 @@ struct conn {
 	unsigned	 flags;
 	unsigned	 rd_want, wr_want;	/* what SSL_read/SSL_write wait for */
 	struct buf	*up, *down;	/* client->backend, backend->client */
-	time_t		 deadline;
+	uint64_t	 deadline;	/* monotonic ms */
 	struct connlist	*list;
 	struct conn	*prev, *next;
 	struct conn	*ready_next;	/* pump again without waiting */
@@ -158,7 +162,7 @@ static void
 list_touch(struct conn *c, struct connlist *l, int timeout)
 {
 	list_unlink(c);
-	c->deadline = pps_now + timeout;
+	c->deadline = now_ms + (uint64_t)timeout * 1000;
 	c->list = l;
 	c->prev = l->tail;
 	c->next = NULL;
@@ -537,6 +541,7 @@ pump_shutdowns(struct conn *c)
 }
 
 #define PUMP_ROUNDS	16
+#define PPS_CA_WAIT_MS	5000	/* for the ca to start, before accepting */
 
 static void
 conn_pump(struct conn *c)
@@ -656,7 +661,9 @@ conn_new(struct listener *l, int fd, const struct sockaddr_storage *peer)
 	if (pps_conf.keyops_async)
 		SSL_set_mode(c->ssl, SSL_MODE_ASYNC);
 #endif
-	if (poller_add(&c->client, 0, 0) == -1) {
+	/* the handshake starts when the client has sent something: a silent
+	 * connection costs no TLS buffers */
+	if (poller_add(&c->client, PPS_IN, 0) == -1) {
 		pps_log(LOG_ERR, "%s", pps_error());
 		SSL_free(c->ssl);
 		close(fd);
@@ -666,7 +673,6 @@ conn_new(struct listener *l, int fd, const struct sockaddr_storage *peer)
 	nconns++;
 	stats.accepted++;
 	list_touch(c, &c->relay->handshaking, pps_conf.handshake_timeout);
-	conn_handshake(c);
 }
 
 #define ACCEPT_BURST	32
@@ -884,12 +890,15 @@ on_signal(int sig)
 	stopping = 1;
 }
 
-static void
+/* Close what is past its deadline; returns how many. */
+static int
 sweep(struct connlist *l, const char *what)
 {
 	struct conn *c;
+	int n = 0;
 
-	while ((c = l->head) != NULL && c->deadline <= pps_now) {
+	while ((c = l->head) != NULL && c->deadline <= now_ms) {
+		n++;
 		if (c->state == CS_HANDSHAKE) {
 			stats.fail_timeout++;
 			pps_log(pps_conf.log_errors ? LOG_WARNING : LOG_DEBUG,
@@ -900,6 +909,25 @@ sweep(struct connlist *l, const char *what)
 			    c->relay->name, peer_name(c), what);
 		conn_close(c, NULL);
 	}
+	return n;
+}
+
+/* Milliseconds until the next connection deadline, at most max. */
+static int
+next_deadline(int max)
+{
+	uint64_t first = now_ms + max;
+	int i;
+
+	for (i = 0; i < nrelays; i++) {
+		if (relays[i]->handshaking.head != NULL &&
+		    relays[i]->handshaking.head->deadline < first)
+			first = relays[i]->handshaking.head->deadline;
+		if (relays[i]->established.head != NULL &&
+		    relays[i]->established.head->deadline < first)
+			first = relays[i]->established.head->deadline;
+	}
+	return first <= now_ms ? 0 : (int)(first - now_ms);
 }
 
 static void
@@ -908,13 +936,21 @@ tick(void)
 	struct timespec ts;
 	int i;
 
+	int closed = 0;
+
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	pps_now = ts.tv_sec;
-	keyop_expire(pps_now_ms());
+	now_ms = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+	keyop_expire(now_ms);
 	for (i = 0; i < nrelays; i++) {
-		sweep(&relays[i]->handshaking, "handshake");
-		sweep(&relays[i]->established, "idle");
+		closed += sweep(&relays[i]->handshaking, "handshake");
+		closed += sweep(&relays[i]->established, "idle");
 	}
+#ifdef __GLIBC__
+	/* a flood of idle connections just ended: give its memory back */
+	if (closed >= 64)
+		malloc_trim(0);
+#endif
 }
 
 /* Stopping: every connection closed, paused handshakes failed, all freed. */
@@ -1087,14 +1123,17 @@ pps_engine_run(void)
 	if (keyop_start() == -1 ||
 	    (ctl_src.fd != -1 && poller_add(&ctl_src, PPS_IN, 0) == -1))
 		return -1;
+	if (keyop_ping(PPS_CA_WAIT_MS) == -1)
+		pps_log(LOG_WARNING, "ca not answering yet: accepting anyway");
 	listeners_enable(1);
 	tick();
 	while (!stopping) {
 		if (ready != NULL)
 			wait = 0;
-		else if ((wait = keyop_next_timeout(pps_now_ms())) == -1 ||
+		else if ((wait = keyop_next_timeout(now_ms)) == -1 ||
 		    wait > 1000)
 			wait = 1000;
+		wait = next_deadline(wait);
 		n = poller_wait(evs, 256, wait);
 		if (n == -1 && errno != EINTR)
 			return pps_seterr("poll: %s", strerror(errno));
