@@ -1,0 +1,248 @@
+"""Microbenchmarks (pytest-benchmark), run by `make bench`, not by `make test`:
+
+    .venv/bin/python -m pytest bench/test_micro.py
+
+- one private-key operation through a real ca process: a child forked here
+  serves one end of a SOCK_SEQPACKET socketpair with pyprivsep.ca's
+  `Ca(...).serve(sock)`, as a ca does; the benchmark sends a real request
+  frame (an RFC 8017 EMSA-PSS block for RSA-2048, a SHA-256 digest for
+  P-256) and waits for the reply;
+- the same operation in-process: `CaKey.sign` alone, and `Ca.handle` (frame
+  parsing, policy check, signing, reply frame: the ca's whole work without
+  the socket);
+- the policy check alone, and the framing cost (Frame.pack + parse_frame).
+
+Every signature made is checked once against the public key.  The round
+trip benchmarks also record the ca child's own CPU time per operation
+(extra_info "ca_cpu_us_per_op").
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+from pyprivsep.ca import Ca, HeldKey
+from pyprivsep.native import FRAME_MAX, CaKey, Frame, P, parse_frame
+from pyprivsep.policy import KeyPolicy, check
+
+MESSAGE = b"TLS 1.3, server CertificateVerify" + bytes(64)
+
+
+def mgf1(seed: bytes, length: int) -> bytes:
+    out = b""
+    counter = 0
+    while len(out) < length:
+        out += hashlib.sha256(seed + counter.to_bytes(4, "big")).digest()
+        counter += 1
+    return out[:length]
+
+
+def emsa_pss_encode(m_hash: bytes, mod_bits: int, salt: bytes) -> bytes:
+    """RFC 8017 9.1.1 with SHA-256 and MGF1-SHA-256, returned as a block
+    of the modulus's size (what OpenSSL hands an RSA_METHOD's priv_enc)."""
+    h_len, s_len = len(m_hash), len(salt)
+    em_bits = mod_bits - 1
+    em_len = (em_bits + 7) // 8
+    h = hashlib.sha256(bytes(8) + m_hash + salt).digest()
+    ps = bytes(em_len - s_len - h_len - 2)
+    db = ps + b"\x01" + salt
+    masked = bytearray(a ^ b for a, b in zip(db, mgf1(h, em_len - h_len - 1)))
+    masked[0] &= 0xFF >> (8 * em_len - em_bits)
+    em = bytes(masked) + h + b"\xbc"
+    k = (mod_bits + 7) // 8
+    return bytes(k - em_len) + em
+
+
+@dataclass
+class Key:
+    name: str
+    key_pem: bytes
+    cert_pem: bytes
+    public: object
+    keyid: bytes
+    policy: KeyPolicy
+    op: int
+    arg: int
+    payload: bytes
+
+    def verify(self, sig: bytes) -> None:
+        if isinstance(self.public, rsa.RSAPublicKey):
+            self.public.verify(sig, MESSAGE, padding.PSS(padding.MGF1(hashes.SHA256()), 32),
+                               hashes.SHA256())
+        else:
+            self.public.verify(sig, hashlib.sha256(MESSAGE).digest(),
+                               ec.ECDSA(Prehashed(hashes.SHA256())))
+
+
+def make_key(name: str) -> Key:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    if name == "rsa2048":
+        priv = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        priv = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(priv.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .sign(priv, hashes.SHA256()))
+    spki = priv.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    m_hash = hashlib.sha256(MESSAGE).digest()
+    if name == "rsa2048":
+        op, arg = P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_NONE
+        payload = emsa_pss_encode(m_hash, 2048, os.urandom(32))
+        policy = KeyPolicy("rsa", 2048)
+    else:
+        op, arg, payload = P.PPS_OP_ECDSA_SIGN, 0, m_hash
+        policy = KeyPolicy("ec", 256)
+    return Key(name,
+               priv.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()),
+               cert.public_bytes(serialization.Encoding.PEM), priv.public_key(),
+               hashlib.sha256(spki).digest(), policy, op, arg, payload)
+
+
+@pytest.fixture(scope="module", params=["rsa2048", "p256"])
+def key(request: pytest.FixtureRequest) -> Key:
+    return make_key(request.param)
+
+
+@pytest.fixture(scope="module")
+def cakey(key: Key) -> CaKey:
+    return CaKey(key.key_pem, key.cert_pem)
+
+
+class CaChild:
+    """A forked child running Ca(...).serve on one end of a socketpair."""
+
+    def __init__(self, key: Key) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        held = {key.keyid: HeldKey(CaKey(key.key_pem, key.cert_pem), key.policy, key.name)}
+        pid = os.fork()
+        if pid == 0:                                    # the ca
+            status = 1
+            try:
+                ours.close()
+                Ca(1, held).serve(theirs)
+                status = 0
+            finally:
+                os._exit(status)
+        theirs.close()
+        self.pid, self.sock = pid, ours
+
+    def cpu(self) -> float:
+        """Seconds on a CPU (the scheduler's own count, in ns)."""
+        return int(Path(f"/proc/{self.pid}/schedstat").read_text().split()[0]) / 1e9
+
+    def close(self) -> None:
+        self.sock.close()                       # the ca's recv returns b"": it exits
+        _, status = os.waitpid(self.pid, 0)
+        assert status == 0
+
+
+@pytest.fixture(scope="module")
+def ca_child(key: Key):
+    child = CaChild(key)
+    yield child
+    child.close()
+
+
+def request_frame(key: Key, frame_id: int = 7) -> bytes:
+    return Frame(key.op, key.arg, frame_id, key.keyid, key.payload).pack()
+
+
+def reply_signature(data: bytes, key: Key, frame_id: int = 7) -> bytes:
+    reply = parse_frame(data)
+    assert reply.type == P.PPS_OP_REPLY and reply.arg == P.PPS_OK, reply.arg
+    assert reply.id == frame_id and reply.key == key.keyid
+    return reply.payload
+
+
+# ---- one private-key operation --------------------------------------------
+
+def test_keyop_ca_roundtrip(benchmark, key: Key, ca_child: CaChild) -> None:
+    """Request frame to a ca process and its reply back (what a relay waits for)."""
+    benchmark.group = f"keyop {key.name}"
+    frame = request_frame(key)
+    sock = ca_child.sock
+    sock.send(frame)
+    key.verify(reply_signature(sock.recv(FRAME_MAX + 1), key))
+    calls = 0
+
+    def roundtrip() -> bytes:
+        nonlocal calls
+        calls += 1
+        sock.send(frame)
+        return sock.recv(FRAME_MAX + 1)
+
+    cpu0 = ca_child.cpu()
+    data = benchmark(roundtrip)
+    benchmark.extra_info["ca_cpu_us_per_op"] = (ca_child.cpu() - cpu0) * 1e6 / max(1, calls)
+    key.verify(reply_signature(data, key))
+
+
+def test_keyop_ca_handle_inprocess(benchmark, key: Key) -> None:
+    """The ca's whole work for one request (parse, policy, sign, reply frame), no socket."""
+    benchmark.group = f"keyop {key.name}"
+    ca = Ca(1, {key.keyid: HeldKey(CaKey(key.key_pem, key.cert_pem), key.policy, key.name)})
+    frame = request_frame(key)
+    data = benchmark(ca.handle, frame)
+    key.verify(reply_signature(data, key))
+
+
+def test_keyop_sign_inprocess(benchmark, key: Key, cakey: CaKey) -> None:
+    """CaKey.sign alone: what `keys inprocess` costs (OpenSSL's operation)."""
+    benchmark.group = f"keyop {key.name}"
+    sig = benchmark(cakey.sign, key.op, key.arg, key.payload)
+    key.verify(sig)
+
+
+def test_keyop_policy_check(benchmark, key: Key) -> None:
+    """policy.check alone (for RSA: the EMSA-PSS structure, in Python)."""
+    benchmark.group = f"keyop {key.name}"
+    benchmark(check, key.op, key.arg, key.payload, key.policy)
+
+
+# ---- framing ------------------------------------------------------------------
+
+@pytest.fixture(params=[32, 256])
+def payload(request: pytest.FixtureRequest) -> bytes:
+    return os.urandom(request.param)
+
+
+def test_frame_pack(benchmark, payload: bytes) -> None:
+    benchmark.group = "framing"
+    keyid = bytes(range(32))
+    frame = Frame(P.PPS_OP_REPLY, P.PPS_OK, 9, keyid, payload)
+    assert len(benchmark(frame.pack)) == len(payload) + 44
+
+
+def test_frame_parse(benchmark, payload: bytes) -> None:
+    benchmark.group = "framing"
+    data = Frame(P.PPS_OP_ECDSA_SIGN, 0, 9, bytes(range(32)), payload).pack()
+    assert benchmark(parse_frame, data).payload == payload
+
+
+def test_frame_pack_parse(benchmark, payload: bytes) -> None:
+    """Frame.pack + parse_frame: the framing cost of one message."""
+    benchmark.group = "framing"
+    keyid = bytes(range(32))
+
+    def both() -> Frame:
+        return parse_frame(Frame(P.PPS_OP_ECDSA_SIGN, 0, 9, keyid, payload).pack())
+
+    assert benchmark(both).payload == payload
