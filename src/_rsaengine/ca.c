@@ -15,6 +15,9 @@
  *   anything else, RSA decryption always, is refused.
  * Each check needs only the public key's size.
  */
+#ifdef __linux__
+#define _GNU_SOURCE		/* recvmmsg, sendmmsg */
+#endif
 #include <errno.h>
 #include <poll.h>
 #include <stdlib.h>
@@ -30,6 +33,7 @@
 
 #define PPS_CA_MAX_KEYS	256
 #define REFUSALS_LOGGED	10		/* a second; the rest are counted */
+#define CA_BATCH	32		/* requests read (and answered) at once */
 
 struct ca_key {
 	uint8_t			 id[PPS_KEYID_LEN];
@@ -341,6 +345,59 @@ pps_ca_handle(struct pps_ca *ca, const uint8_t *req, size_t n, uint8_t *reply,
 }
 
 /*
+ * With an async relay many requests wait at once: take up to CA_BATCH of
+ * them in one recvmmsg() (waiting for the first only), answer them all,
+ * send the answers in one sendmmsg().  Returns what serve_one() does.
+ */
+#if defined(__linux__)
+static int
+serve_batch(struct pps_ca *ca, int fd)
+{
+	static uint8_t req[CA_BATCH][PPS_FRAME_MAX + 1];
+	static uint8_t reply[CA_BATCH][PPS_FRAME_MAX];
+	struct mmsghdr in[CA_BATCH], out[CA_BATCH];
+	struct iovec iin[CA_BATCH], iout[CA_BATCH];
+	struct pollfd pfd = { fd, POLLIN, 0 };
+	int i, n, sent, r;
+
+	memset(in, 0, sizeof(in));
+	memset(out, 0, sizeof(out));
+	for (i = 0; i < CA_BATCH; i++) {
+		iin[i].iov_base = req[i];
+		iin[i].iov_len = sizeof(req[i]);
+		in[i].msg_hdr.msg_iov = &iin[i];
+		in[i].msg_hdr.msg_iovlen = 1;
+	}
+	if ((n = recvmmsg(fd, in, CA_BATCH, MSG_WAITFORONE, NULL)) == -1) {
+		if (errno == EINTR)
+			return 1;
+		return pps_seterr("recvmmsg: %s", strerror(errno));
+	}
+	for (i = 0; i < n; i++) {
+		/* no bytes: a malformed frame, unless the channel hung up */
+		if (in[i].msg_len == 0 && poll(&pfd, 1, 0) == 1 &&
+		    (pfd.revents & POLLHUP))
+			return 0;
+		iout[i].iov_base = reply[i];
+		iout[i].iov_len = pps_ca_handle(ca, req[i], in[i].msg_len,
+		    reply[i], sizeof(reply[i]));
+		out[i].msg_hdr.msg_iov = &iout[i];
+		out[i].msg_hdr.msg_iovlen = 1;
+	}
+	for (sent = 0; sent < n; sent += r) {
+		if ((r = sendmmsg(fd, out + sent, n - sent, MSG_NOSIGNAL)) == -1) {
+			if (errno == EINTR) {
+				r = 0;
+				continue;
+			}
+			return pps_seterr("sendmmsg: %s", strerror(errno));
+		}
+	}
+	return 2;
+}
+#endif
+
+/*
  * Answer until the channel closes (0), a signal interrupts (1: Python
  * runs its handler and calls again) or the channel fails (-1).  A message
  * of no bytes is a malformed frame, not the end: only POLLHUP is.
@@ -348,10 +405,14 @@ pps_ca_handle(struct pps_ca *ca, const uint8_t *req, size_t n, uint8_t *reply,
 int
 pps_ca_serve(struct pps_ca *ca, int fd)
 {
-	uint8_t req[PPS_FRAME_MAX + 1], reply[PPS_FRAME_MAX];
 	struct pollfd pfd = { fd, POLLIN, 0 };
+#if defined(__linux__)
+	int r;
+#else
+	uint8_t req[PPS_FRAME_MAX + 1], reply[PPS_FRAME_MAX];
 	ssize_t n;
 	size_t m;
+#endif
 
 	for (;;) {
 		if (ca->suppressed > 0) {	/* a flood's count, once over */
@@ -364,6 +425,10 @@ pps_ca_serve(struct pps_ca *ca, int fd)
 					return 1;
 			}
 		}
+#if defined(__linux__)
+		if ((r = serve_batch(ca, fd)) != 2)
+			return r;
+#else
 		n = recv(fd, req, sizeof(req), 0);
 		if (n == -1) {
 			if (errno == EINTR)
@@ -377,5 +442,6 @@ pps_ca_serve(struct pps_ca *ca, int fd)
 			if (errno != EINTR)
 				return pps_seterr("send: %s", strerror(errno));
 		}
+#endif
 	}
 }
