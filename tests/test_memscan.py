@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 from collections.abc import Sequence
 
 import pytest
@@ -29,6 +30,7 @@ from util import (
     scan_process_memory,
     simple_relay,
     tls_handshake,
+    wait_until,
 )
 
 # Under `make asan` the daemon maps terabytes of sanitizer shadow memory;
@@ -120,6 +122,24 @@ def test_relays_and_parent_hold_no_private_key_material(
     leaks = {name: sorted(scan(pid, patterns).found) for name, pid in targets.items()}
     assert leaks == {name: [] for name in targets}, "private key material outside the ca processes"
     assert daemon.stop() == 0, daemon.describe()
+
+
+def test_no_key_material_outside_the_cas_after_a_reload(
+    start_daemon: StartDaemon, pki: Pki, http_backend: HttpBackend
+) -> None:
+    """A reload re-reads every key (checked in a throwaway child, loaded by
+    the new cas): the parent and the new relays still hold none of it."""
+    daemon = start_and_exercise(start_daemon, pki, http_backend, inprocess=False)
+    old = set(daemon.relay_pids().values())
+    os.kill(daemon.parent_pid, signal.SIGHUP)
+    new = wait_until(lambda: (lambda now: now if len(now) == 2 and not now & old else None)(
+        set(daemon.relay_pids().values())), 15, lambda: f"a new generation\n{daemon.describe()}")
+    relay = daemon.config.relays[0]
+    exercise_keys(relay.listen_port, keypairs(pki))
+    patterns = key_patterns(keypairs(pki))
+    targets = {f"relay {pid}": pid for pid in new} | {"parent": daemon.parent_pid}
+    leaks = {name: sorted(scan(pid, patterns).found) for name, pid in targets.items()}
+    assert leaks == {name: [] for name in targets}, "private key material outside the ca processes"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="ca processes are non-dumpable: reading their memory needs root")
