@@ -4,9 +4,9 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml build_ffi.py $(wildcard src/_rsaengine/*.[ch])
-CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -fsyntax-only
+CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -O2 -c -o /dev/null
 
-.PHONY: all build run test bench asan warnings sysdeps clean
+.PHONY: all build run test test-lib test-openssl4 bench asan warnings sysdeps clean
 
 all: build
 
@@ -27,7 +27,7 @@ sysdeps:
 
 $(STAMP): $(SOURCES) | sysdeps
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	env -u OPENSSL_PREFIX $(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 build: $(STAMP)
@@ -35,8 +35,12 @@ build: $(STAMP)
 run: build
 	$(PY) -m pyprivsep.demo
 
+ifeq ($(strip $(OPENSSL_PREFIX)),)
 test: build
 	$(PY) -m pytest -q
+else
+test: test-lib
+endif
 
 bench: build
 	sh bench/bench.sh $(BENCH_ARGS)
@@ -66,6 +70,36 @@ asan: build
 	    ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=exitcode=0:leak_check_at_exit=0 \
 	    ../../$(PY) -m pytest -q -p no:cacheprovider tests
 	$(PY) tests/asan_report.py $(ASAN_DIR)/reports
+
+# The whole test suite against another OpenSSL or LibreSSL, installed under
+# OPENSSL_PREFIX: `make test OPENSSL_PREFIX=/opt/openssl4`.  The extension is
+# built against it in a copy of the tree, build/<last part of the prefix>,
+# installed (editable) in a venv of its own, build/venv-<same>, and the
+# suite runs in that copy, so the in-tree build and .venv stay as they are.
+ifneq ($(strip $(OPENSSL_PREFIX)),)
+LIB_NAME := $(notdir $(abspath $(OPENSSL_PREFIX)))
+endif
+LIB_DIR  := build/$(LIB_NAME)
+LIB_VENV := build/venv-$(LIB_NAME)
+LIB_PY   := $(CURDIR)/$(LIB_VENV)/bin/python
+test-lib: sysdeps
+	@if [ -z "$(LIB_NAME)" ]; then \
+		echo "usage: make test OPENSSL_PREFIX=/path/to/an/installed/library" >&2; exit 2; fi
+	@if [ ! -f "$(OPENSSL_PREFIX)/include/openssl/ssl.h" ]; then \
+		echo "OPENSSL_PREFIX=$(OPENSSL_PREFIX): no include/openssl/ssl.h there" >&2; exit 2; fi
+	rm -rf $(LIB_DIR) && mkdir -p $(LIB_DIR)
+	git ls-files -z --cached --others --exclude-standard | \
+	    tar -c --null -T - --ignore-failed-read -f - | tar -x -C $(LIB_DIR) -f -
+	[ -x $(LIB_PY) ] || $(PYTHON) -m venv $(LIB_VENV)
+	cd $(LIB_DIR) && OPENSSL_PREFIX=$(abspath $(OPENSSL_PREFIX)) \
+	    $(LIB_PY) -m pip install -q -e '.[test]'
+	cd $(LIB_DIR) && $(LIB_PY) -m pyprivsep -V
+	cd $(LIB_DIR) && $(LIB_PY) -m pytest -q -rs -p no:cacheprovider tests
+
+# OpenSSL 4.0, built into /opt/openssl4 when it is not there yet.
+test-openssl4:
+	sh scripts/build-openssl4.sh
+	$(MAKE) test-lib OPENSSL_PREFIX=/opt/openssl4
 
 clean:
 	rm -rf build $(VENV) pyprivsep/_rsaengine*.so pyprivsep/*.o *.egg-info

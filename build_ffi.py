@@ -4,14 +4,24 @@ API mode, out of line.  The cdef is src/_rsaengine/protocol.h and api.h
 themselves (their integer #defines, structs and prototypes), so the wire
 protocol and the C API are declared once, in C.
 
-OPENSSL_PREFIX=/path builds against an OpenSSL or LibreSSL installed there
-instead of the system's library.
+The TLS library: OPENSSL_PREFIX=/path builds against an OpenSSL or LibreSSL
+installed there (PATH/include, PATH/lib, found again at run time through an
+rpath); without it, the one pkg-config knows as "openssl"; without
+pkg-config, the compiler's default.  The build says which library and
+version it compiles against, and refuses one too old to work: OpenSSL
+before 3.0 (1.1.1 is out of support and untested here), LibreSSL before 3.8.
 """
 from __future__ import annotations
 
 import glob
 import os
 import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
 
 from cffi import FFI
 
@@ -36,25 +46,108 @@ def cdef_of(path: str) -> str:
     return "\n".join(lines)
 
 
-def library_flags() -> dict[str, list[str]]:
+# The oldest libraries the C side works with (see README.md).
+OPENSSL_MIN = (0x30000000, "3.0")
+LIBRESSL_MIN = (0x30800000, "3.8")
+
+
+def library_flags() -> tuple[dict[str, list[str]], str]:
+    """Compiler and linker flags for the TLS library, and where it is from."""
+    flags: dict[str, list[str]] = {"include_dirs": [], "library_dirs": [],
+                                   "compile_args": [], "link_args": []}
     prefix = os.environ.get("OPENSSL_PREFIX")
-    if not prefix:
-        return {"include_dirs": [], "library_dirs": [], "extra_link_args": []}
-    lib = next((d for d in ("lib", "lib64")
-                if os.path.isdir(os.path.join(prefix, d))), "lib")
-    libdir = os.path.join(prefix, lib)
-    return {
-        "include_dirs": [os.path.join(prefix, "include")],
-        "library_dirs": [libdir],
-        "extra_link_args": [f"-Wl,-rpath,{libdir}"],
-    }
+    if prefix:
+        prefix = os.path.abspath(prefix)
+        if not os.path.isfile(os.path.join(prefix, "include", "openssl", "ssl.h")):
+            sys.exit(f"build_ffi: OPENSSL_PREFIX={prefix}: no "
+                     f"include/openssl/ssl.h there; point it at an installed "
+                     f"OpenSSL or LibreSSL")
+        lib = next((d for d in ("lib", "lib64")
+                    if os.path.isdir(os.path.join(prefix, d))), "lib")
+        libdir = os.path.join(prefix, lib)
+        flags["include_dirs"].append(os.path.join(prefix, "include"))
+        flags["library_dirs"].append(libdir)
+        flags["link_args"].append(f"-Wl,-rpath,{libdir}")
+        return flags, f"OPENSSL_PREFIX={prefix}"
+    try:
+        out = subprocess.run(["pkg-config", "--cflags", "--libs", "openssl"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return flags, "the compiler's default: no pkg-config openssl"
+    for arg in shlex.split(out):
+        if arg.startswith("-I"):
+            flags["include_dirs"].append(arg[2:])
+        elif arg.startswith("-L"):
+            flags["library_dirs"].append(arg[2:])
+            flags["link_args"].append(f"-Wl,-rpath,{arg[2:]}")
+        elif arg.startswith("-l"):
+            pass  # ssl and crypto, named below
+        else:
+            flags["compile_args"].append(arg)
+    return flags, "pkg-config openssl"
+
+
+_PROBE = r"""
+#include <stdio.h>
+#include <openssl/opensslv.h>
+int
+main(void)
+{
+#ifdef LIBRESSL_VERSION_NUMBER
+	printf("LibreSSL\n%lx\n%s\n", (unsigned long)LIBRESSL_VERSION_NUMBER,
+	    LIBRESSL_VERSION_TEXT);
+#else
+	printf("OpenSSL\n%lx\n%s\n", (unsigned long)OPENSSL_VERSION_NUMBER,
+	    OPENSSL_VERSION_TEXT);
+#endif
+	return 0;
+}
+"""
+
+
+def library_version(flags: dict[str, list[str]]) -> tuple[str, int, str]:
+    """(OpenSSL or LibreSSL, version number, version text) from the headers
+    the extension will be compiled with: a tiny program prints them."""
+    cc = shlex.split(os.environ.get("CC") or
+                     sysconfig.get_config_var("CC") or "cc")
+    tmp = tempfile.mkdtemp(prefix="pyprivsep-probe-")
+    try:
+        src, exe = os.path.join(tmp, "probe.c"), os.path.join(tmp, "probe")
+        with open(src, "w", encoding="ascii") as f:
+            f.write(_PROBE)
+        cmd = [*cc, *flags["compile_args"],
+               *(f"-I{d}" for d in flags["include_dirs"]), src, "-o", exe]
+        try:
+            build = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:
+            sys.exit(f"build_ffi: no C compiler: {e}")
+        if build.returncode != 0:
+            sys.exit("build_ffi: cannot compile against the TLS library's "
+                     f"headers ({' '.join(cmd)}):\n{build.stderr}")
+        kind, number, text = subprocess.run(
+            [exe], capture_output=True, text=True, check=True
+        ).stdout.splitlines()[:3]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return kind, int(number, 16), text
+
+
+def check_library(flags: dict[str, list[str]], origin: str) -> None:
+    """Say which library this is; refuse one too old."""
+    kind, number, text = library_version(flags)
+    least, name = LIBRESSL_MIN if kind == "LibreSSL" else OPENSSL_MIN
+    if number < least:
+        sys.exit(f"build_ffi: {text} ({origin}) is too old: pyprivsep needs "
+                 f"{kind} {name} or later")
+    print(f"build_ffi: compiling against {text} ({origin})", file=sys.stderr)
 
 
 ffibuilder = FFI()
 ffibuilder.cdef(cdef_of(os.path.join(SRC, "protocol.h")) + "\n" +
                 cdef_of(os.path.join(SRC, "api.h")))
 
-flags = library_flags()
+flags, origin = library_flags()
+check_library(flags, origin)
 ffibuilder.set_source(
     "pyprivsep._rsaengine",
     '#include "engine.h"\n',
@@ -62,8 +155,9 @@ ffibuilder.set_source(
     include_dirs=[SRC] + flags["include_dirs"],
     library_dirs=flags["library_dirs"],
     libraries=["ssl", "crypto"],
-    extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-O2"],
-    extra_link_args=flags["extra_link_args"],
+    extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-O2",
+                        *flags["compile_args"]],
+    extra_link_args=flags["link_args"],
 )
 
 if __name__ == "__main__":

@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             daemonize()
             setup_logging(False, args.v)
         setup = parent.prepare(cfg, use_syslog=not args.d, verbose=bool(args.v))
+        keyops = "async" if relay.keyops_async(cfg) else "blocking"
     except ConfigError as e:
         log.error("%s", e)
         return 1
@@ -117,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                     "into the relay processes; privilege separation is OFF. "
                     "For benchmarks only.")
     log.info("pyprivsep %s starting: %d relay processes, %s, keyops %s",
-             __version__, cfg.prefork, native.library_version(),
-             "async" if relay.keyops_async(cfg) else "blocking")
+             __version__, cfg.prefork, native.library_version(), keyops)
     daemon = parent.Parent(cfg, setup, macros)
     try:
         daemon.control = control.Server(cfg.socket)

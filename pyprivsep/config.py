@@ -107,6 +107,7 @@ class Config:
     max_connections: int = 10000      # per relay process
     handshake_timeout: int = 30       # seconds
     keyops: str | None = None         # "async", "blocking"; None: the library's best
+    keyops_where: Where | None = None
     ticket_lifetime: int = 7200       # seconds; keys rotate every quarter
     socket: str = "/var/run/pyprivsep.sock"
     metrics: Listen | None = None     # Prometheus endpoint, off by default
@@ -485,6 +486,7 @@ class _Parser:
                 raise self._err(mode.line, f'keyops "{mode.value}": expected '
                                 '"async" or "blocking"')
             self.config.keyops = mode.value
+            self.config.keyops_where = Where(self.file, tok.line)
             self._eol("keyops")
         elif word == "keys":
             self._expect("keys", tok, "inprocess")

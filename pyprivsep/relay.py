@@ -52,9 +52,16 @@ def configure(cfg: Config, certs: list[list[keys.Cert]], forward: list[str],
 
 
 def keyops_async(cfg: Config) -> bool:
-    """`keyops async` unless configured blocking or the library has no ASYNC."""
+    """`keyops async` unless configured blocking or the library has no ASYNC
+    (LibreSSL), where asking for it is a configuration error."""
     if cfg.keyops is None:
         return native.async_supported()
+    if cfg.keyops == "async" and not native.async_supported():
+        where = cfg.keyops_where
+        raise ConfigError(where.file if where else cfg.path,
+                          where.line if where else 0,
+                          f"keyops async: {native.library_version()} has no "
+                          "ASYNC support; use keyops blocking")
     return cfg.keyops == "async"
 
 

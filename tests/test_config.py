@@ -433,3 +433,20 @@ def test_operations_errors(tmp_path: Path, line: str, msg: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(str(conf))
     assert str(e.value).startswith(f"{conf}:2: ") and msg in str(e.value)
+
+
+def test_keyops_async_without_async_support_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LibreSSL has no ASYNC: asking for keyops async there names the line."""
+    from pyprivsep import native, relay
+
+    conf = tmp_path / "async.conf"
+    conf.write_text("# a LibreSSL build\nkeyops async\n")
+    cfg = parse_config(str(conf))
+    monkeypatch.setattr(native, "async_supported", lambda: False)
+    with pytest.raises(ConfigError) as e:
+        relay.keyops_async(cfg)
+    assert str(e.value).startswith(f"{conf}:2: keyops async: ")
+    conf.write_text("keyops blocking\n")
+    assert relay.keyops_async(parse_config(str(conf))) is False

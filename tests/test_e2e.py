@@ -15,6 +15,8 @@ from util import (
     HTTP_GET_ROOT,
     KEY_NAMES,
     MIB,
+    NO_TLS13_RESUMPTION,
+    TLS13_RESUMES,
     Daemon,
     DaemonConfig,
     EchoServer,
@@ -158,6 +160,8 @@ def test_two_relay_blocks_reach_their_own_backends(start_daemon: StartDaemon, pk
 def test_session_resumption_across_relays(env: RelayEnv, pki: Pki, tmp_path: Path, version: TlsVersion) -> None:
     """8 resumptions with prefork 2: with overwhelming likelihood some land on
     the relay that did not issue the session, so shared ticket keys are needed."""
+    if version == "1.3" and not TLS13_RESUMES:
+        pytest.skip(NO_TLS13_RESUMPTION)
     assert len(env.daemon.relay_pids()) == 2, env.daemon.describe()
     kp = pki["rsa2048"]
     session = tmp_path / "session.pem"
@@ -173,6 +177,8 @@ def test_session_resumption_across_relays(env: RelayEnv, pki: Pki, tmp_path: Pat
 
 @pytest.mark.parametrize("mode", ["new", "reuse"])
 def test_s_time(env: RelayEnv, mode: Literal["new", "reuse"]) -> None:
+    if mode == "reuse" and not TLS13_RESUMES:
+        pytest.skip(f"s_time negotiates TLS 1.3; {NO_TLS13_RESUMPTION}")
     result = s_time(env.www_port, mode, seconds=3, www="/")
     output = result.stdout + result.stderr
     assert result.returncode == 0, result.describe()

@@ -29,7 +29,9 @@ from util import (
     HTTP_GET_ROOT,
     LOCALHOST,
     MIB,
+    NO_TLS13_RESUMPTION,
     SANITIZED,
+    TLS13_RESUMES,
     Daemon,
     EchoServer,
     HttpBackend,
@@ -303,6 +305,7 @@ def test_stalled_ca_fails_handshakes_at_the_keyop_timeout_and_late_replies_are_d
 # -- a relay killed under s_time load -------------------------------------------------
 
 
+@pytest.mark.skipif(not TLS13_RESUMES, reason=f"resumes a TLS 1.3 session; {NO_TLS13_RESUMPTION}")
 def test_relay_killed_under_s_time_load(
     start_daemon: StartDaemon, pki: Pki, http_backend: HttpBackend, tmp_path: Path, stopped: list[int]
 ) -> None:

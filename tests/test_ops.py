@@ -28,7 +28,9 @@ import pytest
 from pyprivsep.ctl import request as ctl_request
 from util import (
     LOCALHOST,
+    NO_TLS13_RESUMPTION,
     REPO_ROOT,
+    TLS13_RESUMES,
     Daemon,
     DaemonConfig,
     EchoServer,
@@ -566,6 +568,7 @@ def test_reload_picks_up_a_new_certificate(
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(not TLS13_RESUMES, reason=f"resumes TLS 1.3 sessions; {NO_TLS13_RESUMPTION}")
 def test_ticket_keys_rotate_and_expire(
     pki: Pki, http_backend: HttpBackend, start_daemon: StartDaemon, tmp_path: Path
 ) -> None:

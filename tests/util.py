@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from pyprivsep import native
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCALHOST = "127.0.0.1"
 HTTP_GET_ROOT = b"GET / HTTP/1.0\r\n\r\n"
@@ -41,6 +43,11 @@ MIB = 1024 * 1024
 
 TlsVersion = Literal["1.2", "1.3"]
 T = TypeVar("T")
+
+# LibreSSL's TLS 1.3 server sends no NewSessionTicket (LibreSSL has no TLS 1.3
+# resumption): there only TLS 1.2 sessions resume.
+TLS13_RESUMES = not native.library_version().startswith("LibreSSL")
+NO_TLS13_RESUMPTION = "LibreSSL's TLS 1.3 server issues no session tickets, so TLS 1.3 sessions never resume"
 
 
 # --------------------------------------------------------------------------

@@ -133,6 +133,7 @@ keyop_set_owner(void *conn)
 
 /* ---- the table of operations in flight ---- */
 
+#ifndef OPENSSL_NO_ASYNC	/* only a paused job leaves one in flight */
 static void
 inflight_add(struct keyop *op)
 {
@@ -150,6 +151,7 @@ inflight_add(struct keyop *op)
 		oldest = op;
 	newest = op;
 }
+#endif
 
 static void
 inflight_remove(struct keyop *op)
