@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml build_ffi.py $(wildcard src/_rsaengine/*.[ch])
 CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -O2 -c -o /dev/null
 
-.PHONY: all build run test test-lib test-openssl4 bench asan warnings sysdeps clean
+.PHONY: all build run test test-lib test-openssl4 bench asan fuzz warnings sysdeps clean
 
 all: build
 
@@ -103,3 +103,9 @@ test-openssl4:
 
 clean:
 	rm -rf build $(VENV) pyprivsep/_rsaengine*.so pyprivsep/*.o *.egg-info
+
+# A long fuzz run of the ca's frame handling and the relay's reply parser
+# (make test runs a short one): FUZZ_EXAMPLES hypothesis examples a target.
+FUZZ_EXAMPLES ?= 200000
+fuzz: build
+	PYPRIVSEP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
