@@ -210,11 +210,10 @@ def tool_version(cmd: list[str]) -> str | None:
 def make_certs() -> dict[str, dict[str, Path]]:
     """Self-signed RSA-2048 and P-256 certificates for localhost and
     127.0.0.1, made once into bench/results/certs."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    from cryptography.x509.oid import NameOID
-    import ipaddress
+
+    from pyprivsep.demo import key_pem, self_signed
 
     CERT_DIR.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -226,25 +225,13 @@ def make_certs() -> dict[str, dict[str, Path]]:
                 priv = rsa.generate_private_key(public_exponent=65537, key_size=2048)
             else:
                 priv = ec.generate_private_key(ec.SECP256R1())
-            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-            now = datetime.datetime.now(datetime.timezone.utc)
-            cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-                    .public_key(priv.public_key()).serial_number(x509.random_serial_number())
-                    .not_valid_before(now - datetime.timedelta(days=1))
-                    .not_valid_after(now + datetime.timedelta(days=3650))
-                    .add_extension(x509.SubjectAlternativeName([
-                        x509.DNSName("localhost"),
-                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-                    .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                    .sign(priv, hashes.SHA256()))
-            crt_pem = cert.public_bytes(serialization.Encoding.PEM)
-            key_pem = priv.private_bytes(serialization.Encoding.PEM,
-                                         serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption())
-            key.write_bytes(key_pem)
+            crt_pem = self_signed(priv, days=3650).public_bytes(
+                serialization.Encoding.PEM)
+            priv_pem = key_pem(priv)
+            key.write_bytes(priv_pem)
             key.chmod(0o600)
             crt.write_bytes(crt_pem)
-            pem.write_bytes(key_pem + crt_pem)       # hitch, haproxy: key + cert
+            pem.write_bytes(priv_pem + crt_pem)      # hitch, haproxy: key + cert
             pem.chmod(0o600)
         out[name] = {"crt": crt, "key": key, "pem": pem}
     return out

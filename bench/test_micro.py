@@ -83,22 +83,13 @@ class Key:
 
 
 def make_key(name: str) -> Key:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
+    from pyprivsep.demo import self_signed
 
     if name == "rsa2048":
         priv = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     else:
         priv = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(priv.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .sign(priv, hashes.SHA256()))
+    cert = self_signed(priv, days=30)
     spki = priv.public_key().public_bytes(serialization.Encoding.DER,
                                           serialization.PublicFormat.SubjectPublicKeyInfo)
     m_hash = hashlib.sha256(MESSAGE).digest()

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(
@@ -68,6 +68,31 @@ def serve_backend(port: int) -> None:
     ThreadingHTTPServer(("127.0.0.1", port), Backend).serve_forever()
 
 
+def self_signed(key: "rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey",
+                days: int = 365) -> x509.Certificate:
+    """A self-signed certificate for localhost and 127.0.0.1 (the demo's,
+    the benchmark's)."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (x509.CertificateBuilder()
+            .subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"),
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+
+
+def key_pem(key: "rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey") -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM,
+                             serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
 def make_cert(directory: str, name: str = "server") -> None:
     """A self-signed RSA-2048 certificate for localhost and 127.0.0.1."""
     crt = os.path.join(directory, f"{name}.crt")
@@ -75,25 +100,11 @@ def make_cert(directory: str, name: str = "server") -> None:
     if os.path.exists(crt) and os.path.exists(key_path):
         return
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=365))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"),
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .sign(key, hashes.SHA256()))
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM,
-                                  serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(key_pem(key))
     with open(crt, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
+        f.write(self_signed(key).public_bytes(serialization.Encoding.PEM))
 
 
 def run_demo() -> int:
@@ -101,7 +112,7 @@ def run_demo() -> int:
     conf = os.path.join(DEMO_DIR, "pyprivsep.conf")
     backend = subprocess.Popen([sys.executable, "-m", "pyprivsep.demo",
                                 "backend", "8080"])
-    print(f"""
+    print("""
 pyprivsep demo: https://127.0.0.1:8443/ -> backend http://127.0.0.1:8080/
   curl --cacert demo/server.crt https://localhost:8443/
   curl --cacert demo/server.crt -o /dev/null https://localhost:8443/bytes/10485760
