@@ -68,34 +68,6 @@ class Frame:
         return bytes(ffi.buffer(hdr)) + self.payload
 
 
-class FrameError(Exception):
-    """A frame that cannot be read as one; .status is the PPS_ERR_* to send
-    and .id the request id, where the header could be read (else 0)."""
-
-    def __init__(self, status: int, msg: str, id: int = 0) -> None:
-        super().__init__(msg)
-        self.status = status
-        self.id = id
-
-
-def parse_frame(data: bytes) -> Frame:
-    """Check a received frame's size, length field and version."""
-    if len(data) < HDR_SIZE:
-        raise FrameError(lib.PPS_ERR_FRAME, f"short frame ({len(data)} bytes)")
-    if len(data) > FRAME_MAX:
-        raise FrameError(lib.PPS_ERR_FRAME, f"frame too long ({len(data)} bytes)")
-    hdr = ffi.from_buffer("struct pps_hdr *", data)
-    frame = Frame(hdr.type, hdr.arg, hdr.id, bytes(hdr.key),
-                  data[HDR_SIZE:], version=hdr.version)
-    if hdr.len != len(data) - HDR_SIZE:
-        raise FrameError(lib.PPS_ERR_FRAME,
-                         f"length field {hdr.len} but {len(data) - HDR_SIZE} "
-                         "payload bytes", hdr.id)
-    if hdr.version != lib.PPS_PROTO_VERSION:
-        raise FrameError(lib.PPS_ERR_VERSION, f"version {hdr.version}", hdr.id)
-    return frame
-
-
 # ---- the ca's keys --------------------------------------------------------
 
 class CaKey:
@@ -107,46 +79,32 @@ class CaKey:
         if ptr == ffi.NULL:
             raise NativeError(ffi.string(lib.pps_error()).decode())
         self._ptr = ffi.gc(ptr, lib.pps_cakey_free)
-        self._out = ffi.new("uint8_t[]", lib.PPS_MAX_PAYLOAD)
 
     @property
     def ptr(self) -> object:
         return self._ptr
 
-    def sign(self, op: int, arg: int, data: bytes) -> bytes:
-        n = _check(lib.pps_cakey_sign(self._ptr, op, arg, data, len(data),
-                                      self._out, lib.PPS_MAX_PAYLOAD))
-        return bytes(ffi.buffer(self._out, n))
-
 
 class CaCore:
     """The ca's request path in C: the keys it holds, the policy, the loop."""
 
-    def __init__(self, index: int, delay_ms: int = 0) -> None:
-        ptr = lib.pps_ca_new(index, delay_ms)
+    def __init__(self, index: int) -> None:
+        ptr = lib.pps_ca_new(index)
         if ptr == ffi.NULL:
             raise NativeError(ffi.string(lib.pps_error()).decode())
         self._ptr = ffi.gc(ptr, lib.pps_ca_free)
         self._keys: list[CaKey] = []        # alive as long as the ca
-        self._reply = ffi.new("uint8_t[]", FRAME_MAX)
 
-    def add_key(self, keyid: bytes, key: CaKey, name: str,
-                allow_sha1: bool = False) -> None:
+    def add_key(self, keyid: bytes, key: CaKey, name: str) -> None:
         if len(keyid) != lib.PPS_KEYID_LEN:
             raise ValueError("key id must be 32 bytes")
-        _check(lib.pps_ca_add_key(self._ptr, keyid, key.ptr, int(allow_sha1),
-                                  name.encode()))
+        _check(lib.pps_ca_add_key(self._ptr, keyid, key.ptr, name.encode()))
         self._keys.append(key)
 
-    def handle(self, frame: bytes) -> bytes:
-        n = lib.pps_ca_handle(self._ptr, frame, len(frame), self._reply,
-                              FRAME_MAX)
-        return bytes(ffi.buffer(self._reply, n))
-
-    def serve(self, fd: int) -> bool:
-        """Answer until the channel closes (False) or a signal interrupts
-        (True: Python's handler has run; call again)."""
-        return _check(lib.pps_ca_serve(self._ptr, fd)) == 1
+    def serve(self, fd: int) -> None:
+        """Answer until the channel closes or SIGTERM comes: the C loop
+        takes SIGTERM itself, so it stops whatever it waits for."""
+        _check(lib.pps_ca_serve(self._ptr, fd))
 
 
 def log_setup(prefix: str, use_syslog: bool, verbose: bool) -> None:

@@ -2,7 +2,6 @@
 unprivileged user, and the ca's extra hardening."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pwd
@@ -43,13 +42,6 @@ def prepare_chroot(cfg: Config) -> None:
     """The parent makes sure the empty chroot directory exists (as root)."""
     if is_root() and not os.path.isdir(cfg.chroot):
         os.makedirs(cfg.chroot, mode=0o755)
-
-
-def warm_up() -> None:
-    """Load what OpenSSL and hashlib would otherwise read from disk later,
-    after chroot: digests the policy uses."""
-    for name in ("sha1", "sha256", "sha384", "sha512"):
-        hashlib.new(name, b"")
 
 
 def drop_privileges(cfg: Config) -> None:

@@ -7,13 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from util import Daemon, DaemonConfig, EchoServer, HttpBackend, Pki, StartDaemon, generate_pki
+from util import Daemon, DaemonConfig, EchoServer, HttpBackend, KeyPair, Pki, StartDaemon, generate_pki, make_keypair
 
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """RSA-2048/4096 and P-256/384 self-signed keypairs (+ a mismatched pair), once per session."""
     return generate_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def rsa8192(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
+    """An RSA-8192 keypair, the slowest key a ca takes (~40 ms a signature),
+    made once per session and only for the tests that ask for it."""
+    return make_keypair(tmp_path_factory.mktemp("rsa8192"), "rsa8192")
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """A real ca process against a hostile relay.
 
-The test forks a child that runs ``Ca(1, load_keys(cfg)).serve(sock)`` on one
-end of a SOCK_SEQPACKET socketpair, as the parent does, and plays the relay on
-the other end -- holding only certificates, as an attacker who owns a relay
-process does.  Every malformed or refused request must get the right error
+The test forks a child that runs ``pyprivsep.ca.main`` on one end of a
+SOCK_SEQPACKET socketpair, as the parent does (tests/ca_child.py), and plays
+the relay on the other end -- holding only certificates, as an attacker who
+owns a relay process does.  Every malformed or refused request must get the right error
 reply (id echoed where the header could be read, no payload), and leave the ca
 serving: after each one a well-formed RSA-PSS request still gets a signature
 that verifies.  Refusals are logged, at most 10 a second.
@@ -12,32 +12,24 @@ that verifies.  Refusals are logged, at most 10 a second.
 from __future__ import annotations
 
 import hashlib
-import itertools
-import logging
 import os
 import random
 import re
 import signal
-import socket
 import time
-import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from pyprivsep import native
-from pyprivsep.ca import Ca, load_keys
-from pyprivsep.config import parse_config
-from pyprivsep.native import FRAME_MAX, HDR_SIZE, Frame, P, parse_frame
-from util import Pki, ca_config_text, pss_block, raw_frame, spki_keyid, unpack_header, wait_until
+from ca_child import FRAME_MAX, HDR_SIZE, CaChild, start_ca
+from pyprivsep.native import P
+from util import KeyPair, Pki, ca_config_text, pss_block, raw_frame, spki_keyid, unpack_header, wait_until
 
-REPLY_TIMEOUT = 10.0  # seconds; a ca that does not answer in time is wedged
 BURST = 10  # refusals logged per second (REFUSALS_LOGGED in src/_rsaengine/ca.c)
 REFUSED_RE = re.compile(r"refused request (?P<id>\d+) from relay 1, key (?P<key>.*?): (?P<reason>.*)$")
 
@@ -47,106 +39,8 @@ MD5_DIGESTINFO = bytes.fromhex("3020300c06082a864886f70d020505000410")
 
 
 # --------------------------------------------------------------------------
-# The ca child and the hostile relay's view of it
+# The ca child (tests/ca_child.py) and the hostile relay's view of it
 # --------------------------------------------------------------------------
-
-
-def _run_ca_child(sock: socket.socket, cfg_path: Path, log_path: Path) -> NoReturn:
-    """The forked child: log to a file, serve until the channel closes."""
-    status = 1
-    try:
-        root = logging.getLogger()
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        handler = logging.FileHandler(log_path)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
-        root.addHandler(handler)
-        root.setLevel(logging.DEBUG)
-        # the ca's request path (C) logs its refusals on stderr
-        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.dup2(fd, 2)
-        native.log_setup("ca 1", False, True)
-        Ca(1, load_keys(parse_config(str(cfg_path)))).serve(sock)
-        status = 0
-    except BaseException:
-        with log_path.open("a") as f:
-            f.write("CHILD EXCEPTION " + traceback.format_exc())
-    finally:
-        os._exit(status)
-
-
-@dataclass
-class CaChild:
-    """A forked ca process and the relay's end of its socket."""
-
-    pid: int
-    sock: socket.socket
-    log_path: Path
-    wait_status: int | None = None
-    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
-
-    def next_id(self) -> int:
-        return next(self._ids)
-
-    def gone(self) -> AssertionError:
-        wait_until(lambda: not self.alive(), 5.0, "the ca, which closed its channel, to exit", interval=0.01)
-        return AssertionError(f"the ca exited (wait status {self.wait_status}); log:\n{self.log()}")
-
-    def send(self, data: bytes) -> None:
-        try:
-            self.sock.send(data)
-        except (BrokenPipeError, ConnectionResetError):
-            raise self.gone() from None
-
-    def receive(self) -> Frame:
-        try:
-            data = self.sock.recv(FRAME_MAX + 1)
-        except ConnectionResetError:
-            raise self.gone() from None
-        if not data:
-            raise self.gone()
-        reply = parse_frame(data)  # a reply must itself be a well-formed frame
-        assert reply.type == P.PPS_OP_REPLY
-        return reply
-
-    def call(self, data: bytes) -> Frame:
-        self.send(data)
-        return self.receive()
-
-    def alive(self) -> bool:
-        if self.wait_status is not None:
-            return False
-        pid, status = os.waitpid(self.pid, os.WNOHANG)
-        if pid == 0:
-            return True
-        self.wait_status = status
-        return False
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    def refusal_lines(self) -> list[str]:
-        return [line for line in self.log().splitlines() if "refused request" in line]
-
-    def stop(self) -> None:
-        self.sock.close()  # the ca's recv sees the end of the channel
-        try:
-            wait_until(lambda: not self.alive(), 5.0, "the ca to exit after its channel closed", interval=0.01)
-        finally:
-            if self.wait_status is None:
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-
-
-def start_ca(cfg_path: Path, log_path: Path) -> CaChild:
-    relay_end, ca_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover (the child)
-        relay_end.close()
-        _run_ca_child(ca_end, cfg_path, log_path)
-    ca_end.close()
-    relay_end.settimeout(REPLY_TIMEOUT)
-    return CaChild(pid, relay_end, log_path)
 
 
 @dataclass(frozen=True)
@@ -184,6 +78,30 @@ def start(ca_config: Path, tmp_path: Path) -> Iterator[Callable[[], CaChild]]:
 
     def start_one() -> CaChild:
         child = start_ca(ca_config, tmp_path / f"ca{len(children)}.log")
+        children.append(child)
+        return child
+
+    yield start_one
+    for child in children:
+        child.stop()
+
+
+@pytest.fixture(scope="module")
+def rsa8192_keys(pki: Pki, rsa8192: KeyPair) -> Keys:
+    rsa_pub, ec_pub = rsa8192.certificate.public_key(), pki["p256"].certificate.public_key()
+    assert isinstance(rsa_pub, rsa.RSAPublicKey) and isinstance(ec_pub, ec.EllipticCurvePublicKey)
+    return Keys(rsa_pub, spki_keyid(rsa8192.certificate), ec_pub, spki_keyid(pki["p256"].certificate))
+
+
+@pytest.fixture
+def start_rsa8192(pki: Pki, rsa8192: KeyPair, tmp_path: Path) -> Iterator[Callable[[], CaChild]]:
+    """Factory for fresh ca children holding an RSA-8192 key and P-256."""
+    config = tmp_path / "pyprivsep-8192.conf"
+    config.write_text(ca_config_text([rsa8192, pki["p256"]]))
+    children: list[CaChild] = []
+
+    def start_one() -> CaChild:
+        child = start_ca(config, tmp_path / f"ca8192-{len(children)}.log")
         children.append(child)
         return child
 
@@ -399,12 +317,17 @@ def refused_id(line: str) -> int:
 
 
 def refusal_line(ca: CaChild, rid: int) -> re.Match[str]:
-    for line in ca.refusal_lines():
-        match = REFUSED_RE.search(line)
-        if match and int(match["id"]) == rid:
-            assert line.startswith("ca 1: ")
-            return match
-    raise AssertionError(f"no refusal line for request {rid} in:\n{ca.log()}")
+    """The refusal line of request rid, once the ca has written it."""
+
+    def find() -> re.Match[str] | None:
+        for line in ca.refusal_lines():
+            match = REFUSED_RE.search(line)
+            if match and int(match["id"]) == rid:
+                assert line.startswith("ca 1: ")
+                return match
+        return None
+
+    return wait_until(find, 10.0, lambda: f"a refusal line for request {rid} in:\n{ca.log()}", interval=0.01)
 
 
 def test_refusal_is_logged_with_reason_and_key(start: Callable[[], CaChild], keys: Keys) -> None:
@@ -429,15 +352,16 @@ def test_refusal_is_logged_with_reason_and_key(start: Callable[[], CaChild], key
 
 
 def flood_within_one_second(ca: CaChild, keys: Keys, count: int) -> int | None:
-    """Send count refusals within one monotonic second (the ca's clock);
-    the second, or None if they straddled a second boundary."""
+    """Send count refusals within one second of the ca's clock (the wall
+    clock: its rate limit counts time(NULL) seconds); the second, or None if
+    they straddled a second boundary."""
     assert_serves_valid_requests(ca, keys)  # serving, and nothing refused yet
-    wait_until(lambda: time.monotonic() % 1 < 0.2, 2.0, "the start of a second", interval=0.002)
-    second = int(time.monotonic())
+    wait_until(lambda: time.time() % 1 < 0.2, 2.0, "the start of a second", interval=0.002)
+    second = int(time.time())
     for i in range(count):
         reply = ca.call(raw_frame(P.PPS_OP_RSA_PRIV_DEC, 0, 1000 + i, keys.rsa_id, os.urandom(keys.k)))
         assert reply.arg == P.PPS_ERR_OP
-    return second if int(time.monotonic()) == second else None
+    return second if int(time.time()) == second else None
 
 
 def test_refusals_are_rate_limited(start: Callable[[], CaChild], keys: Keys) -> None:
@@ -450,13 +374,16 @@ def test_refusals_are_rate_limited(start: Callable[[], CaChild], keys: Keys) -> 
     else:
         pytest.fail("could not send 30 refusals within one second in 3 attempts")
     assert ca.alive()
+    refusal_line(ca, 1000 + BURST - 1)  # the last one logged is there ...
     flood_lines = ca.refusal_lines()
-    assert [refused_id(line) for line in flood_lines] == list(range(1000, 1000 + BURST))
+    assert [refused_id(line) for line in flood_lines] == list(range(1000, 1000 + BURST))  # ... and no more
     assert "not logged" not in ca.log()
-    # the next refusal, in a later second, logs itself and the summary
-    wait_until(lambda: int(time.monotonic()) > second, 2.0, "the next second", interval=0.01)
+    # the next refusal, in a later second, logs itself and the summary (or
+    # the summary came already, after a quiet second)
+    wait_until(lambda: int(time.time()) > second, 2.0, "the next second", interval=0.01)
     assert ca.call(raw_frame(99, 0, 2000, keys.rsa_id, b"")).arg == P.PPS_ERR_OP
-    lines = ca.log().splitlines()
+    refusal_line(ca, 2000)
+    lines = ca.wait_for_log(f"ca 1: {count - BURST} more refusals not logged").splitlines()
     summaries = [line for line in lines if "more refusals not logged" in line]
     assert summaries == [f"ca 1: {count - BURST} more refusals not logged"], ca.log()
     refusals = ca.refusal_lines()
@@ -464,3 +391,124 @@ def test_refusals_are_rate_limited(start: Callable[[], CaChild], keys: Keys) -> 
     assert refused_id(refusals[-1]) == 2000
     assert lines.index(summaries[0]) < lines.index(refusals[-1])
     assert_serves_valid_requests(ca, keys)
+
+
+# --------------------------------------------------------------------------
+# SIGTERM ends a ca in every state
+# --------------------------------------------------------------------------
+
+STOP_TIMEOUT = 10.0  # seconds: generous; a ca that lost its SIGTERM never exits
+
+
+def proc_state(pid: int) -> str:
+    """The scheduler's state letter of pid: R running, S sleeping, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
+
+
+def cpu_seconds(pid: int) -> float:
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+
+
+def assert_stops_on_sigterm(ca: CaChild) -> None:
+    os.kill(ca.pid, signal.SIGTERM)
+    try:
+        wait_until(lambda: not ca.alive(), STOP_TIMEOUT, lambda: f"the ca to exit on SIGTERM; log:\n{ca.log()}",
+                   interval=0.01)
+    finally:
+        if ca.alive():  # leave no ca behind, whatever the outcome
+            os.kill(ca.pid, signal.SIGKILL)
+    assert ca.wait_status is not None
+    assert os.waitstatus_to_exitcode(ca.wait_status) == 0, ca.log()  # ca.main returned: a clean stop
+    assert "ca.main returned 0" in ca.wait_for_log("ca.main returned")
+
+
+def test_sigterm_stops_an_idle_ca(start: Callable[[], CaChild], keys: Keys) -> None:
+    ca = start()
+    assert_serves_valid_requests(ca, keys)  # now waiting for the next request
+    wait_until(lambda: proc_state(ca.pid) == "S", 10.0, "the ca to wait for a request", interval=0.01)
+    assert_stops_on_sigterm(ca)
+
+
+def test_sigterm_stops_a_ca_blocked_sending_to_a_relay_that_does_not_read(
+    start: Callable[[], CaChild], keys: Keys
+) -> None:
+    """The relay sends request after request and never reads a reply: the
+    ca's replies fill the channel and it waits to send.  After a reload an
+    old ca stayed so (its EINTR retried in C, the Python handler never ran)
+    until the parent's SIGKILL 30 s later."""
+    ca = start()
+    assert_serves_valid_requests(ca, keys)
+    frame = raw_frame(P.PPS_OP_ECDSA_SIGN, 0, 7, keys.ec_id, os.urandom(32))
+    ca.sock.setblocking(False)
+    sent = 0
+
+    def blocked() -> bool:
+        """Our requests fill the channel and the ca, asleep, takes no more."""
+        nonlocal sent
+        try:
+            while True:
+                ca.sock.send(frame)
+                sent += 1
+        except BlockingIOError:
+            pass
+        before = cpu_seconds(ca.pid)
+        time.sleep(0.2)
+        try:
+            ca.sock.send(frame)
+            sent += 1
+            return False  # it took one more: still reading
+        except BlockingIOError:
+            return proc_state(ca.pid) == "S" and cpu_seconds(ca.pid) == before
+
+    wait_until(blocked, 60.0, "the ca to block sending replies nobody reads", interval=0.01)
+    assert sent > 100, sent  # requests the ca answered into the full channel, and the ones waiting
+    assert_stops_on_sigterm(ca)
+
+
+def test_sigterm_stops_a_ca_that_is_signing(start_rsa8192: Callable[[], CaChild], rsa8192_keys: Keys) -> None:
+    """SIGTERM while the ca signs a batch: it once went by unnoticed (the
+    signal interrupted no system call) and the ca went back to waiting."""
+    ca = start_rsa8192()
+    assert_serves_valid_requests(ca, rsa8192_keys)
+    cpu = cpu_seconds(ca.pid)
+    for rid in range(100, 132):  # ~1.2 s of work for the ca
+        ca.send_frame(raw_frame(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_NONE, rid, rsa8192_keys.rsa_id, valid_pss(rsa8192_keys)))
+    wait_until(lambda: cpu_seconds(ca.pid) - cpu > 0.02, 10.0, "the ca to be signing", interval=0.002)
+    assert_stops_on_sigterm(ca)
+
+
+# --------------------------------------------------------------------------
+# Each reply goes out once its request is signed
+# --------------------------------------------------------------------------
+
+
+def test_each_reply_is_sent_as_soon_as_signed(start_rsa8192: Callable[[], CaChild], rsa8192_keys: Keys) -> None:
+    """32 RSA-8192 requests at once (~40 ms of the ca's CPU each): the ca
+    once signed them all before it answered any, so with the 1 s keyop
+    timeout only the first few handshakes of 32 concurrent ones succeeded."""
+    ca = start_rsa8192()
+    keys = rsa8192_keys
+    assert_serves_valid_requests(ca, keys)
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    messages = {rid: os.urandom(48) for rid in range(200, 232)}
+    # all 32 wait in the channel before the ca reads any: one batch
+    os.kill(ca.pid, signal.SIGSTOP)
+    try:
+        for rid, message in messages.items():
+            block = pss_block(hashlib.sha256(message).digest(), keys.rsa_pub.key_size, "sha256")
+            ca.send_frame(raw_frame(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_NONE, rid, keys.rsa_id, block))
+    finally:
+        os.kill(ca.pid, signal.SIGCONT)
+    replies = [ca.recv_reply()]
+    os.kill(ca.pid, signal.SIGSTOP)  # what was sent with the first reply, and no more
+    try:
+        waiting = ca.replies_waiting()
+    finally:
+        os.kill(ca.pid, signal.SIGCONT)
+    replies += [ca.recv_reply() for _ in range(len(messages) - 1 - waiting)]
+    for reply in replies:
+        assert reply.arg == P.PPS_OK, reply
+        keys.rsa_pub.verify(reply.payload, messages[reply.id], pss, hashes.SHA256())
+    # the old ca sent all 31 others with the first; the next one is ~40 ms of
+    # CPU after it, the last over a second
+    assert waiting < len(messages) - 1, f"{waiting} replies came with the first"

@@ -5,9 +5,10 @@
  *
  * A relay process builds one engine: pps_engine_init(), then per relay
  * block pps_relay_new() + pps_relay_listen() + pps_relay_keypair(), then
- * pps_engine_run() until it is told to stop.  A ca process uses only the
- * pps_cakey_*() calls.  Failures return -1 (or NULL) and leave a message
- * in pps_error().
+ * pps_engine_run() until it is told to stop.  A ca process loads its
+ * keys (pps_cakey_load()), hands them to pps_ca_new() + pps_ca_add_key()
+ * and runs pps_ca_serve().  Failures return -1 (or NULL) and leave a
+ * message in pps_error().
  */
 
 struct pps_engine_conf {
@@ -36,22 +37,14 @@ int		 pps_engine_run(void);
 struct pps_cakey;
 struct pps_cakey *pps_cakey_load(const char *key_pem, size_t key_len,
 		    const char *cert_pem, size_t cert_len);
-int		 pps_cakey_sign(struct pps_cakey *, int op, int arg,
-		    const uint8_t *in, size_t inlen, uint8_t *out, size_t outsize);
 void		 pps_cakey_free(struct pps_cakey *);
-int		 pps_cakey_type(const struct pps_cakey *);
-int		 pps_cakey_bits(const struct pps_cakey *);
 
 struct pps_ca;
-struct pps_ca	*pps_ca_new(int index, int delay_ms);
+struct pps_ca	*pps_ca_new(int index);
 void		 pps_ca_free(struct pps_ca *);
 int		 pps_ca_add_key(struct pps_ca *, const uint8_t *keyid,
-		    struct pps_cakey *, int allow_sha1, const char *name);
-size_t		 pps_ca_handle(struct pps_ca *, const uint8_t *req, size_t n,
-		    uint8_t *reply, size_t replysize);
+		    struct pps_cakey *, const char *name);
 int		 pps_ca_serve(struct pps_ca *, int fd);
-int		 pps_policy_check(int is_rsa, int bits, int allow_sha1, int op,
-		    int arg, const uint8_t *in, size_t len);
 void		 pps_log_setup(const char *prefix, int use_syslog, int verbose);
 
 int		 pps_reply_parse(const uint8_t *frame, size_t n,

@@ -2,24 +2,27 @@
  * The ca's request path: one frame in, one reply out, with no Python on
  * the way.  Python (pyprivsep/ca.py) loads the keys, hardens the process
  * and hands them here; pps_ca_serve() then answers the relay until the
- * channel closes or a signal wants Python's attention.
+ * channel closes or the parent stops the ca with SIGTERM.
  *
  * The policy -- what TLS needs of a key and nothing more, so that a relay
  * in an attacker's hands cannot use its ca as an RSA oracle:
  *   RSA, PPS_PAD_NONE:  the block must be a well-formed EMSA-PSS encoding
  *       (RFC 8017 9.1) for the key's modulus with SHA-256/384/512, MGF1 of
  *       the same hash and a salt as long as the hash;
- *   RSA, PPS_PAD_PKCS1: a DigestInfo of SHA-256/384/512 (SHA-1 only when
- *       allowed) with a digest of exactly that length;
+ *   RSA, PPS_PAD_PKCS1: a DigestInfo of SHA-256/384/512 with a digest of
+ *       exactly that length (TLS 1.2 and 1.3 sign nothing else: SHA-1 never);
  *   ECDSA: a digest of 20 to 64 bytes;
  *   anything else, RSA decryption always, is refused.
- * Each check needs only the public key's size.
+ * Each check needs only the public key's size.  The check decides the
+ * operation (enum pps_signop) and cakey.c performs exactly that one: the
+ * request is decoded once, here.
  */
 #ifdef __linux__
 #define _GNU_SOURCE		/* recvmmsg, sendmmsg */
 #endif
 #include <errno.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <syslog.h>
@@ -33,18 +36,17 @@
 
 #define PPS_CA_MAX_KEYS	256
 #define REFUSALS_LOGGED	10		/* a second; the rest are counted */
-#define CA_BATCH	32		/* requests read (and answered) at once */
+#define CA_BATCH	32		/* requests read at once */
+#define CA_COALESCE_NS	1000000		/* replies held back at most ~1 ms */
 
 struct ca_key {
 	uint8_t			 id[PPS_KEYID_LEN];
 	struct pps_cakey	*key;
-	int			 allow_sha1;
 	char			 name[96];
 };
 
 struct pps_ca {
 	int		 index;
-	int		 delay_ms;		/* tests only */
 	int		 nkeys;
 	struct ca_key	 keys[PPS_CA_MAX_KEYS];
 	time_t		 second;		/* refusal log rate limit */
@@ -57,16 +59,13 @@ static const struct digestinfo {
 	uint8_t		 prefix[19];
 	size_t		 len;			/* of the prefix */
 	size_t		 digest;		/* bytes after it */
-	int		 sha1;
 } digestinfos[] = {
 	{ { 0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65,
-	    0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0x04, 0x20 }, 19, 32, 0 },
+	    0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0x04, 0x20 }, 19, 32 },
 	{ { 0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65,
-	    0x03, 0x04, 0x02, 0x02, 0x05, 0x00, 0x04, 0x30 }, 19, 48, 0 },
+	    0x03, 0x04, 0x02, 0x02, 0x05, 0x00, 0x04, 0x30 }, 19, 48 },
 	{ { 0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65,
-	    0x03, 0x04, 0x02, 0x03, 0x05, 0x00, 0x04, 0x40 }, 19, 64, 0 },
-	{ { 0x30, 0x21, 0x30, 0x09, 0x06, 0x05, 0x2b, 0x0e, 0x03, 0x02, 0x1a,
-	    0x05, 0x00, 0x04, 0x14 }, 15, 20, 1 },
+	    0x03, 0x04, 0x02, 0x03, 0x05, 0x00, 0x04, 0x40 }, 19, 64 },
 };
 
 static int
@@ -77,14 +76,14 @@ refuse(int status, const char *why)
 }
 
 static int
-check_digestinfo(const uint8_t *in, size_t len, int allow_sha1)
+check_digestinfo(const uint8_t *in, size_t len)
 {
 	size_t i;
 
 	for (i = 0; i < sizeof(digestinfos) / sizeof(digestinfos[0]); i++) {
 		const struct digestinfo *d = &digestinfos[i];
 
-		if ((d->sha1 && !allow_sha1) || len != d->len + d->digest)
+		if (len != d->len + d->digest)
 			continue;
 		if (memcmp(in, d->prefix, d->len) == 0)
 			return PPS_OK;
@@ -178,15 +177,25 @@ check_pss(const uint8_t *block, size_t len, int bits)
 	    "digest-length salt");
 }
 
-int
-pps_policy_check(int is_rsa, int bits, int allow_sha1, int op, int arg,
-    const uint8_t *in, size_t len)
+/*
+ * What a request may have done with this key: PPS_OK and *how, the one
+ * operation cakey.c will perform, or the refusal's status.
+ */
+static int
+policy_check(const struct pps_cakey *key, int op, int arg, const uint8_t *in,
+    size_t len, enum pps_signop *how)
 {
+	int is_rsa = pps_cakey_type(key) == EVP_PKEY_RSA, status;
+
 	if (op == PPS_OP_RSA_PRIV_ENC && is_rsa) {
-		if (arg == PPS_PAD_NONE)
-			return check_pss(in, len, bits);
-		if (arg == PPS_PAD_PKCS1)
-			return check_digestinfo(in, len, allow_sha1);
+		if (arg == PPS_PAD_NONE) {
+			*how = PPS_SIGN_RSA_RAW;
+			return check_pss(in, len, pps_cakey_bits(key));
+		}
+		if (arg == PPS_PAD_PKCS1) {
+			*how = PPS_SIGN_RSA_PKCS1;
+			return check_digestinfo(in, len);
+		}
 		return refuse(PPS_ERR_OP, "RSA padding not allowed");
 	}
 	if (op == PPS_OP_ECDSA_SIGN && !is_rsa) {
@@ -194,9 +203,11 @@ pps_policy_check(int is_rsa, int bits, int allow_sha1, int op, int arg,
 			return refuse(PPS_ERR_OP, "ECDSA takes no argument");
 		if (len < 20 || len > 64) {
 			pps_seterr("ECDSA digest of %zu bytes (20 to 64)", len);
-			return PPS_ERR_POLICY;
-		}
-		return PPS_OK;
+			status = PPS_ERR_POLICY;
+		} else
+			status = PPS_OK;
+		*how = PPS_SIGN_ECDSA;
+		return status;
 	}
 	if (op == PPS_OP_RSA_PRIV_DEC)
 		return refuse(PPS_ERR_OP, "RSA decryption is never performed");
@@ -207,7 +218,7 @@ pps_policy_check(int is_rsa, int bits, int allow_sha1, int op, int arg,
 /* ---- the keys ---- */
 
 struct pps_ca *
-pps_ca_new(int index, int delay_ms)
+pps_ca_new(int index)
 {
 	struct pps_ca *ca;
 
@@ -216,7 +227,6 @@ pps_ca_new(int index, int delay_ms)
 		return NULL;
 	}
 	ca->index = index;
-	ca->delay_ms = delay_ms;
 	return ca;
 }
 
@@ -228,7 +238,7 @@ pps_ca_free(struct pps_ca *ca)
 
 int
 pps_ca_add_key(struct pps_ca *ca, const uint8_t *keyid, struct pps_cakey *key,
-    int allow_sha1, const char *name)
+    const char *name)
 {
 	struct ca_key *k;
 
@@ -237,7 +247,6 @@ pps_ca_add_key(struct pps_ca *ca, const uint8_t *keyid, struct pps_cakey *key,
 	k = &ca->keys[ca->nkeys++];
 	memcpy(k->id, keyid, sizeof(k->id));
 	k->key = key;
-	k->allow_sha1 = allow_sha1;
 	snprintf(k->name, sizeof(k->name), "%s", name);
 	return 0;
 }
@@ -288,51 +297,58 @@ log_refusal(struct pps_ca *ca, uint32_t id, const struct ca_key *k,
 	    ca->index, k != NULL ? k->name : hex, why);
 }
 
-/* One request frame in, its reply out (always one); returns its length. */
-size_t
-pps_ca_handle(struct pps_ca *ca, const uint8_t *req, size_t n, uint8_t *reply,
-    size_t replysize)
+/*
+ * Every check of a request's frame, in one place: n bytes were received
+ * (n may exceed PPS_FRAME_MAX: the buffer has a byte more, to tell).
+ * Fills *hdr from the header when there is one.
+ */
+static int
+frame_check(const uint8_t *req, size_t n, struct pps_hdr *hdr)
+{
+	memset(hdr, 0, sizeof(*hdr));
+	if (n < sizeof(*hdr))
+		return refuse(PPS_ERR_FRAME, "short frame");
+	memcpy(hdr, req, sizeof(*hdr));
+	if (n > PPS_FRAME_MAX)
+		return refuse(PPS_ERR_FRAME, "frame too long");
+	if (hdr->len != n - sizeof(*hdr))
+		return refuse(PPS_ERR_FRAME, "length field does not match");
+	if (hdr->version != PPS_PROTO_VERSION) {
+		pps_seterr("version %u", hdr->version);
+		return PPS_ERR_VERSION;
+	}
+	return PPS_OK;
+}
+
+/*
+ * One request frame in, its reply out (always one, in reply, which holds
+ * PPS_FRAME_MAX bytes); returns the reply's length.
+ */
+static size_t
+ca_handle(struct pps_ca *ca, const uint8_t *req, size_t n, uint8_t *reply)
 {
 	struct pps_hdr hdr, rep;
 	const struct ca_key *k = NULL;
 	const uint8_t *payload = req + sizeof(hdr);
-	int status, len = 0, is_rsa;
+	enum pps_signop how;
+	int status, len = 0;
 
 	memset(&rep, 0, sizeof(rep));
-	memset(&hdr, 0, sizeof(hdr));
-	if (replysize < PPS_FRAME_MAX)
-		return 0;
-	if (n >= sizeof(hdr)) {
-		memcpy(&hdr, req, sizeof(hdr));
-		rep.id = hdr.id;
-		memcpy(rep.key, hdr.key, sizeof(rep.key));
-	}
-	if (n < sizeof(hdr))
-		status = refuse(PPS_ERR_FRAME, "short frame");
-	else if (n > PPS_FRAME_MAX)
-		status = refuse(PPS_ERR_FRAME, "frame too long");
-	else if (hdr.len != n - sizeof(hdr))
-		status = refuse(PPS_ERR_FRAME, "length field does not match");
-	else if (hdr.version != PPS_PROTO_VERSION) {
-		pps_seterr("version %u", hdr.version);
-		status = PPS_ERR_VERSION;
-	}
+	status = frame_check(req, n, &hdr);
+	rep.id = hdr.id;			/* zeros without a header */
+	memcpy(rep.key, hdr.key, sizeof(rep.key));
+	if (status != PPS_OK)
+		;
 	else if (hdr.type == PPS_OP_PING && hdr.len == 0)
 		status = PPS_OK;
 	else if ((k = find_key(ca, hdr.key)) == NULL)
 		status = refuse(PPS_ERR_NOKEY, "unknown key");
-	else {
-		is_rsa = pps_cakey_type(k->key) == EVP_PKEY_RSA;
-		status = pps_policy_check(is_rsa, pps_cakey_bits(k->key),
-		    k->allow_sha1, hdr.type, hdr.arg, payload, hdr.len);
-		if (status == PPS_OK && ca->delay_ms > 0)
-			usleep(ca->delay_ms * 1000);
-		if (status == PPS_OK && (len = pps_cakey_sign(k->key, hdr.type,
-		    hdr.arg, payload, hdr.len, reply + sizeof(rep),
-		    PPS_MAX_PAYLOAD)) < 0) {
-			len = 0;
-			status = PPS_ERR_CRYPTO;
-		}
+	else if ((status = policy_check(k->key, hdr.type, hdr.arg, payload,
+	    hdr.len, &how)) == PPS_OK &&
+	    (len = pps_cakey_sign(k->key, how, payload, hdr.len,
+	    reply + sizeof(rep), PPS_MAX_PAYLOAD)) < 0) {
+		len = 0;
+		status = PPS_ERR_CRYPTO;
 	}
 	if (status != PPS_OK)
 		log_refusal(ca, rep.id, k, rep.key, pps_error());
@@ -344,104 +360,253 @@ pps_ca_handle(struct pps_ca *ca, const uint8_t *req, size_t n, uint8_t *reply,
 	return sizeof(rep) + len;
 }
 
-/*
- * With an async relay many requests wait at once: take up to CA_BATCH of
- * them in one recvmmsg() (waiting for the first only), answer them all,
- * send the answers in one sendmmsg().  Returns what serve_one() does.
- */
-#if defined(__linux__)
-static int
-serve_batch(struct pps_ca *ca, int fd)
-{
-	static uint8_t req[CA_BATCH][PPS_FRAME_MAX + 1];
-	static uint8_t reply[CA_BATCH][PPS_FRAME_MAX];
-	struct mmsghdr in[CA_BATCH], out[CA_BATCH];
-	struct iovec iin[CA_BATCH], iout[CA_BATCH];
-	struct pollfd pfd = { fd, POLLIN, 0 };
-	int i, n, sent, r;
+/* ---- the loop ---- */
 
-	memset(in, 0, sizeof(in));
-	memset(out, 0, sizeof(out));
-	for (i = 0; i < CA_BATCH; i++) {
-		iin[i].iov_base = req[i];
-		iin[i].iov_len = sizeof(req[i]);
-		in[i].msg_hdr.msg_iov = &iin[i];
-		in[i].msg_hdr.msg_iovlen = 1;
-	}
-	if ((n = recvmmsg(fd, in, CA_BATCH, MSG_WAITFORONE, NULL)) == -1) {
-		if (errno == EINTR)
-			return 1;
-		return pps_seterr("recvmmsg: %s", strerror(errno));
-	}
-	for (i = 0; i < n; i++) {
-		/* no bytes: a malformed frame, unless the channel hung up */
-		if (in[i].msg_len == 0 && poll(&pfd, 1, 0) == 1 &&
-		    (pfd.revents & POLLHUP))
-			return 0;
-		iout[i].iov_base = reply[i];
-		iout[i].iov_len = pps_ca_handle(ca, req[i], in[i].msg_len,
-		    reply[i], sizeof(reply[i]));
-		out[i].msg_hdr.msg_iov = &iout[i];
-		out[i].msg_hdr.msg_iovlen = 1;
-	}
-	for (sent = 0; sent < n; sent += r) {
-		if ((r = sendmmsg(fd, out + sent, n - sent, MSG_NOSIGNAL)) == -1) {
-			if (errno == EINTR) {
-				r = 0;
-				continue;
-			}
-			return pps_seterr("sendmmsg: %s", strerror(errno));
-		}
-	}
-	return 2;
+/*
+ * SIGTERM (the parent stops us) must end the ca whatever it is doing:
+ * waiting for a request, waiting to send into a full channel (a relay that
+ * stopped reading), or signing.  It stays blocked except inside ppoll(),
+ * the only place the ca waits, so it can never arrive between a check of
+ * the flag and the wait (and no send or receive is ever interrupted: they
+ * do not block); between operations a pending one is looked for.
+ */
+static volatile sig_atomic_t ca_stopping;
+
+static void
+ca_sigterm(int signo)
+{
+	(void)signo;
+	ca_stopping = 1;
 }
+
+static int
+stop_pending(void)
+{
+	sigset_t pending;
+
+	if (ca_stopping)
+		return 1;
+	return sigpending(&pending) == 0 && sigismember(&pending, SIGTERM);
+}
+
+/*
+ * Requests read at once, and their replies: with an async relay many
+ * requests wait together, and one recvmmsg() takes them all.  Each reply
+ * goes out as soon as it is ready, except that the replies of fast
+ * operations are sent together (sendmmsg) while the oldest of them has
+ * waited less than CA_COALESCE_NS: a slow one (RSA-8192 takes ~40 ms) must
+ * not hold back the replies before it, whose relays are counting down.
+ */
+struct ca_io {
+	int		 fd;
+	sigset_t	 waitmask;	/* while in ppoll(): SIGTERM let in */
+	uint8_t		 req[CA_BATCH][PPS_FRAME_MAX + 1];
+	size_t		 reqlen[CA_BATCH];
+	uint8_t		 reply[CA_BATCH][PPS_FRAME_MAX];
+	size_t		 replylen[CA_BATCH];
+	int		 nreply, nsent;	/* replies made, and sent of them */
+	struct timespec	 oldest;	/* when the oldest unsent one began */
+};
+
+enum { IO_STOP = 0, IO_OK = 1, IO_TIMEOUT = 2, IO_ERR = -1 };
+
+/* Wait for events on the channel (timeout_ms -1: for ever). */
+static int
+wait_fd(struct ca_io *io, short events, int timeout_ms, short *revents)
+{
+	struct pollfd pfd = { io->fd, events, 0 };
+	struct timespec ts, *tsp = NULL;
+	int r;
+
+	if (timeout_ms >= 0) {
+		ts.tv_sec = timeout_ms / 1000;
+		ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000;
+		tsp = &ts;
+	}
+	if (ca_stopping)
+		return IO_STOP;
+	if ((r = ppoll(&pfd, 1, tsp, &io->waitmask)) == -1) {
+		if (errno != EINTR)
+			return pps_seterr("ppoll: %s", strerror(errno));
+		/* SIGTERM, or another interruption (SIGSTOP/SIGCONT) */
+		return ca_stopping ? IO_STOP : IO_TIMEOUT;
+	}
+	*revents = pfd.revents;
+	return r == 0 ? IO_TIMEOUT : IO_OK;
+}
+
+static int64_t
+ns_since(const struct timespec *t)
+{
+	struct timespec now;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	return (int64_t)(now.tv_sec - t->tv_sec) * 1000000000 +
+	    (now.tv_nsec - t->tv_nsec);
+}
+
+/* Send every reply made and not sent yet, waiting while the channel is full. */
+static int
+flush_replies(struct ca_io *io)
+{
+	short revents;
+	int r;
+#if defined(__linux__)
+	struct mmsghdr out[CA_BATCH];
+	struct iovec iov[CA_BATCH];
+	int i, n;
 #endif
 
+	while (io->nsent < io->nreply) {
+#if defined(__linux__)
+		n = io->nreply - io->nsent;
+		memset(out, 0, sizeof(out[0]) * n);
+		for (i = 0; i < n; i++) {
+			iov[i].iov_base = io->reply[io->nsent + i];
+			iov[i].iov_len = io->replylen[io->nsent + i];
+			out[i].msg_hdr.msg_iov = &iov[i];
+			out[i].msg_hdr.msg_iovlen = 1;
+		}
+		r = sendmmsg(io->fd, out, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+#else
+		r = send(io->fd, io->reply[io->nsent],
+		    io->replylen[io->nsent], MSG_DONTWAIT | MSG_NOSIGNAL) ==
+		    -1 ? -1 : 1;
+#endif
+		if (r > 0) {
+			io->nsent += r;
+			continue;
+		}
+		if (r == -1 && errno != EAGAIN && errno != EWOULDBLOCK &&
+		    errno != EINTR && errno != ENOBUFS)
+			return pps_seterr("send: %s", strerror(errno));
+		/* the relay is not reading: wait, but not past a SIGTERM */
+		if ((r = wait_fd(io, POLLOUT, -1, &revents)) == IO_STOP ||
+		    r == IO_ERR)
+			return r;
+	}
+	return IO_OK;
+}
+
+/* Read what requests wait (at least one is there): how many, or IO_*. */
+static int
+read_requests(struct ca_io *io)
+{
+#if defined(__linux__)
+	struct mmsghdr in[CA_BATCH];
+	struct iovec iov[CA_BATCH];
+	int i, n;
+
+	memset(in, 0, sizeof(in));
+	for (i = 0; i < CA_BATCH; i++) {
+		iov[i].iov_base = io->req[i];
+		iov[i].iov_len = sizeof(io->req[i]);
+		in[i].msg_hdr.msg_iov = &iov[i];
+		in[i].msg_hdr.msg_iovlen = 1;
+	}
+	if ((n = recvmmsg(io->fd, in, CA_BATCH, MSG_DONTWAIT, NULL)) == -1)
+		goto fail;
+	for (i = 0; i < n; i++)
+		io->reqlen[i] = in[i].msg_len;
+	return n;
+#else
+	ssize_t n;
+
+	if ((n = recv(io->fd, io->req[0], sizeof(io->req[0]), MSG_DONTWAIT)) ==
+	    -1)
+		goto fail;
+	io->reqlen[0] = n;
+	return 1;
+#endif
+fail:
+	if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+		return 0;
+	return pps_seterr("recv: %s", strerror(errno));
+}
+
+static int
+hung_up(int fd)
+{
+	struct pollfd pfd = { fd, POLLIN, 0 };
+
+	return poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLHUP);
+}
+
+static int
+serve(struct pps_ca *ca, struct ca_io *io)
+{
+	short revents;
+	int i, n, r;
+
+	for (;;) {
+		/* a flood's count is logged once a second passes quietly */
+		r = wait_fd(io, POLLIN, ca->suppressed > 0 ? 1000 : -1,
+		    &revents);
+		if (r == IO_TIMEOUT) {
+			if (ca->suppressed > 0)
+				log_summary(ca);
+			continue;
+		}
+		if (r != IO_OK)
+			return r;
+		if ((n = read_requests(io)) < 0)
+			return IO_ERR;
+		io->nreply = io->nsent = 0;
+		for (i = 0; i < n; i++) {
+			/* no bytes: a malformed frame, unless the channel hung up */
+			if (io->reqlen[i] == 0 && hung_up(io->fd))
+				return IO_STOP;
+			if (io->nsent < io->nreply &&
+			    ns_since(&io->oldest) > CA_COALESCE_NS &&
+			    (r = flush_replies(io)) != IO_OK)
+				return r;
+			if (stop_pending())
+				return IO_STOP;
+			if (io->nsent == io->nreply)
+				clock_gettime(CLOCK_MONOTONIC, &io->oldest);
+			io->replylen[i] = ca_handle(ca, io->req[i],
+			    io->reqlen[i], io->reply[i]);
+			io->nreply++;
+		}
+		if ((r = flush_replies(io)) != IO_OK)
+			return r;
+	}
+}
+
 /*
- * Answer until the channel closes (0), a signal interrupts (1: Python
- * runs its handler and calls again) or the channel fails (-1).  A message
- * of no bytes is a malformed frame, not the end: only POLLHUP is.
+ * Answer until the channel closes or SIGTERM comes (0), or the channel
+ * fails (-1).  A message of no bytes is a malformed frame, not the end:
+ * only POLLHUP is.  SIGTERM is ours while serving, the caller's
+ * disposition and signal mask are back when this returns.
  */
 int
 pps_ca_serve(struct pps_ca *ca, int fd)
 {
-	struct pollfd pfd = { fd, POLLIN, 0 };
-#if defined(__linux__)
+	static struct ca_io io;		/* 70 KB of frames: not on the stack */
+	struct sigaction sa, oldsa;
+	sigset_t term, oldmask;
 	int r;
-#else
-	uint8_t req[PPS_FRAME_MAX + 1], reply[PPS_FRAME_MAX];
-	ssize_t n;
-	size_t m;
-#endif
 
-	for (;;) {
-		if (ca->suppressed > 0) {	/* a flood's count, once over */
-			switch (poll(&pfd, 1, 1000)) {
-			case 0:
-				log_summary(ca);
-				break;
-			case -1:
-				if (errno == EINTR)
-					return 1;
-			}
-		}
-#if defined(__linux__)
-		if ((r = serve_batch(ca, fd)) != 2)
-			return r;
-#else
-		n = recv(fd, req, sizeof(req), 0);
-		if (n == -1) {
-			if (errno == EINTR)
-				return 1;
-			return pps_seterr("recv: %s", strerror(errno));
-		}
-		if (n == 0 && poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLHUP))
-			return 0;
-		m = pps_ca_handle(ca, req, n, reply, sizeof(reply));
-		while (send(fd, reply, m, MSG_NOSIGNAL) == -1) {
-			if (errno != EINTR)
-				return pps_seterr("send: %s", strerror(errno));
-		}
-#endif
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = ca_sigterm;
+	sigemptyset(&sa.sa_mask);
+	sa.sa_flags = 0;		/* no SA_RESTART: ppoll() must return */
+	sigemptyset(&term);
+	sigaddset(&term, SIGTERM);
+	if (sigprocmask(SIG_BLOCK, &term, &oldmask) == -1)
+		return pps_seterr("sigprocmask: %s", strerror(errno));
+	ca_stopping = 0;
+	if (sigaction(SIGTERM, &sa, &oldsa) == -1) {
+		r = pps_seterr("sigaction: %s", strerror(errno));
+		sigprocmask(SIG_SETMASK, &oldmask, NULL);
+		return r;
 	}
+	io.fd = fd;
+	io.waitmask = oldmask;
+	sigdelset(&io.waitmask, SIGTERM);
+	r = serve(ca, &io);
+	/* a SIGTERM still pending is delivered to our handler, not the old one */
+	sigprocmask(SIG_SETMASK, &oldmask, NULL);
+	sigaction(SIGTERM, &oldsa, NULL);
+	return r == IO_STOP ? 0 : -1;
 }

@@ -1,11 +1,11 @@
 /*
  * The ca side: a private key loaded into OpenSSL, and the one operation a
  * ca performs with it.  The policy (what may be signed) is decided in
- * ca.c before this is called; this file only performs, with OpenSSL's
- * blinded, constant-time code through EVP_PKEY_sign():
- *   RSA, PPS_PAD_PKCS1: PKCS#1 v1.5 type 1 padding over the given DigestInfo
- *   RSA, PPS_PAD_NONE:  the raw private operation on a full block
- *   EC:  ECDSA over the given digest, DER ECDSA-Sig-Value out
+ * ca.c, which names the operation; this file only performs it, with
+ * OpenSSL's blinded, constant-time code through EVP_PKEY_sign():
+ *   PPS_SIGN_RSA_PKCS1: PKCS#1 v1.5 type 1 padding over the DigestInfo
+ *   PPS_SIGN_RSA_RAW:   the raw private operation on a full block
+ *   PPS_SIGN_ECDSA:     ECDSA over the digest, DER ECDSA-Sig-Value out
  */
 #include <string.h>
 
@@ -107,21 +107,31 @@ pps_cakey_free(struct pps_cakey *k)
 }
 
 int
-pps_cakey_sign(struct pps_cakey *k, int op, int arg, const uint8_t *in,
+pps_cakey_sign(struct pps_cakey *k, enum pps_signop how, const uint8_t *in,
     size_t inlen, uint8_t *out, size_t outsize)
 {
 	size_t outlen = outsize;
-	int pad = 0, ok;
+	int pad, type, ok;
 
-	if (op == PPS_OP_RSA_PRIV_ENC && k->type == EVP_PKEY_RSA &&
-	    arg == PPS_PAD_PKCS1)
-		pad = RSA_PKCS1_PADDING;
-	else if (op == PPS_OP_RSA_PRIV_ENC && k->type == EVP_PKEY_RSA &&
-	    arg == PPS_PAD_NONE)
+	switch (how) {
+	case PPS_SIGN_RSA_RAW:
+		type = EVP_PKEY_RSA;
 		pad = RSA_NO_PADDING;
-	else if (!(op == PPS_OP_ECDSA_SIGN && k->type == EVP_PKEY_EC))
-		return pps_seterr("operation %d/%d not for this key", op, arg);
-
+		break;
+	case PPS_SIGN_RSA_PKCS1:
+		type = EVP_PKEY_RSA;
+		pad = RSA_PKCS1_PADDING;
+		break;
+	case PPS_SIGN_ECDSA:
+		type = EVP_PKEY_EC;
+		pad = 0;
+		break;
+	default:
+		return pps_seterr("unknown operation %d", (int)how);
+	}
+	/* the policy matched the key already; a mismatch is a bug, not a key */
+	if (k->type != type)
+		return pps_seterr("operation %d not for this key", (int)how);
 	ok = (pad == 0 || EVP_PKEY_CTX_set_rsa_padding(k->ctx, pad) > 0) &&
 	    EVP_PKEY_sign(k->ctx, out, &outlen, in, inlen) > 0;
 	if (!ok)

@@ -49,6 +49,21 @@ int	poller_set(struct evsrc *, unsigned mask);
 void	poller_del(struct evsrc *);
 int	poller_wait(struct pps_event *, int max, int timeout_ms);
 
+/*
+ * cakey.c: the ca's keys.  ca.c decodes a request once, checks it against
+ * the policy and names the one operation to perform; cakey.c performs
+ * exactly that, nothing derived from the request again.
+ */
+enum pps_signop {
+	PPS_SIGN_RSA_RAW,	/* raw private operation on a checked PSS block */
+	PPS_SIGN_RSA_PKCS1,	/* PKCS#1 v1.5 type 1 over a checked DigestInfo */
+	PPS_SIGN_ECDSA		/* ECDSA over a digest; DER ECDSA-Sig-Value out */
+};
+int	pps_cakey_sign(struct pps_cakey *, enum pps_signop, const uint8_t *in,
+	    size_t inlen, uint8_t *out, size_t outsize);
+int	pps_cakey_type(const struct pps_cakey *);
+int	pps_cakey_bits(const struct pps_cakey *);
+
 /* A private key that lives in the ca: what the shim sends with a request. */
 struct keyref {
 	uint8_t		 id[PPS_KEYID_LEN];
