@@ -1,36 +1,46 @@
-"""The ca's policy (pyprivsep/policy.py) with real keys and real signatures.
+"""The ca's policy with real keys and real signatures, over the real wire.
 
 A relay may be in an attacker's hands: the ca must sign what TLS needs (RSA-PSS
 encodings with SHA-2 and a digest-length salt, SHA-2 DigestInfos, ECDSA
 digests) and nothing else -- in particular not decrypt a recorded ciphertext
-or sign an arbitrary block.  Accepted requests are signed with CaKey (the C
-extension, OpenSSL) and verified with cryptography, so these tests also prove
-that what the ca produces is a valid signature.
+or sign an arbitrary block.  One real ca process (tests/ca_child.py: the
+product's pyprivsep.ca.main on a socketpair) holds every key under test; each
+request is a frame sent to it, and its reply says what it decided.  Accepted
+requests come back signed and are verified with cryptography, so these tests
+also prove that what the ca produces is a valid signature.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from pyprivsep.native import CaKey, NativeError, P
-from pyprivsep.policy import KeyPolicy, Refused, check
+from ca_child import CaChild, start_ca
+from pyprivsep.native import P
 from util import (
     PSS_HASH_NAMES,
     KeyPair,
     Pki,
+    ca_config_text,
     emsa_pss_encode,
     hash_algorithm,
+    key_secrets,
     load_private_key,
     pss_block,
+    raw_frame,
     self_signed_certificate,
+    spki_keyid,
+    write_cert,
+    write_key,
 )
 
 E = 65537
@@ -54,11 +64,32 @@ EC_NAMES = ("p256", "p384")
 ECDSA_PREHASH = {20: "sha1", 28: "sha224", 32: "sha256", 48: "sha384", 64: "sha512"}
 
 
+_ids = itertools.count(1)
+
+
 @dataclass(frozen=True)
-class RsaUnderTest:
+class KeyUnderTest:
+    """A key the ca holds, and the relay's way to ask it."""
+
     name: str
+    keypair: KeyPair
+    ca: CaChild
+
+    @property
+    def keyid(self) -> bytes:
+        return spki_keyid(self.keypair.certificate)
+
+    def ask(self, op: int, arg: int, data: bytes) -> tuple[int, bytes]:
+        """(status, signature) of the ca's reply to this request."""
+        rid = next(_ids)
+        reply = self.ca.call(raw_frame(op, arg, rid, self.keyid, data))
+        assert (reply.id, reply.key) == (rid, self.keyid)
+        return reply.arg, reply.payload
+
+
+@dataclass(frozen=True)
+class RsaUnderTest(KeyUnderTest):
     private: rsa.RSAPrivateKey
-    ca_key: CaKey
 
     @property
     def public(self) -> rsa.RSAPublicKey:
@@ -72,10 +103,6 @@ class RsaUnderTest:
     def k(self) -> int:
         return (self.bits + 7) // 8
 
-    @property
-    def policy(self) -> KeyPolicy:
-        return KeyPolicy("rsa", self.bits)
-
     def raw_public(self, block: bytes) -> bytes:
         """block^e mod n: what a signature "decrypts" to."""
         n = self.public.public_numbers().n
@@ -83,14 +110,8 @@ class RsaUnderTest:
 
 
 @dataclass(frozen=True)
-class EcUnderTest:
-    name: str
+class EcUnderTest(KeyUnderTest):
     private: ec.EllipticCurvePrivateKey
-    ca_key: CaKey
-
-    @property
-    def policy(self) -> KeyPolicy:
-        return KeyPolicy("ec", self.private.curve.key_size)
 
 
 def rsa_key_of_exactly(bits: int) -> rsa.RSAPrivateKey:
@@ -120,40 +141,54 @@ def rsa_key_of_exactly(bits: int) -> rsa.RSAPrivateKey:
     return numbers.private_key()
 
 
-def pem_pair(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, name: str) -> tuple[bytes, bytes]:
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    cert_pem = self_signed_certificate(key, [f"{name}.test"]).public_bytes(serialization.Encoding.PEM)
-    return key_pem, cert_pem
-
-
-def from_pki(kp: KeyPair) -> tuple[rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, CaKey]:
-    return load_private_key(kp), CaKey(kp.key_path.read_bytes(), kp.cert_path.read_bytes())
+def keypair_of(directory: Path, name: str, key: rsa.RSAPrivateKey) -> KeyPair:
+    """A keypair on disk, for a key made here (the pki has no odd sizes)."""
+    cert = self_signed_certificate(key, [f"{name}.test"])
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    write_cert(cert_path, cert)
+    write_key(key_path, key)
+    return KeyPair(name, f"{name}.test", cert_path, key_path, cert, key_secrets(key))
 
 
 @pytest.fixture(scope="module")
-def rsa_keys(pki: Pki) -> dict[str, RsaUnderTest]:
-    keys: dict[str, RsaUnderTest] = {}
-    for name in ("rsa2048", "rsa4096"):
-        private, ca_key = from_pki(pki[name])
-        assert isinstance(private, rsa.RSAPrivateKey)
-        keys[name] = RsaUnderTest(name, private, ca_key)
+def keypairs(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> dict[str, KeyPair]:
+    directory = tmp_path_factory.mktemp("policy-keys")
+    pairs = {name: pki[name] for name in ("rsa2048", "rsa4096", *EC_NAMES)}
     for name, bits in (("rsa2049", 2049), ("rsa2052", 2052)):
-        private = rsa_key_of_exactly(bits)
-        keys[name] = RsaUnderTest(name, private, CaKey(*pem_pair(private, name)))
+        pairs[name] = keypair_of(directory, name, rsa_key_of_exactly(bits))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def ca(keypairs: dict[str, KeyPair], tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaChild]:
+    """One real ca holding every key under test, for the whole module."""
+    directory = tmp_path_factory.mktemp("policy-ca")
+    config = directory / "pyprivsep.conf"
+    config.write_text(ca_config_text(list(keypairs.values())))
+    child = start_ca(config, directory / "ca.log")
+    yield child
+    child.stop()
+
+
+@pytest.fixture(scope="module")
+def rsa_keys(keypairs: dict[str, KeyPair], ca: CaChild) -> dict[str, RsaUnderTest]:
+    keys: dict[str, RsaUnderTest] = {}
+    for name in ("rsa2048", "rsa4096", "rsa2049", "rsa2052"):
+        private = load_private_key(keypairs[name])
+        assert isinstance(private, rsa.RSAPrivateKey)
+        keys[name] = RsaUnderTest(name, keypairs[name], ca, private)
     for name, key in keys.items():
         assert f"rsa{key.bits}" == name
     return keys
 
 
 @pytest.fixture(scope="module")
-def ec_keys(pki: Pki) -> dict[str, EcUnderTest]:
+def ec_keys(keypairs: dict[str, KeyPair], ca: CaChild) -> dict[str, EcUnderTest]:
     keys: dict[str, EcUnderTest] = {}
     for name in EC_NAMES:
-        private, ca_key = from_pki(pki[name])
+        private = load_private_key(keypairs[name])
         assert isinstance(private, ec.EllipticCurvePrivateKey)
-        keys[name] = EcUnderTest(name, private, ca_key)
+        keys[name] = EcUnderTest(name, keypairs[name], ca, private)
     return keys
 
 
@@ -167,14 +202,23 @@ def ec_key(request: pytest.FixtureRequest, ec_keys: dict[str, EcUnderTest]) -> E
     return ec_keys[request.param]
 
 
-def refusal(op: int, arg: int, data: bytes, policy: KeyPolicy) -> Refused:
-    with pytest.raises(Refused) as info:
-        check(op, arg, data, policy)
-    return info.value
+def check(op: int, arg: int, data: bytes, key: KeyUnderTest) -> bytes:
+    """The ca performs the request: its signature."""
+    status, signature = key.ask(op, arg, data)
+    assert status == P.PPS_OK, f"refused with status {status}; log:\n{key.ca.log()[-2000:]}"
+    return signature
+
+
+def refusal(op: int, arg: int, data: bytes, key: KeyUnderTest) -> int:
+    """The ca refuses the request: its status (the reply carries nothing)."""
+    status, payload = key.ask(op, arg, data)
+    assert status != P.PPS_OK, "performed"
+    assert payload == b""
+    return status
 
 
 def assert_policy_refuses_pss(block: bytes, key: RsaUnderTest) -> None:
-    assert refusal(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_NONE, block, key.policy).status == P.PPS_ERR_POLICY
+    assert refusal(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_NONE, block, key) == P.PPS_ERR_POLICY
 
 
 def message_and_hash(hash_name: str) -> tuple[bytes, bytes]:
@@ -194,8 +238,7 @@ def test_pss_encoding_accepted_and_signature_verifies(rsa_key: RsaUnderTest, has
     assert len(block) == rsa_key.k
     if rsa_key.bits % 8 == 1:  # the case this key is here for
         assert block[0] == 0
-    check(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_NONE, block, rsa_key.policy)  # does not raise
-    signature = rsa_key.ca_key.sign(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_NONE, block)
+    signature = check(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_NONE, block, rsa_key)
     assert len(signature) == rsa_key.k
     algorithm = hash_algorithm(hash_name)
     rsa_key.public.verify(
@@ -214,7 +257,7 @@ def test_pss_encoding_made_by_openssl_is_accepted(rsa_key: RsaUnderTest, hash_na
         os.urandom(100), padding.PSS(mgf=padding.MGF1(algorithm), salt_length=padding.PSS.DIGEST_LENGTH), algorithm
     )
     block = rsa_key.raw_public(signature)
-    check(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_NONE, block, rsa_key.policy)
+    check(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_NONE, block, rsa_key)
 
 
 def test_pss_with_openssl_max_salt_refused(rsa_key: RsaUnderTest) -> None:
@@ -264,9 +307,9 @@ def test_real_ciphertexts_are_not_decrypted(rsa_key: RsaUnderTest) -> None:
     for what, ciphertext in ciphertexts(rsa_key):
         assert len(ciphertext) == rsa_key.k, what
         assert_policy_refuses_pss(ciphertext, rsa_key)
-        status = refusal(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_PKCS1, ciphertext, rsa_key.policy).status
+        status = refusal(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_PKCS1, ciphertext, rsa_key)
         assert status == P.PPS_ERR_POLICY, what
-        assert refusal(P.PPS_OP_RSA_PRIV_DEC, P.PPS_PAD_NONE, ciphertext, rsa_key.policy).status == P.PPS_ERR_OP
+        assert refusal(P.PPS_OP_RSA_PRIV_DEC, P.PPS_PAD_NONE, ciphertext, rsa_key) == P.PPS_ERR_OP
 
 
 def test_blinded_ciphertext_passing_cheap_checks_refused(rsa_key: RsaUnderTest) -> None:
@@ -315,7 +358,7 @@ def test_pss_with_mgf1_hash_other_than_message_hash_refused(
 
 def valid_block(key: RsaUnderTest, hash_name: str = "sha256") -> bytes:
     block = pss_block(message_and_hash(hash_name)[1], key.bits, hash_name)
-    check(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_NONE, block, key.policy)  # the control: valid as is
+    check(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_NONE, block, key)  # the control: valid as is
     return block
 
 
@@ -357,18 +400,19 @@ def test_pss_block_of_wrong_length_refused(rsa_key: RsaUnderTest, rsa_keys: dict
 def test_pkcs1_digestinfo_accepted_and_signature_verifies(rsa_key: RsaUnderTest, hash_name: str) -> None:
     message, mhash = message_and_hash(hash_name)
     digest_info = DIGESTINFO_PREFIX[hash_name] + mhash
-    check(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_PKCS1, digest_info, rsa_key.policy)
-    signature = rsa_key.ca_key.sign(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_PKCS1, digest_info)
+    signature = check(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_PKCS1, digest_info, rsa_key)
     rsa_key.public.verify(signature, message, padding.PKCS1v15(), hash_algorithm(hash_name))
 
 
-def assert_policy_refuses_pkcs1(data: bytes, policy: KeyPolicy) -> None:
-    assert refusal(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_PKCS1, data, policy).status == P.PPS_ERR_POLICY
+def assert_policy_refuses_pkcs1(data: bytes, key: RsaUnderTest) -> None:
+    assert refusal(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_PKCS1, data, key) == P.PPS_ERR_POLICY
 
 
 @pytest.mark.parametrize("hash_name", PSS_HASH_NAMES)
-def test_pkcs1_digestinfo_with_wrong_digest_length_or_junk_refused(hash_name: str) -> None:
-    policy = KeyPolicy("rsa", 2048)
+def test_pkcs1_digestinfo_with_wrong_digest_length_or_junk_refused(
+    hash_name: str, rsa_keys: dict[str, RsaUnderTest]
+) -> None:
+    policy = rsa_keys["rsa2048"]
     prefix = DIGESTINFO_PREFIX[hash_name]
     hlen = hashlib.new(hash_name).digest_size
     for length in (0, 1, hlen - 1, hlen + 1, 2 * hlen):
@@ -381,8 +425,8 @@ def test_pkcs1_digestinfo_with_wrong_digest_length_or_junk_refused(hash_name: st
     assert_policy_refuses_pkcs1(digest, policy)  # a bare digest is no DigestInfo
 
 
-def test_pkcs1_other_digestinfos_refused() -> None:
-    policy = KeyPolicy("rsa", 2048)
+def test_pkcs1_other_digestinfos_refused(rsa_keys: dict[str, RsaUnderTest]) -> None:
+    policy = rsa_keys["rsa2048"]
     for hash_name in ("md5", "sha1", "sha224"):
         assert_policy_refuses_pkcs1(DIGESTINFO_PREFIX[hash_name] + message_and_hash(hash_name)[1], policy)
     assert_policy_refuses_pkcs1(DIGESTINFO_SHA256_NO_NULL + os.urandom(32), policy)
@@ -390,19 +434,12 @@ def test_pkcs1_other_digestinfos_refused() -> None:
     assert_policy_refuses_pkcs1(os.urandom(256), policy)
 
 
-def test_pkcs1_sha1_digestinfo_only_when_allowed(rsa_keys: dict[str, RsaUnderTest]) -> None:
-    key = rsa_keys["rsa2048"]
-    message, mhash = message_and_hash("sha1")
-    digest_info = DIGESTINFO_PREFIX["sha1"] + mhash
-    assert_policy_refuses_pkcs1(digest_info, KeyPolicy("rsa", key.bits))
-    allowed = KeyPolicy("rsa", key.bits, allow_sha1=True)
-    check(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_PKCS1, digest_info, allowed)
-    signature = key.ca_key.sign(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_PKCS1, digest_info)
-    key.public.verify(signature, message, padding.PKCS1v15(), hashes.SHA1())
-    # allowing SHA-1 allows nothing else
-    assert_policy_refuses_pkcs1(DIGESTINFO_PREFIX["md5"] + os.urandom(16), allowed)
-    assert_policy_refuses_pkcs1(DIGESTINFO_PREFIX["sha1"] + os.urandom(21), allowed)
-    assert_policy_refuses_pss(pss_block(mhash, key.bits, "sha1"), key)
+def test_pkcs1_sha1_digestinfo_always_refused(rsa_key: RsaUnderTest) -> None:
+    """TLS 1.2 and 1.3 never ask for a SHA-1 signature with a server key."""
+    _, mhash = message_and_hash("sha1")
+    assert_policy_refuses_pkcs1(DIGESTINFO_PREFIX["sha1"] + mhash, rsa_key)
+    assert_policy_refuses_pkcs1(DIGESTINFO_PREFIX["sha1"] + os.urandom(21), rsa_key)
+    assert_policy_refuses_pss(pss_block(mhash, rsa_key.bits, "sha1"), rsa_key)
 
 
 # --------------------------------------------------------------------------
@@ -414,8 +451,7 @@ def test_pkcs1_sha1_digestinfo_only_when_allowed(rsa_keys: dict[str, RsaUnderTes
 def test_ecdsa_digest_accepted_and_signature_verifies(ec_key: EcUnderTest, length: int) -> None:
     message, digest = message_and_hash(ECDSA_PREHASH[length])
     assert len(digest) == length
-    check(P.PPS_OP_ECDSA_SIGN, 0, digest, ec_key.policy)
-    signature = ec_key.ca_key.sign(P.PPS_OP_ECDSA_SIGN, 0, digest)
+    signature = check(P.PPS_OP_ECDSA_SIGN, 0, digest, ec_key)
     algorithm = hash_algorithm(ECDSA_PREHASH[length])
     ec_key.private.public_key().verify(signature, digest, ec.ECDSA(Prehashed(algorithm)))
     ec_key.private.public_key().verify(signature, message, ec.ECDSA(algorithm))
@@ -423,9 +459,9 @@ def test_ecdsa_digest_accepted_and_signature_verifies(ec_key: EcUnderTest, lengt
 
 def test_ecdsa_digest_length_bounds(ec_key: EcUnderTest) -> None:
     for length in (20, 21, 63, 64):
-        check(P.PPS_OP_ECDSA_SIGN, 0, os.urandom(length), ec_key.policy)
+        check(P.PPS_OP_ECDSA_SIGN, 0, os.urandom(length), ec_key)
     for length in (0, 1, 19, 65, 128, 1024):
-        status = refusal(P.PPS_OP_ECDSA_SIGN, 0, os.urandom(length), ec_key.policy).status
+        status = refusal(P.PPS_OP_ECDSA_SIGN, 0, os.urandom(length), ec_key)
         assert status == P.PPS_ERR_POLICY, length
 
 
@@ -436,9 +472,7 @@ def test_ecdsa_digest_length_bounds(ec_key: EcUnderTest) -> None:
 
 def test_ecdsa_on_rsa_key_refused(rsa_key: RsaUnderTest) -> None:
     for length in (20, 32, 48, 64):
-        assert refusal(P.PPS_OP_ECDSA_SIGN, 0, os.urandom(length), rsa_key.policy).status == P.PPS_ERR_OP
-    with pytest.raises(NativeError):  # and the C layer would not do it either
-        rsa_key.ca_key.sign(P.PPS_OP_ECDSA_SIGN, 0, os.urandom(32))
+        assert refusal(P.PPS_OP_ECDSA_SIGN, 0, os.urandom(length), rsa_key) == P.PPS_ERR_OP
 
 
 def test_rsa_on_ec_key_refused(ec_key: EcUnderTest, rsa_keys: dict[str, RsaUnderTest]) -> None:
@@ -450,9 +484,7 @@ def test_rsa_on_ec_key_refused(ec_key: EcUnderTest, rsa_keys: dict[str, RsaUnder
         (P.PPS_OP_RSA_PRIV_DEC, P.PPS_PAD_NONE, os.urandom(32)),
     ]
     for op, arg, data in requests:
-        assert refusal(op, arg, data, ec_key.policy).status == P.PPS_ERR_OP, (op, arg)
-    with pytest.raises(NativeError):
-        ec_key.ca_key.sign(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_PKCS1, digest_info)
+        assert refusal(op, arg, data, ec_key) == P.PPS_ERR_OP, (op, arg)
 
 
 def test_rsa_decryption_always_refused(rsa_key: RsaUnderTest) -> None:
@@ -460,10 +492,8 @@ def test_rsa_decryption_always_refused(rsa_key: RsaUnderTest) -> None:
     payloads = [valid_block(rsa_key), DIGESTINFO_PREFIX["sha256"] + os.urandom(32), os.urandom(rsa_key.k), b""]
     for payload in payloads:
         for arg in (0, P.PPS_PAD_PKCS1, P.PPS_PAD_NONE, 4, 0xFFFF):
-            status = refusal(P.PPS_OP_RSA_PRIV_DEC, arg, payload, rsa_key.policy).status
+            status = refusal(P.PPS_OP_RSA_PRIV_DEC, arg, payload, rsa_key)
             assert status == P.PPS_ERR_OP, (arg, len(payload))
-    with pytest.raises(NativeError):  # the C layer has no decryption either
-        rsa_key.ca_key.sign(P.PPS_OP_RSA_PRIV_DEC, P.PPS_PAD_NONE, next(ciphertexts(rsa_key))[1])
 
 
 UNKNOWN_OPS = (0, 4, 5, 63, P.PPS_CTL_TICKET_KEYS, 99, 127, P.PPS_OP_REPLY, 129, 255)
@@ -472,11 +502,15 @@ UNKNOWN_OPS = (0, 4, 5, 63, P.PPS_CTL_TICKET_KEYS, 99, 127, P.PPS_OP_REPLY, 129,
 def test_unknown_ops_refused(rsa_keys: dict[str, RsaUnderTest], ec_keys: dict[str, EcUnderTest]) -> None:
     rsa_key, ec_key = rsa_keys["rsa2048"], ec_keys["p256"]
     payloads = [valid_block(rsa_key), DIGESTINFO_PREFIX["sha256"] + os.urandom(32), os.urandom(32), b""]
-    for policy in (rsa_key.policy, ec_key.policy):
+    key: KeyUnderTest
+    for key in (rsa_key, ec_key):
         for op in UNKNOWN_OPS:
             for payload in payloads:
                 for arg in (0, P.PPS_PAD_PKCS1, P.PPS_PAD_NONE):
-                    assert refusal(op, arg, payload, policy).status == P.PPS_ERR_OP, (policy.kind, op, arg)
+                    if (op, payload) == (P.PPS_OP_PING, b""):  # a ping, whatever the key: answered
+                        assert key.ask(op, arg, payload) == (P.PPS_OK, b"")
+                        continue
+                    assert refusal(op, arg, payload, key) == P.PPS_ERR_OP, (key.name, op, arg)
 
 
 def test_unknown_rsa_padding_refused(rsa_key: RsaUnderTest) -> None:
@@ -484,4 +518,4 @@ def test_unknown_rsa_padding_refused(rsa_key: RsaUnderTest) -> None:
     payloads = [valid_block(rsa_key), DIGESTINFO_PREFIX["sha256"] + os.urandom(32)]
     for arg in (0, 2, 4, 5, 6, 7, 0x103, 0xFFFF):
         for payload in payloads:
-            assert refusal(P.PPS_OP_RSA_PRIV_ENC, arg, payload, rsa_key.policy).status == P.PPS_ERR_OP, arg
+            assert refusal(P.PPS_OP_RSA_PRIV_ENC, arg, payload, rsa_key) == P.PPS_ERR_OP, arg
