@@ -133,7 +133,8 @@ class CaChild:
         except (BrokenPipeError, ConnectionResetError):
             raise self.gone() from None
 
-    def recv_reply(self, timeout: float = REPLY_TIMEOUT) -> Reply:
+    def recv_frame(self, timeout: float = REPLY_TIMEOUT) -> bytes:
+        """The next message from the ca, as it came."""
         if not select.select([self.sock], [], [], timeout)[0]:
             raise AssertionError(f"no reply from the ca in {timeout} s; log:\n{self.log()}")
         try:
@@ -142,7 +143,10 @@ class CaChild:
             raise self.gone() from None
         if not data:
             raise self.gone()
-        return parse_reply(data)
+        return data
+
+    def recv_reply(self, timeout: float = REPLY_TIMEOUT) -> Reply:
+        return parse_reply(self.recv_frame(timeout))
 
     def replies_waiting(self) -> int:
         """Take every reply already there, without waiting; how many."""
