@@ -7,10 +7,10 @@
   `Ca(...).serve(sock)`, as a ca does; the benchmark sends a real request
   frame (an RFC 8017 EMSA-PSS block for RSA-2048, a SHA-256 digest for
   P-256) and waits for the reply;
-- the same operation in-process: `CaKey.sign` alone, and `Ca.handle` (frame
-  parsing, policy check, signing, reply frame: the ca's whole work without
-  the socket);
-- the policy check alone, and the framing cost (Frame.pack + parse_frame).
+- the same operation with the private key in this process (cryptography,
+  OpenSSL underneath): what the ca's process boundary adds;
+- the framing: Frame.pack (what the parent sends its relays) and the
+  relay's reply check in C (pps_reply_parse).
 
 Every signature made is checked once against the public key.  The round
 trip benchmarks also record the ca child's own CPU time per operation
@@ -30,8 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from pyprivsep.ca import Ca, HeldKey
-from pyprivsep.native import FRAME_MAX, CaKey, Frame, P, parse_frame
-from pyprivsep.policy import KeyPolicy, check
+from pyprivsep.native import FRAME_MAX, HDR_SIZE, CaKey, Frame, P, ffi, lib
 
 MESSAGE = b"TLS 1.3, server CertificateVerify" + bytes(64)
 
@@ -66,20 +65,27 @@ class Key:
     name: str
     key_pem: bytes
     cert_pem: bytes
-    public: object
+    private: object
     keyid: bytes
-    policy: KeyPolicy
     op: int
     arg: int
     payload: bytes
 
     def verify(self, sig: bytes) -> None:
-        if isinstance(self.public, rsa.RSAPublicKey):
-            self.public.verify(sig, MESSAGE, padding.PSS(padding.MGF1(hashes.SHA256()), 32),
-                               hashes.SHA256())
+        public = self.private.public_key()
+        if isinstance(public, rsa.RSAPublicKey):
+            public.verify(sig, MESSAGE, padding.PSS(padding.MGF1(hashes.SHA256()), 32),
+                          hashes.SHA256())
         else:
-            self.public.verify(sig, hashlib.sha256(MESSAGE).digest(),
-                               ec.ECDSA(Prehashed(hashes.SHA256())))
+            public.verify(sig, hashlib.sha256(MESSAGE).digest(),
+                          ec.ECDSA(Prehashed(hashes.SHA256())))
+
+    def sign_inprocess(self) -> bytes:
+        """The same signature, the key in this process (as `keys inprocess`)."""
+        if isinstance(self.private, rsa.RSAPrivateKey):
+            return self.private.sign(MESSAGE, padding.PSS(padding.MGF1(hashes.SHA256()), 32),
+                                     hashes.SHA256())
+        return self.private.sign(hashlib.sha256(MESSAGE).digest(), ec.ECDSA(Prehashed(hashes.SHA256())))
 
 
 def make_key(name: str) -> Key:
@@ -96,15 +102,13 @@ def make_key(name: str) -> Key:
     if name == "rsa2048":
         op, arg = P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_NONE
         payload = emsa_pss_encode(m_hash, 2048, os.urandom(32))
-        policy = KeyPolicy("rsa", 2048)
     else:
         op, arg, payload = P.PPS_OP_ECDSA_SIGN, 0, m_hash
-        policy = KeyPolicy("ec", 256)
     return Key(name,
                priv.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption()),
-               cert.public_bytes(serialization.Encoding.PEM), priv.public_key(),
-               hashlib.sha256(spki).digest(), policy, op, arg, payload)
+               cert.public_bytes(serialization.Encoding.PEM), priv,
+               hashlib.sha256(spki).digest(), op, arg, payload)
 
 
 @pytest.fixture(scope="module", params=["rsa2048", "p256"])
@@ -112,17 +116,12 @@ def key(request: pytest.FixtureRequest) -> Key:
     return make_key(request.param)
 
 
-@pytest.fixture(scope="module")
-def cakey(key: Key) -> CaKey:
-    return CaKey(key.key_pem, key.cert_pem)
-
-
 class CaChild:
     """A forked child running Ca(...).serve on one end of a socketpair."""
 
     def __init__(self, key: Key) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        held = {key.keyid: HeldKey(CaKey(key.key_pem, key.cert_pem), key.policy, key.name)}
+        held = {key.keyid: HeldKey(CaKey(key.key_pem, key.cert_pem), key.name)}
         pid = os.fork()
         if pid == 0:                                    # the ca
             status = 1
@@ -157,10 +156,13 @@ def request_frame(key: Key, frame_id: int = 7) -> bytes:
 
 
 def reply_signature(data: bytes, key: Key, frame_id: int = 7) -> bytes:
-    reply = parse_frame(data)
-    assert reply.type == P.PPS_OP_REPLY and reply.arg == P.PPS_OK, reply.arg
-    assert reply.id == frame_id and reply.key == key.keyid
-    return reply.payload
+    """The signature in the ca's reply, after the relay's own check of it."""
+    hdr = ffi.new("struct pps_hdr *")
+    payload = ffi.new("const uint8_t **")
+    assert lib.pps_reply_parse(data, len(data), hdr, payload) == 0, "not a well-formed reply"
+    assert hdr.arg == P.PPS_OK, hdr.arg
+    assert hdr.id == frame_id and bytes(hdr.key) == key.keyid
+    return data[HDR_SIZE:]
 
 
 # ---- one private-key operation --------------------------------------------
@@ -186,26 +188,10 @@ def test_keyop_ca_roundtrip(benchmark, key: Key, ca_child: CaChild) -> None:
     key.verify(reply_signature(data, key))
 
 
-def test_keyop_ca_handle_inprocess(benchmark, key: Key) -> None:
-    """The ca's whole work for one request (parse, policy, sign, reply frame), no socket."""
+def test_keyop_sign_inprocess(benchmark, key: Key) -> None:
+    """The signature with the key in this process: what `keys inprocess` costs."""
     benchmark.group = f"keyop {key.name}"
-    ca = Ca(1, {key.keyid: HeldKey(CaKey(key.key_pem, key.cert_pem), key.policy, key.name)})
-    frame = request_frame(key)
-    data = benchmark(ca.handle, frame)
-    key.verify(reply_signature(data, key))
-
-
-def test_keyop_sign_inprocess(benchmark, key: Key, cakey: CaKey) -> None:
-    """CaKey.sign alone: what `keys inprocess` costs (OpenSSL's operation)."""
-    benchmark.group = f"keyop {key.name}"
-    sig = benchmark(cakey.sign, key.op, key.arg, key.payload)
-    key.verify(sig)
-
-
-def test_keyop_policy_check(benchmark, key: Key) -> None:
-    """policy.check alone (for RSA: the EMSA-PSS structure, in Python)."""
-    benchmark.group = f"keyop {key.name}"
-    benchmark(check, key.op, key.arg, key.payload, key.policy)
+    key.verify(benchmark(key.sign_inprocess))
 
 
 # ---- framing ------------------------------------------------------------------
@@ -222,18 +208,11 @@ def test_frame_pack(benchmark, payload: bytes) -> None:
     assert len(benchmark(frame.pack)) == len(payload) + 44
 
 
-def test_frame_parse(benchmark, payload: bytes) -> None:
+def test_reply_parse(benchmark, payload: bytes) -> None:
+    """The relay's check of a reply (pps_reply_parse, C)."""
     benchmark.group = "framing"
-    data = Frame(P.PPS_OP_ECDSA_SIGN, 0, 9, bytes(range(32)), payload).pack()
-    assert benchmark(parse_frame, data).payload == payload
-
-
-def test_frame_pack_parse(benchmark, payload: bytes) -> None:
-    """Frame.pack + parse_frame: the framing cost of one message."""
-    benchmark.group = "framing"
-    keyid = bytes(range(32))
-
-    def both() -> Frame:
-        return parse_frame(Frame(P.PPS_OP_ECDSA_SIGN, 0, 9, keyid, payload).pack())
-
-    assert benchmark(both).payload == payload
+    data = Frame(P.PPS_OP_REPLY, P.PPS_OK, 9, bytes(range(32)), payload).pack()
+    hdr = ffi.new("struct pps_hdr *")
+    out = ffi.new("const uint8_t **")
+    assert benchmark(lib.pps_reply_parse, data, len(data), hdr, out) == 0
+    assert hdr.len == len(payload)
