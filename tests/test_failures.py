@@ -349,8 +349,13 @@ def test_relay_killed_under_s_time_load(
         assert result.handshake_ok and result.reused, f"session not resumed on the new relay\n{result.describe()}"
         assert BACKEND_PAGE.decode() in result.stdout, result.describe()
     assert https_get(port, kp.dns_name, cafile=kp.cert_path) == BACKEND_PAGE
-    served = daemon.stderr_text()[offset:]
-    assert served.count("relay 1: relay www:") and "resumed handshake" in served, served[-3000:]
+    # the relay logs a connection once it is done with it: wait for the lines
+    served = wait_until(
+        lambda: (text := daemon.stderr_text()[offset:]).count("relay 1: relay www:") and "resumed handshake" in text
+        and text,
+        10.0,
+        lambda: f"relay 1 to log the resumed sessions\n{daemon.stderr_text()[offset:][-3000:]}",
+    )
     assert "relay 2:" not in served, f"relay 2 served while stopped\n{served[-3000:]}"
     os.kill(survivor, signal.SIGCONT)
     assert daemon.relay_pids() == {1: new_relay, 2: survivor}, daemon.describe()
