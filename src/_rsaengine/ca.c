@@ -408,7 +408,8 @@ struct ca_io {
 	struct timespec	 oldest;	/* when the oldest unsent one began */
 };
 
-enum { IO_STOP = 0, IO_OK = 1, IO_TIMEOUT = 2, IO_ERR = -1 };
+/* What a step of the loop came to; IO_STOP: SIGTERM or the channel closed. */
+enum { IO_STOP = 0, IO_OK = 1, IO_TIMEOUT = 2, IO_AGAIN = 3, IO_ERR = -1 };
 
 /* Wait for events on the channel (timeout_ms -1: for ever). */
 static int
@@ -429,7 +430,7 @@ wait_fd(struct ca_io *io, short events, int timeout_ms, short *revents)
 		if (errno != EINTR)
 			return pps_seterr("ppoll: %s", strerror(errno));
 		/* SIGTERM, or another interruption (SIGSTOP/SIGCONT) */
-		return ca_stopping ? IO_STOP : IO_TIMEOUT;
+		return ca_stopping ? IO_STOP : IO_AGAIN;
 	}
 	*revents = pfd.revents;
 	return r == 0 ? IO_TIMEOUT : IO_OK;
@@ -542,11 +543,10 @@ serve(struct pps_ca *ca, struct ca_io *io)
 		/* a flood's count is logged once a second passes quietly */
 		r = wait_fd(io, POLLIN, ca->suppressed > 0 ? 1000 : -1,
 		    &revents);
-		if (r == IO_TIMEOUT) {
-			if (ca->suppressed > 0)
-				log_summary(ca);
+		if (r == IO_TIMEOUT)
+			log_summary(ca);
+		if (r == IO_TIMEOUT || r == IO_AGAIN)
 			continue;
-		}
 		if (r != IO_OK)
 			return r;
 		if ((n = read_requests(io)) < 0)
