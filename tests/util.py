@@ -1144,7 +1144,7 @@ def open_fds(pid: int) -> dict[int, str]:
 
 # --- ca tests ---
 # Shared by test_policy.py, test_ca_hostile.py and test_fuzz.py: an EMSA-PSS
-# encoder written from RFC 8017 9.1.1 (independent of pyprivsep.policy), raw
+# encoder written from RFC 8017 9.1.1 (independent of the ca's C), raw
 # relay <-> ca frames (any header, even a lying one) and key ids.
 
 PSS_HASH_NAMES: tuple[str, ...] = ("sha256", "sha384", "sha512")
