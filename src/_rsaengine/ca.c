@@ -365,10 +365,10 @@ ca_handle(struct pps_ca *ca, const uint8_t *req, size_t n, uint8_t *reply)
 /*
  * SIGTERM (the parent stops us) must end the ca whatever it is doing:
  * waiting for a request, waiting to send into a full channel (a relay that
- * stopped reading), or signing.  It stays blocked except inside ppoll(),
- * the only place the ca waits, so it can never arrive between a check of
- * the flag and the wait (and no send or receive is ever interrupted: they
- * do not block); between operations a pending one is looked for.
+ * stopped reading), or signing.  Its handler only sets a flag, looked at
+ * between operations; the one place the ca waits, ppoll(), lets SIGTERM
+ * in only while it waits, so that it cannot come between the look at the
+ * flag and the wait.  Sends and receives never block, so never need it.
  */
 static volatile sig_atomic_t ca_stopping;
 
@@ -377,16 +377,6 @@ ca_sigterm(int signo)
 {
 	(void)signo;
 	ca_stopping = 1;
-}
-
-static int
-stop_pending(void)
-{
-	sigset_t pending;
-
-	if (ca_stopping)
-		return 1;
-	return sigpending(&pending) == 0 && sigismember(&pending, SIGTERM);
 }
 
 /*
@@ -399,6 +389,7 @@ stop_pending(void)
  */
 struct ca_io {
 	int		 fd;
+	sigset_t	 term;		/* SIGTERM alone */
 	sigset_t	 waitmask;	/* while in ppoll(): SIGTERM let in */
 	uint8_t		 req[CA_BATCH][PPS_FRAME_MAX + 1];
 	size_t		 reqlen[CA_BATCH];
@@ -417,20 +408,25 @@ wait_fd(struct ca_io *io, short events, int timeout_ms, short *revents)
 {
 	struct pollfd pfd = { io->fd, events, 0 };
 	struct timespec ts, *tsp = NULL;
-	int r;
+	sigset_t mask;
+	int r, saved;
 
 	if (timeout_ms >= 0) {
 		ts.tv_sec = timeout_ms / 1000;
 		ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000;
 		tsp = &ts;
 	}
+	if (sigprocmask(SIG_BLOCK, &io->term, &mask) == -1)
+		return pps_seterr("sigprocmask: %s", strerror(errno));
+	r = ca_stopping ? 0 : ppoll(&pfd, 1, tsp, &io->waitmask);
+	saved = errno;
+	sigprocmask(SIG_SETMASK, &mask, NULL);
 	if (ca_stopping)
 		return IO_STOP;
-	if ((r = ppoll(&pfd, 1, tsp, &io->waitmask)) == -1) {
-		if (errno != EINTR)
-			return pps_seterr("ppoll: %s", strerror(errno));
-		/* SIGTERM, or another interruption (SIGSTOP/SIGCONT) */
-		return ca_stopping ? IO_STOP : IO_AGAIN;
+	if (r == -1) {
+		if (saved != EINTR)
+			return pps_seterr("ppoll: %s", strerror(saved));
+		return IO_AGAIN;	/* another signal (SIGSTOP/SIGCONT) */
 	}
 	*revents = pfd.revents;
 	return r == 0 ? IO_TIMEOUT : IO_OK;
@@ -560,7 +556,7 @@ serve(struct pps_ca *ca, struct ca_io *io)
 			    ns_since(&io->oldest) > CA_COALESCE_NS &&
 			    (r = flush_replies(io)) != IO_OK)
 				return r;
-			if (stop_pending())
+			if (ca_stopping)
 				return IO_STOP;
 			if (io->nsent == io->nreply)
 				clock_gettime(CLOCK_MONOTONIC, &io->oldest);
@@ -576,37 +572,32 @@ serve(struct pps_ca *ca, struct ca_io *io)
 /*
  * Answer until the channel closes or SIGTERM comes (0), or the channel
  * fails (-1).  A message of no bytes is a malformed frame, not the end:
- * only POLLHUP is.  SIGTERM is ours while serving, the caller's
- * disposition and signal mask are back when this returns.
+ * only POLLHUP is.  SIGTERM is ours while serving; the caller's handler
+ * is back when this returns.
  */
 int
 pps_ca_serve(struct pps_ca *ca, int fd)
 {
 	static struct ca_io io;		/* 70 KB of frames: not on the stack */
 	struct sigaction sa, oldsa;
-	sigset_t term, oldmask;
+	sigset_t mask;
 	int r;
 
+	io.fd = fd;
+	sigemptyset(&io.term);
+	sigaddset(&io.term, SIGTERM);
+	if (sigprocmask(SIG_SETMASK, NULL, &mask) == -1)
+		return pps_seterr("sigprocmask: %s", strerror(errno));
+	io.waitmask = mask;
+	sigdelset(&io.waitmask, SIGTERM);
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = ca_sigterm;
 	sigemptyset(&sa.sa_mask);
 	sa.sa_flags = 0;		/* no SA_RESTART: ppoll() must return */
-	sigemptyset(&term);
-	sigaddset(&term, SIGTERM);
-	if (sigprocmask(SIG_BLOCK, &term, &oldmask) == -1)
-		return pps_seterr("sigprocmask: %s", strerror(errno));
 	ca_stopping = 0;
-	if (sigaction(SIGTERM, &sa, &oldsa) == -1) {
-		r = pps_seterr("sigaction: %s", strerror(errno));
-		sigprocmask(SIG_SETMASK, &oldmask, NULL);
-		return r;
-	}
-	io.fd = fd;
-	io.waitmask = oldmask;
-	sigdelset(&io.waitmask, SIGTERM);
+	if (sigaction(SIGTERM, &sa, &oldsa) == -1)
+		return pps_seterr("sigaction: %s", strerror(errno));
 	r = serve(ca, &io);
-	/* a SIGTERM still pending is delivered to our handler, not the old one */
-	sigprocmask(SIG_SETMASK, &oldmask, NULL);
 	sigaction(SIGTERM, &oldsa, NULL);
 	return r == IO_STOP ? 0 : -1;
 }
