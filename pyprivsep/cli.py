@@ -56,8 +56,13 @@ def check_config(cfg: Config) -> None:
     certs = [[keys.load_cert(kp) for kp in r.keypairs] for r in cfg.relays]
     for cert in (c for block in certs for c in block):
         keys.load_key(cert)
-    native.engine_init(id=0, ca_fd=-1, ctl_fd=-1, max_conns=0,
-                       handshake_timeout=0, keyops_async=relay.keyops_async(cfg),
+    native.engine_init(id=0, ca_fd=-1, ctl_fd=-1,
+                       max_conns=cfg.max_connections,
+                       handshake_timeout=cfg.handshake_timeout,
+                       keyops_async=relay.keyops_async(cfg),
+                       log_conn="connection" in cfg.log,
+                       log_errors="errors" in cfg.log,
+                       ticket_lifetime=cfg.ticket_lifetime,
                        use_syslog=False, verbose=False)
     relay.configure(cfg, certs, [parent.forward_address(r) for r in cfg.relays],
                     [[] for _ in cfg.relays], inprocess=True)

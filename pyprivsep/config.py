@@ -22,6 +22,9 @@ PORT_RANGE = (1, 65535)
 MAX_CONNECTIONS_RANGE = (1, 1000000)
 HANDSHAKE_TIMEOUT_RANGE = (1, 3600)
 TICKET_LIFETIME_RANGE = (4, 604800)
+# The control socket when the configuration names none; `pyprivsep ctl`
+# looks there by default too.
+DEFAULT_SOCKET = "/var/run/pyprivsep.sock"
 
 KEYWORDS = frozenset({
     "certificate", "changes", "chroot", "ciphers", "connection", "connections",
@@ -109,7 +112,7 @@ class Config:
     keyops: str | None = None         # "async", "blocking"; None: the library's best
     keyops_where: Where | None = None
     ticket_lifetime: int = 7200       # seconds; keys rotate every quarter
-    socket: str = "/var/run/pyprivsep.sock"
+    socket: str = DEFAULT_SOCKET
     metrics: Listen | None = None     # Prometheus endpoint, off by default
     log: set[str] = field(default_factory=set)
     relays: list[Relay] = field(default_factory=list)
@@ -607,6 +610,11 @@ class _Parser:
         if tls:
             self.lex.next()
         self._eol("listen on")
+        if not tls:
+            # The relays speak only TLS; the parser owns this rule so that
+            # `pyprivsep -n` refuses what the daemon would.
+            raise self._err(tok.line, f'"listen on {host} port {port}" without '
+                            '"tls": only TLS listeners are supported')
         where = Where(self.file, tok.line)
         key = (_host_key(host), port)
         if key in self.listens:
@@ -658,9 +666,6 @@ class _Parser:
             raise self._err(line, f'relay "{name}" has no "listen on"')
         if relay.forward is None:
             raise self._err(line, f'relay "{name}" has no "forward to"')
-        has_tls = any(listen.tls for listen in relay.listens)
-        if has_tls and not relay.keypairs:
+        # every listen is tls (see _listen), so every relay needs a keypair
+        if not relay.keypairs:
             raise self._err(line, f'relay "{name}" listens with tls but has no keypair')
-        if relay.keypairs and not has_tls:
-            raise self._err(relay.keypairs[0].where.line,
-                            f'relay "{name}" has a keypair but no "listen on ... tls"')

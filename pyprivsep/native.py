@@ -162,8 +162,10 @@ def async_supported() -> bool:
 
 def engine_init(*, id: int, ca_fd: int, ctl_fd: int, max_conns: int,
                 handshake_timeout: int, keyops_async: bool, use_syslog: bool,
-                verbose: bool, log_conn: bool = False,
-                log_errors: bool = False, ticket_lifetime: int = 0) -> None:
+                verbose: bool, log_conn: bool, log_errors: bool,
+                ticket_lifetime: int) -> None:
+    """Every value comes from the parsed configuration (config.py owns the
+    defaults and ranges); the C engine takes them as they are."""
     conf = ffi.new("struct pps_engine_conf *")
     conf.keyops_async = int(keyops_async)
     conf.log_conn = int(log_conn)

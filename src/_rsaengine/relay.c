@@ -990,10 +990,6 @@ pps_engine_init(const struct pps_engine_conf *conf)
 	char prefix[32];
 
 	pps_conf = *conf;
-	if (pps_conf.max_conns <= 0)
-		pps_conf.max_conns = 10000;
-	if (pps_conf.handshake_timeout <= 0)
-		pps_conf.handshake_timeout = 30;
 	/* two descriptors a connection */
 	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
 		rl.rlim_cur = rl.rlim_max;

@@ -179,8 +179,7 @@ tls_ctx(struct relay *r)
 	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
 	SSL_CTX_set_session_id_context(ctx, (const unsigned char *)r->name,
 	    strlen(r->name));
-	SSL_CTX_set_timeout(ctx, pps_conf.ticket_lifetime > 0 ?
-	    pps_conf.ticket_lifetime : 7200);
+	SSL_CTX_set_timeout(ctx, pps_conf.ticket_lifetime);
 #ifdef PPS_TICKET_EVP
 	SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, ticket_cb);
 #else
