@@ -9,6 +9,9 @@ DER SubjectPublicKeyInfo, as relayd names keys by a hash of the public key.
 from __future__ import annotations
 
 import hashlib
+import os
+import pwd
+import stat
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -77,9 +80,42 @@ def load_cert(kp: Keypair) -> Cert:
                 leaf.not_valid_after_utc.isoformat())
 
 
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def check_key_file(st: os.stat_result, path: str, kp: Keypair) -> None:
+    """Refuse a key file others could read or replace, as sshd refuses a
+    private key: no group or world bits, owned by root or by the user
+    reading it (the daemon's user: a ca reads its keys before it drops
+    privileges)."""
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise ConfigError(kp.where.file, kp.where.line,
+                          f"key {path}: mode {mode:04o} lets group or others "
+                          "read or write the private key; chmod 600 it")
+    me = os.geteuid()
+    if st.st_uid not in (0, me):
+        raise ConfigError(kp.where.file, kp.where.line,
+                          f"key {path}: owned by {_user(st.st_uid)}, not "
+                          f"by root or {_user(me)}, who runs pyprivsep")
+
+
 def read_key(cert: Cert) -> bytes:
-    """The private key PEM of a keypair (ca processes, keys inprocess, -n)."""
-    return _read(cert.keypair.key, "key", cert.keypair)
+    """The private key PEM of a keypair (ca processes, keys inprocess, -n,
+    reload's check), from a file only root or our user can touch."""
+    kp = cert.keypair
+    try:
+        with open(kp.key, "rb") as f:
+            # fstat what was opened: the path may change under us
+            check_key_file(os.fstat(f.fileno()), kp.key, kp)
+            return f.read()
+    except OSError as e:
+        raise ConfigError(kp.where.file, kp.where.line,
+                          f"cannot read key {kp.key}: {e.strerror}") from None
 
 
 def load_key(cert: Cert) -> CaKey:

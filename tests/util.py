@@ -229,8 +229,11 @@ def write_key(path: Path, key: PrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    path.write_bytes(pem)
-    path.chmod(0o600)
+    # created 0600: pyprivsep refuses a key others can read
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(pem)
 
 
 def write_cert(path: Path, cert: x509.Certificate) -> None:
