@@ -50,6 +50,38 @@ def _read(path: str, what: str, kp: Keypair) -> bytes:
                           f"cannot read {what} {path}: {e.strerror}") from None
 
 
+def refuse_ca_certificate(leaf: x509.Certificate, kp: Keypair) -> None:
+    """A relay's key signs what its ca lets through, and a client chooses
+    much of that: were the key also a CA's, those signatures could become
+    certificates.  So the keypair must be a leaf that may sign (TLS) and
+    may not issue (as OpenSSL judges it: CA:TRUE, or, without
+    basicConstraints, keyCertSign or a version 1 self-signed certificate)."""
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(kp.where.file, kp.where.line,
+                           f"{kp.cert}: {why}: a TLS server key must not be "
+                           "able to sign certificates; use a leaf certificate "
+                           "(basicConstraints CA:FALSE)")
+
+    if leaf.version == x509.Version.v1 and leaf.issuer == leaf.subject:
+        raise refuse("a version 1 self-signed certificate, which OpenSSL "
+                     "accepts as a CA")
+    try:
+        if leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise refuse("a CA certificate (basicConstraints CA:TRUE)")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if not usage.digital_signature:
+        raise ConfigError(kp.where.file, kp.where.line,
+                          f"{kp.cert}: keyUsage without digitalSignature: "
+                          "the key may not sign TLS handshakes")
+    if usage.key_cert_sign:
+        raise refuse("keyUsage keyCertSign")
+
+
 def load_cert(kp: Keypair) -> Cert:
     pem = _read(kp.cert, "certificate", kp)
     try:
@@ -57,6 +89,7 @@ def load_cert(kp: Keypair) -> Cert:
     except ValueError as e:
         raise ConfigError(kp.where.file, kp.where.line,
                           f"{kp.cert}: not a PEM certificate ({e})") from None
+    refuse_ca_certificate(leaf, kp)
     pub = leaf.public_key()
     if isinstance(pub, rsa.RSAPublicKey):
         kind, bits = "rsa", pub.key_size
