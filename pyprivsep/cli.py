@@ -7,8 +7,8 @@ import logging.handlers
 import os
 import sys
 
-from pyprivsep import (__version__, control, ctl, keys, metrics, native, parent,
-                       privsep, relay)
+from pyprivsep import (__version__, control, ctl, environment, keys, metrics,
+                       native, parent, privsep, relay)
 from pyprivsep.config import Config, ConfigError, parse_config, parse_macro_arg
 
 DEFAULT_CONF = "/etc/pyprivsep.conf"
@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.V:
         print(f"pyprivsep {__version__}, {native.library_version()}")
         return 0
+    if not args.n:
+        # the daemon: nothing of our caller's environment but what we need
+        # may reach the children's memory (environment.py)
+        environment.reexec_clean(argv)
     setup_logging(True, args.v)
     try:
         macros = dict(parse_macro_arg(d) for d in args.D)
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         log.error("%s", e)
         return 1
+    environment.clear_in_children()
     privsep.set_title("parent")
     privsep.prepare_chroot(cfg)
     if not privsep.is_root():
