@@ -52,6 +52,9 @@ def reexec_clean(args: list[str]) -> None:
     env = kept(os.environ)
     if env.keys() == os.environ.keys():
         return
+    if not sys.executable:      # an embedded interpreter: nothing to execute
+        raise SystemExit("pyprivsep: cannot execute itself again with a clean "
+                         "environment: no sys.executable")
     # the same interpreter flags (-X, -W, -O, ...): the same Python
     flags = subprocess._args_from_interpreter_flags()
     sys.stdout.flush()
