@@ -447,7 +447,8 @@ class DaemonConfig:
     prefork: int = 2
     keys_inprocess: bool = False
     chroot: Path | None = None
-    user: str | None = None
+    user: str | None = None  # the relays' (None: the default, _pyprivsep)
+    ca_user: str | None = None  # the cas' (None: the default, _pyprivsep_ca)
     timeout: int | None = 600
 
     def render(self) -> str:
@@ -458,6 +459,8 @@ class DaemonConfig:
             lines.append(f'chroot "{self.chroot}"')
         if self.user is not None:
             lines.append(f'user "{self.user}"')
+        if self.ca_user is not None:
+            lines.append(f'ca user "{self.ca_user}"')
         if self.keys_inprocess:
             lines.append("keys inprocess")
         for relay in self.relays:
@@ -541,7 +544,7 @@ class Daemon:
         if SANITIZED:
             # LeakSanitizer needs /proc and a dumpable process: children stay
             # root (setuid would clear "dumpable") in chroot "/".
-            self.config = replace(self.config, chroot=Path("/"), user="root")
+            self.config = replace(self.config, chroot=Path("/"), user="root", ca_user="root")
         self.conf_path = workdir / "pyprivsep.conf"
         # each daemon its own control socket (a test may name another)
         self.conf_path.write_text(f'socket "{workdir / "ctl.sock"}"\n'
