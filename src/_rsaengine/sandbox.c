@@ -108,8 +108,10 @@ static const int common_calls[] = {
 #ifdef __NR_fstat
 	__NR_fstat,
 #endif
+#ifdef __NR_newfstatat
 	/* fstat() in glibc >= 2.33; paths lead only into the empty chroot */
 	__NR_newfstatat,
+#endif
 	__NR_recvfrom, __NR_sendto, __NR_recvmsg, __NR_sendmsg,
 	__NR_recvmmsg, __NR_sendmmsg,
 #ifdef __NR_poll
