@@ -242,7 +242,7 @@ def test_no_child_dies_of_its_filter_through_reload_and_shutdown(daemon2: Daemon
     old = {c.pid for c in daemon2.children()}
     os.kill(daemon2.parent_pid, signal.SIGHUP)
     wait_until(lambda: len(daemon2.children()) == 4 and not old & {c.pid for c in daemon2.children()},
-               15.0, lambda: f"a new generation\n{daemon2.describe()}")
+               30.0, lambda: f"a new generation\n{daemon2.describe()}")
     wait_settled(daemon2)
     assert_serving(daemon2)
     assert daemon2.stop(signal.SIGTERM) == 0, daemon2.describe()

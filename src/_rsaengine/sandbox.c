@@ -257,7 +257,7 @@ seccomp_install(int role, const char *name)
 {
 #if !defined(PPS_AUDIT_ARCH)
 	(void)role;
-	pps_log(LOG_WARNING, "%s: no seccomp filter for this architecture",
+	pps_log(LOG_WARNING, "no seccomp filter for this architecture (%s)",
 	    name);
 	return 0;
 #else
@@ -278,7 +278,8 @@ seccomp_install(int role, const char *name)
 		    strerror(errno));
 	if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &fprog, 0, 0) == -1)
 		return pps_seterr("prctl(PR_SET_SECCOMP): %s", strerror(errno));
-	pps_log(LOG_DEBUG, "%s: seccomp filter of %u instructions", name, p.n);
+	/* the log prefix already says which process; name the role's filter */
+	pps_log(LOG_DEBUG, "seccomp filter for a %s: %u instructions", name, p.n);
 	return 0;
 #endif
 }
@@ -300,8 +301,8 @@ pps_sandbox(int role)
 		return -1;
 #if defined(PPS_SANITIZED)
 	/* LeakSanitizer stops the process with ptrace to scan it */
-	pps_log(LOG_WARNING, "%s: AddressSanitizer build: no seccomp filter, "
-	    "no pledge", name);
+	pps_log(LOG_WARNING, "AddressSanitizer build: no seccomp filter, no "
+	    "pledge for the %s", name);
 	return 0;
 #elif defined(__linux__)
 	return seccomp_install(role, name);
