@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         cfg = parse_config(args.f, macros)
+        privsep.check_users(cfg)
         if args.n:
             check_config(cfg)
             print("configuration OK", file=sys.stderr)

@@ -30,9 +30,15 @@ def library_version() -> str:
     return ffi.string(lib.pps_library_version()).decode()
 
 
-def harden() -> None:
-    """No core dumps, not dumpable or traceable; pledge("stdio") on OpenBSD."""
-    _check(lib.pps_harden())
+SANDBOX_ROLES: dict[str, int] = {"relay": lib.PPS_SANDBOX_RELAY,
+                                  "ca": lib.PPS_SANDBOX_CA}
+
+
+def sandbox(role: str) -> None:
+    """Confine this process to what `role` ("relay" or "ca") needs from
+    now on: seccomp filter and no_new_privs on Linux, pledge on OpenBSD;
+    a ca also loses core dumps and dumpability.  Irreversible."""
+    _check(lib.pps_sandbox(SANDBOX_ROLES[role]))
 
 
 def leak_check() -> None:

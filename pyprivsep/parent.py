@@ -393,6 +393,7 @@ class Parent:
         old_fds = {s.fileno() for socks in old_sockets.values() for s in socks}
         try:
             cfg = parse_config(self.cfg.path, self.macros)
+            privsep.check_users(cfg)
             setup = prepare(cfg, self.setup.use_syslog, self.verbose,
                             reuse=old_sockets)
         except ConfigError as e:

@@ -112,11 +112,20 @@ def test_full_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_defaults(tmp_path: Path) -> None:
     cfg = parse_text(tmp_path, PLAIN)
-    assert (cfg.prefork, cfg.user, cfg.chroot, cfg.timeout) == (3, "nobody", "/var/empty", 600)
+    assert (cfg.prefork, cfg.user, cfg.chroot, cfg.timeout) == (3, "_pyprivsep", "/var/empty", 600)
+    assert cfg.ca_user == "_pyprivsep_ca"
     assert (cfg.keys_inprocess, cfg.keyop_timeout_ms, cfg.log) == (False, 1000, set())
     relay = cfg.relays[0]
     assert (relay.keyop_timeout_ms, relay.session_timeout) == (1000, 600)
     assert parse_text(tmp_path, "").relays == []
+
+
+def test_users_per_role(tmp_path: Path) -> None:
+    cfg = parse_text(tmp_path, 'user "_relayd"\nca user "_relayd_ca"\n' + PLAIN)
+    assert (cfg.user, cfg.ca_user) == ("_relayd", "_relayd_ca")
+    # root for both is allowed: `make asan`'s children must stay dumpable
+    cfg = parse_text(tmp_path, 'user "root"\nca user "root"\n' + PLAIN)
+    assert (cfg.user, cfg.ca_user) == ("root", "root")
 
 
 def test_keypair_maps_under_ssl_dir(tmp_path: Path) -> None:
@@ -338,6 +347,19 @@ ERRORS = [
     ("certificate-without-key", relay(LISTEN, FORWARD, 'tls certificate "c"'), 4,
      'missing "key" in "tls certificate"'),
     ("relative-chroot", "chroot var/empty\n", 1, 'chroot "var/empty" is not an absolute path'),
+    ("ca-without-user", "ca nobody\n", 1, 'expected "user" in "ca", got "nobody"'),
+    ("ca-user-missing-argument", "ca user\n", 1, 'missing argument for "ca user"'),
+    ("ca-user-empty", 'ca user ""\n', 1, "empty user name"),
+    ("ca-user-in-relay", relay('ca user "x"'), 2, '"ca" is not allowed inside a relay block'),
+    # relays and cas share no uid: an owned relay could signal its ca
+    ("ca-user-is-user", 'user "www"\nprefork 2\nca user "www"\n', 3,
+     'ca user "www" is the relays\' user too'),
+    ("user-is-ca-user", 'ca user "www"\nuser "www"\n', 2,
+     'ca user "www" is the relays\' user too'),
+    ("user-is-default-ca-user", 'prefork 2\nuser "_pyprivsep_ca"\n', 2,
+     'ca user "_pyprivsep_ca" is the relays\' user too'),
+    ("ca-user-is-default-user", 'ca user "_pyprivsep"\n', 1,
+     'ca user "_pyprivsep" is the relays\' user too'),
 ]
 
 

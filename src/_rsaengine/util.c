@@ -5,7 +5,6 @@
 #include <string.h>
 #include <syslog.h>
 #include <unistd.h>
-#include <sys/resource.h>
 #ifdef __linux__
 #include <sys/prctl.h>
 #endif
@@ -83,29 +82,6 @@ pps_now_ms(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-/*
- * The ca, once its keys are loaded: no core dumps; on Linux not dumpable
- * (no ptrace, no /proc/PID/mem, even by its own uid); on OpenBSD pledged to
- * "stdio".  Call after setuid(), which resets the dumpable flag.
- */
-int
-pps_harden(void)
-{
-	struct rlimit rl = { 0, 0 };
-
-	if (setrlimit(RLIMIT_CORE, &rl) == -1)
-		return pps_seterr("setrlimit(RLIMIT_CORE): %s", strerror(errno));
-#ifdef __linux__
-	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == -1)
-		return pps_seterr("prctl(PR_SET_DUMPABLE): %s", strerror(errno));
-#endif
-#ifdef __OpenBSD__
-	if (pledge("stdio", NULL) == -1)
-		return pps_seterr("pledge: %s", strerror(errno));
-#endif
-	return 0;
 }
 
 #if defined(__SANITIZE_ADDRESS__)
