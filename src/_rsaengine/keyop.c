@@ -493,9 +493,6 @@ keyop_failure(void *conn)
 	return why;
 }
 
-_Static_assert(sizeof(((struct pps_stats *)0)->keyop_lat) ==
-    PPS_LAT_BUCKETS * sizeof(uint64_t), "protocol.h: keyop_lat size");
-
 void
 keyop_stats(struct pps_stats *st)
 {
