@@ -87,7 +87,6 @@ extern time_t	pps_now;		/* monotonic seconds, per loop turn */
 /* tls.c */
 int	tls_keypair(struct relay *, const char *, size_t, const uint8_t *,
 	    const char *, size_t);
-int	tls_set_ticket_keys(const uint8_t *, size_t);
 int	tls_check_relay(struct relay *);
 
 /* shim.c */

@@ -739,7 +739,7 @@ ctl_answer(const struct pps_hdr *q, unsigned arg, const void *payload,
 static void
 ctl_ticket_keys(const struct pps_hdr *q, const uint8_t *payload)
 {
-	if (tls_set_ticket_keys(payload, q->len) == -1)
+	if (pps_ticket_keys(payload, q->len) == -1)
 		pps_log(LOG_WARNING, "parent: %s", pps_error());
 	else
 		pps_log(LOG_DEBUG, "ticket keys updated");
