@@ -114,6 +114,6 @@ void	pps_log(int prio, const char *, ...)
 int	pps_seterr(const char *, ...)
 	    __attribute__((format(printf, 1, 2)));
 int	pps_seterr_ssl(const char *);
-uint64_t pps_now_ms(void);
+uint64_t pps_clock_us(void);
 
 #endif

@@ -375,7 +375,7 @@ build_request(struct keyop *op, const struct keyref *k, int type, int arg,
 	if (inlen > 0)
 		memcpy(op->buf + sizeof(hdr), in, inlen);
 	op->len = sizeof(hdr) + inlen;
-	op->deadline = pps_now_ms() + k->timeout_ms;
+	op->deadline = pps_clock_us() / 1000 + k->timeout_ms;
 }
 
 /* keyops blocking: wait here for our reply, dropping any other. */
@@ -392,7 +392,7 @@ wait_blocking(struct keyop *op)
 		op->why = "ca unreachable";
 		return KO_FAILED;
 	}
-	while ((now = pps_now_ms()) < op->deadline) {
+	while ((now = pps_clock_us() / 1000) < op->deadline) {
 		if (poll(&pfd, 1, (int)(op->deadline - now)) == -1 &&
 		    errno != EINTR)
 			return KO_FAILED;
@@ -450,15 +450,6 @@ wait_async(struct keyop *op)
 	return op->state;
 }
 #endif
-
-static uint64_t
-now_us(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
-}
 
 static void
 count_latency(uint64_t us)
@@ -540,7 +531,7 @@ keyop_call(const struct keyref *k, int type, int arg, const uint8_t *in,
 		return -1;
 	build_request(op, k, type, arg, in, inlen);
 	op->owner = owner;
-	start = now_us();
+	start = pps_clock_us();
 	counts.calls++;
 #ifndef OPENSSL_NO_ASYNC
 	if (pps_conf.keyops_async && owner != NULL &&
@@ -560,7 +551,7 @@ keyop_call(const struct keyref *k, int type, int arg, const uint8_t *in,
 		}
 	}
 	if (len >= 0)
-		count_latency(now_us() - start);
+		count_latency(pps_clock_us() - start);
 	else {
 		counts.fail++;
 		failed_owner = op->owner;

@@ -933,14 +933,11 @@ next_deadline(int max)
 static void
 tick(void)
 {
-	struct timespec ts;
-	int i;
+	uint64_t us = pps_clock_us();
+	int i, closed = 0;
 
-	int closed = 0;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	pps_now = ts.tv_sec;
-	now_ms = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+	pps_now = us / 1000000;
+	now_ms = us / 1000;
 	keyop_expire(now_ms);
 	for (i = 0; i < nrelays; i++) {
 		closed += sweep(&relays[i]->handshaking, "handshake");

@@ -76,13 +76,18 @@ pps_log_setup(const char *prefix, int use_syslog, int verbose)
 		openlog("pyprivsep", LOG_PID | LOG_NDELAY, LOG_DAEMON);
 }
 
+/*
+ * The one clock: monotonic microseconds (deadlines must not jump with the
+ * wall clock).  The loop's seconds and milliseconds and the key operations'
+ * deadlines and latencies all derive from it.
+ */
 uint64_t
-pps_now_ms(void)
+pps_clock_us(void)
 {
 	struct timespec ts;
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+	return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
 }
 
 /*
