@@ -115,5 +115,12 @@ int	pps_seterr(const char *, ...)
 	    __attribute__((format(printf, 1, 2)));
 int	pps_seterr_ssl(const char *);
 uint64_t pps_clock_us(void);
+int	pps_frame_check(const uint8_t *, size_t, size_t, struct pps_hdr *);
+
+/* pps_frame_check(): what is wrong with a frame, in the order it checks */
+#define PPS_FRAME_SHORT		(-1)	/* less than a header */
+#define PPS_FRAME_LONG		(-2)	/* more than the reader's maximum */
+#define PPS_FRAME_LENGTH	(-3)	/* hdr.len is not the bytes after it */
+#define PPS_FRAME_VERSION	(-4)	/* not PPS_PROTO_VERSION */
 
 #endif

@@ -81,25 +81,19 @@ status_name(unsigned arg)
 }
 
 /*
- * Check a frame from the ca: a whole header, a known version, a reply, and
- * a length field that matches the bytes received (so at most
- * PPS_MAX_PAYLOAD).  On success *hdr is the header and *payload points into
- * frame.  Exposed (api.h) for the fuzz test.
+ * Check a frame from the ca: a well-formed frame (pps_frame_check: so at
+ * most PPS_MAX_PAYLOAD bytes of payload) that is a reply.  On success *hdr
+ * is the header and *payload points into frame.  Returns 0 or -1.  Exposed
+ * (api.h) for the fuzz test.
  */
 int
 pps_reply_parse(const uint8_t *frame, size_t n, struct pps_hdr *hdr,
     const uint8_t **payload)
 {
-	if (n < sizeof(*hdr) || n > PPS_FRAME_MAX)
-		return pps_seterr("frame of %zu bytes", n);
-	memcpy(hdr, frame, sizeof(*hdr));
-	if (hdr->version != PPS_PROTO_VERSION)
-		return pps_seterr("version %u", hdr->version);
+	if (pps_frame_check(frame, n, PPS_FRAME_MAX, hdr) != 0)
+		return -1;
 	if (hdr->type != PPS_OP_REPLY)
 		return pps_seterr("type %u is not a reply", hdr->type);
-	if (hdr->len != n - sizeof(*hdr))
-		return pps_seterr("length field %u, %zu payload bytes", hdr->len,
-		    n - sizeof(*hdr));
 	*payload = frame + sizeof(*hdr);
 	return 0;
 }

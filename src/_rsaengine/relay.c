@@ -845,6 +845,7 @@ on_ctl(struct evsrc *src, unsigned events)
 	struct pps_hdr hdr;
 	unsigned slot;
 	ssize_t n;
+	int r;
 
 	(void)events;
 	n = recv(src->fd, frame, sizeof(frame), MSG_DONTWAIT);
@@ -856,15 +857,11 @@ on_ctl(struct evsrc *src, unsigned events)
 		poller_del(src);
 		return;
 	}
-	if ((size_t)n < sizeof(hdr) || (size_t)n > sizeof(frame) - 1) {
-		pps_log(LOG_WARNING, "parent: frame of %zd bytes", n);
-		return;
-	}
-	memcpy(&hdr, frame, sizeof(hdr));
-	slot = hdr.type - PPS_CTL_TICKET_KEYS;
-	if (hdr.version != PPS_PROTO_VERSION ||
-	    hdr.len != (size_t)n - sizeof(hdr))
-		pps_log(LOG_WARNING, "parent: malformed frame");
+	/* the one byte more than the largest message shows a longer one */
+	r = pps_frame_check(frame, n, sizeof(frame) - 1, &hdr);
+	slot = hdr.type - PPS_CTL_TICKET_KEYS;	/* hdr is set even if r != 0 */
+	if (r != 0)
+		pps_log(LOG_WARNING, "parent: malformed frame: %s", pps_error());
 	else if (hdr.type < PPS_CTL_TICKET_KEYS ||
 	    slot >= sizeof(ctl_dispatch) / sizeof(ctl_dispatch[0]))
 		pps_log(LOG_WARNING, "parent: unknown message %u", hdr.type);
