@@ -93,20 +93,30 @@ int	tls_check_relay(struct relay *);
 int	shim_init(void);
 EVP_PKEY *shim_pkey(X509 *, const struct keyref *);
 
-/* keyop.c */
+/*
+ * keyop.c: a connection's key operations.  relay.c keeps a keyop_ctx in
+ * each connection and runs its handshake through keyop_handshake(); keyop.c
+ * fills the keyop_ctx in.  The path of one operation: top of keyop.c.
+ */
+struct keyop;
+struct keyop_ctx {
+	struct keyop	*op;		/* in flight: the handshake waits (async) */
+	const char	*failed;	/* why this handshake step's key
+					 * operation failed; NULL: none did */
+};
+
 int	keyop_init(void);
 int	keyop_start(void);
+int	keyop_handshake(SSL *, struct keyop_ctx *);
+void	keyop_abandon(SSL *, struct keyop_ctx *);
 int	keyop_call(const struct keyref *, int, int, const uint8_t *, size_t,
 	    uint8_t *, size_t);
-void	keyop_set_owner(void *);
 void	keyop_ca_event(unsigned);
 int	keyop_next_timeout(uint64_t);
 void	keyop_expire(uint64_t);
-void	keyop_cancel(void *);
 int	keyop_ping(int);
-const char *keyop_failure(void *);
 void	keyop_stats(struct pps_stats *);
-void	relay_keyop_done(void *);	/* relay.c: resume that handshake */
+void	relay_keyop_done(struct keyop_ctx *);	/* relay.c: resume it */
 
 /* util.c */
 void	pps_log(int prio, const char *, ...)
