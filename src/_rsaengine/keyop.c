@@ -14,24 +14,26 @@
  *               puts it in flight (op->ctx = running, ctx->op = op) and
  *               pauses the job; SSL_do_handshake() returns
  *               SSL_ERROR_WANT_ASYNC and the loop serves other connections.
- *               The reply with that id (keyop_ca_event), the keyop timeout
- *               (keyop_expire) or the connection's end (keyop_abandon)
- *               ends it: finish() calls relay_keyop_done(op->ctx), relay.c
- *               runs conn_handshake(c) again, the job resumes in
- *               wait_async() and keyop_call() returns.
+ *               The reply with that id (keyop_ca_event) or the keyop
+ *               timeout (keyop_expire) ends it: finish() calls
+ *               relay_keyop_done(op->ctx), relay.c runs conn_handshake(c)
+ *               again, the job resumes in wait_async() and keyop_call()
+ *               returns.  If c closes first, keyop_abandon() fails the
+ *               operation and runs the job to its end itself.
  *   relay.c  a failed handshake reads c->keyop.failed: set when a key
  *            operation failed, and why (else the client is to blame).
  *
- * Why `running`, the one piece of state outside struct keyop_ctx: the
- * shim's callbacks get only the RSA or EC_KEY, which every connection of a
- * keypair shares, not the SSL.  But a handshake step -- and, in async mode,
- * the job that runs it -- only ever runs inside keyop_handshake() for one
- * known connection, so `running` names it exactly while keyop_call() runs,
- * and an operation that has to wait keeps its own pointer, op->ctx.  (The
- * SSL's ASYNC_WAIT_CTX could carry the connection instead, but it exists
- * only once OpenSSL has started a job, so a callback that sees the SSL
- * inside the job would have to put it there, at an allocation a
- * connection, and blocking mode, with no job, would still need `running`.)
+ * Why `running`, the one piece of a connection's context that is not in
+ * its struct keyop_ctx: the shim's callbacks get only the RSA or EC_KEY,
+ * which every connection of a keypair shares, not the SSL.  But a
+ * handshake step -- and, in async mode, the job that runs it -- only ever
+ * runs inside keyop_handshake() for one known connection, so `running`
+ * names it exactly while keyop_call() runs, and an operation that has to
+ * wait keeps its own pointer, op->ctx.  (The SSL's ASYNC_WAIT_CTX could
+ * carry the connection instead, but it exists only once OpenSSL has
+ * started a job, so a callback that sees the SSL inside the job would have
+ * to put it there, at an allocation a connection, and blocking mode, with
+ * no job, would still need `running`.)
  *
  * Every request carries an id.  A reply whose id is not in flight is a late
  * answer to a request that already failed: it is dropped.
