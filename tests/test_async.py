@@ -163,3 +163,36 @@ def test_killing_the_ca_fails_paused_handshakes_and_leaks_nothing(
     # every paused job ended with its connection: no descriptor left behind
     wait_until(lambda: relay_fds(relay_pid) <= baseline_fds, timeout=10,
                what=lambda: f"the relay to hold {baseline_fds} fds, not {relay_fds(relay_pid)}")
+
+
+def test_handshake_timeout_while_waiting_for_the_ca_ends_the_paused_job(
+    pki: Pki, echo_backend: EchoServer, start_daemon: StartDaemon,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection closed while its handshake waits for the ca: the relay
+    fails that key operation, runs the paused job to its end and frees it
+    all (keyop_abandon), then drops the ca's late reply and goes on."""
+    # the ca answers one request each 1.5 s; a handshake times out after 2
+    # to 4 s (test_clients.py: the sweep's rounding): of four at once, the
+    # last two at least time out while their request waits in the ca
+    monkeypatch.setenv("PYPRIVSEP_TEST_CA_DELAY_MS", "1500")
+    relay = relay_for(pki, echo_backend)
+    daemon = start_daemon(KeyopsConfig([relay], prefork=1, extra=(
+        "keyops async", "tls keyop timeout 20000", "tls handshake timeout 3",
+        "log errors")))
+    (relay_pid,) = daemon.relay_pids().values()
+    baseline_fds = relay_fds(relay_pid)
+    clients = [subprocess.Popen(
+        ["openssl", "s_client", "-connect", f"{LOCALHOST}:{relay.listen_port}", "-brief"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(4)]
+    try:
+        wait_until(lambda: daemon.stderr_text().count("handshake timeout") >= 2, timeout=15,
+                   what="two handshakes to time out while they wait for the ca")
+    finally:
+        for c in clients:
+            c.kill()
+            c.wait(timeout=10)
+    assert daemon.relay_pids() == {1: relay_pid}, daemon.describe()
+    wait_until(lambda: relay_fds(relay_pid) <= baseline_fds, timeout=10,
+               what=lambda: f"the relay to hold {baseline_fds} fds, not {relay_fds(relay_pid)}")
