@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml build_ffi.py $(wildcard src/_rsaengine/*.[ch])
 CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -O2 -c -o /dev/null
 
-.PHONY: all build run test test-lib test-openssl4 bench asan fuzz warnings sysdeps clean
+.PHONY: all build run test test-lib test-openssl4 bench asan fuzz warnings sysdeps users clean
 
 all: build
 
@@ -25,6 +25,24 @@ sysdeps:
 		else echo "please install:$$missing" >&2; exit 1; fi; \
 	fi
 
+# The users the children run as (pyprivsep.conf(5) "user", "ca user"):
+# relays and cas each their own, shared with no other daemon, so that an
+# owned relay can signal or trace neither.  Created only when missing;
+# root only (run by `make test` and `make run` when root).
+PPS_USERS := _pyprivsep _pyprivsep_ca
+users:
+	@if [ "$$(id -u)" != 0 ]; then echo "make users: run as root" >&2; exit 1; fi; \
+	for u in $(PPS_USERS); do \
+		getent passwd $$u >/dev/null || { echo "creating user $$u"; \
+		    useradd --system --user-group --no-create-home \
+		    --home-dir /var/empty --shell /usr/sbin/nologin $$u || exit 1; }; \
+	done
+
+# `make test` and `make run` as root start daemons that setuid to them.
+ifeq ($(shell id -u),0)
+ROOT_DEPS := users
+endif
+
 $(STAMP): $(SOURCES) | sysdeps
 	$(PYTHON) -m venv $(VENV)
 	env -u OPENSSL_PREFIX $(PY) -m pip install -q -e '.[test]'
@@ -32,17 +50,17 @@ $(STAMP): $(SOURCES) | sysdeps
 
 build: $(STAMP)
 
-run: build
+run: build $(ROOT_DEPS)
 	$(PY) -m pyprivsep.demo
 
 ifeq ($(strip $(OPENSSL_PREFIX)),)
-test: build
+test: build $(ROOT_DEPS)
 	$(PY) -m pytest -q
 else
 test: test-lib
 endif
 
-bench: build
+bench: build $(ROOT_DEPS)
 	sh bench/bench.sh $(BENCH_ARGS)
 
 # The C sources must compile without a warning.
@@ -89,7 +107,7 @@ endif
 LIB_DIR  := build/$(LIB_NAME)
 LIB_VENV := build/venv-$(LIB_NAME)
 LIB_PY   := $(CURDIR)/$(LIB_VENV)/bin/python
-test-lib: sysdeps
+test-lib: sysdeps $(ROOT_DEPS)
 	@if [ -z "$(LIB_NAME)" ]; then \
 		echo "usage: make test OPENSSL_PREFIX=/path/to/an/installed/library" >&2; exit 2; fi
 	@if [ ! -f "$(OPENSSL_PREFIX)/include/openssl/ssl.h" ]; then \

@@ -208,32 +208,35 @@ def tool_version(cmd: list[str]) -> str | None:
 # ---------------------------------------------------------------------------
 
 def make_certs() -> dict[str, dict[str, Path]]:
-    """Self-signed RSA-2048 and P-256 certificates for localhost and
-    127.0.0.1, made once into bench/results/certs."""
+    """RSA-2048 and P-256 server certificates for localhost and 127.0.0.1,
+    each with the throwaway CA that signed it (the clients trust that, NAME-ca.crt),
+    made once into bench/results/certs."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-    from pyprivsep.demo import key_pem, self_signed
+    from pyprivsep.demo import leaf_certificate, write_key
 
     CERT_DIR.mkdir(parents=True, exist_ok=True)
     out = {}
     for name in CERTS:
-        crt, key, pem = (CERT_DIR / f"{name}.crt", CERT_DIR / f"{name}.key",
-                         CERT_DIR / f"{name}.pem")
-        if not (crt.exists() and key.exists() and pem.exists()):
+        crt, key, pem, ca = (CERT_DIR / f"{name}.crt", CERT_DIR / f"{name}.key",
+                             CERT_DIR / f"{name}.pem", CERT_DIR / f"{name}-ca.crt")
+        # no NAME-ca.crt: made by an older run as a self-signed CA, which
+        # pyprivsep refuses as a server certificate
+        if not (crt.exists() and key.exists() and pem.exists() and ca.exists()):
             if name == "rsa2048":
                 priv = rsa.generate_private_key(public_exponent=65537, key_size=2048)
             else:
                 priv = ec.generate_private_key(ec.SECP256R1())
-            crt_pem = self_signed(priv, days=3650).public_bytes(
-                serialization.Encoding.PEM)
-            priv_pem = key_pem(priv)
-            key.write_bytes(priv_pem)
-            key.chmod(0o600)
+            leaf, ca_cert = leaf_certificate(priv, days=3650)
+            crt_pem = leaf.public_bytes(serialization.Encoding.PEM)
+            write_key(str(key), priv)
             crt.write_bytes(crt_pem)
-            pem.write_bytes(priv_pem + crt_pem)      # hitch, haproxy: key + cert
-            pem.chmod(0o600)
-        out[name] = {"crt": crt, "key": key, "pem": pem}
+            write_key(str(pem), priv)
+            with pem.open("ab") as f:               # hitch, haproxy: key + cert
+                f.write(crt_pem)
+            ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+        out[name] = {"crt": crt, "key": key, "pem": pem, "ca": ca}
     return out
 
 
@@ -348,7 +351,7 @@ class Relay(Server):
     def start(self) -> None:
         self.port = free_port()
         self.launch()
-        wait_until(lambda: bool(tls_probe(self.port, self.cert["crt"])), 30,
+        wait_until(lambda: bool(tls_probe(self.port, self.cert["ca"])), 30,
                    f"{self.name} on port {self.port}", self.alive)
 
     def launch(self) -> None:
@@ -490,7 +493,7 @@ def run_cell(relay: Relay, measure: str, duration: float, clients: int,
         # the fragment, which curl does not send
         url = f"https://127.0.0.1:{port}/bytes/{MIB}#[1-1000000]"
         # -w to stderr, which is unbuffered: curl is stopped by a signal
-        cmd = ["curl", "-sS", "--http1.1", "--cacert", str(relay.cert["crt"]),
+        cmd = ["curl", "-sS", "--http1.1", "--cacert", str(relay.cert["ca"]),
                "--max-time", str(int(duration) + 30), "-o", "/dev/null",
                "-w", "%{stderr}%{size_download}\n", *curl_tls(tls_args), url]
     busy0, total0 = machine_cpu()
@@ -881,7 +884,7 @@ def main(argv: list[str]) -> int:
                     continue
                 running[name] = relay
                 res["port"] = relay.port
-                res["negotiated"] = tls_probe(relay.port, relay.cert["crt"], a.tls)
+                res["negotiated"] = tls_probe(relay.port, relay.cert["ca"], a.tls)
                 # warm up: the first connections (imports, caches) are not measured
                 run_cell(relay, "full", 1, 1, tls_args, cells_dir)
             log(f"{CERTS[cert]}: running {', '.join(f'{n}:{r.port}' for n, r in running.items())}")

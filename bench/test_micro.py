@@ -89,13 +89,13 @@ class Key:
 
 
 def make_key(name: str) -> Key:
-    from pyprivsep.demo import self_signed
+    from pyprivsep.demo import leaf_certificate
 
     if name == "rsa2048":
         priv = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     else:
         priv = ec.generate_private_key(ec.SECP256R1())
-    cert = self_signed(priv, days=30)
+    cert, _ = leaf_certificate(priv, days=30)
     spki = priv.public_key().public_bytes(serialization.Encoding.DER,
                                           serialization.PublicFormat.SubjectPublicKeyInfo)
     m_hash = hashlib.sha256(MESSAGE).digest()

@@ -1,10 +1,11 @@
 """The ca process: holds the private keys, answers its relay's requests.
 
 One ca per relay process.  Python loads the keys of every relay block
-(each checked against its certificate), hardens the process (no core
-dumps, no ptrace, chroot, unprivileged), then hands the keys to the C
-request path (src/_rsaengine/ca.c), which serves frames from the
-SOCK_SEQPACKET socket: check the frame, check the request against the
+(each checked against its certificate), drops privileges (chroot, its
+own user cfg.ca_user, not the relays'), hands the keys to the C request
+path (src/_rsaengine/ca.c) and sandboxes the process (no core dumps, no
+ptrace, seccomp or pledge: privsep.sandbox); then the C request path
+serves frames from the SOCK_SEQPACKET socket: check the frame, check the request against the
 policy, sign, answer.  A request it cannot or will not perform gets an
 error reply and is logged (rate-limited); nothing a relay sends stops it.
 SIGTERM does, in any state: the C loop takes it itself.
@@ -68,8 +69,9 @@ def main(cfg: Config, index: int, sock: socket.socket, use_syslog: bool,
     # a relay that stopped reading never does), SIGTERM simply ends us.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     held = load_keys(cfg)
-    privsep.drop_privileges(cfg)
-    privsep.harden()
+    privsep.drop_privileges(cfg, "ca")
     log.debug("ca %d: serving %d keys", index, len(held))
-    Ca(index, held).serve(sock)
+    core = Ca(index, held)
+    privsep.sandbox("ca")
+    core.serve(sock)
     return 0

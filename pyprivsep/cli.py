@@ -7,8 +7,8 @@ import logging.handlers
 import os
 import sys
 
-from pyprivsep import (__version__, control, ctl, keys, metrics, native, parent,
-                       privsep, relay)
+from pyprivsep import (__version__, control, ctl, environment, keys, metrics,
+                       native, parent, privsep, relay)
 from pyprivsep.config import Config, ConfigError, parse_config, parse_macro_arg
 
 DEFAULT_CONF = "/etc/pyprivsep.conf"
@@ -56,8 +56,13 @@ def check_config(cfg: Config) -> None:
     certs = [[keys.load_cert(kp) for kp in r.keypairs] for r in cfg.relays]
     for cert in (c for block in certs for c in block):
         keys.load_key(cert)
-    native.engine_init(id=0, ca_fd=-1, ctl_fd=-1, max_conns=0,
-                       handshake_timeout=0, keyops_async=relay.keyops_async(cfg),
+    native.engine_init(id=0, ca_fd=-1, ctl_fd=-1,
+                       max_conns=cfg.max_connections,
+                       handshake_timeout=cfg.handshake_timeout,
+                       keyops_async=relay.keyops_async(cfg),
+                       log_conn="connection" in cfg.log,
+                       log_errors="errors" in cfg.log,
+                       ticket_lifetime=cfg.ticket_lifetime,
                        use_syslog=False, verbose=False)
     relay.configure(cfg, certs, [parent.forward_address(r) for r in cfg.relays],
                     [[] for _ in cfg.relays], inprocess=True)
@@ -85,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.V:
         print(f"pyprivsep {__version__}, {native.library_version()}")
         return 0
+    if not args.n:
+        # the daemon: nothing of our caller's environment but what we need
+        # may reach the children's memory (environment.py)
+        environment.reexec_clean(argv)
     setup_logging(True, args.v)
     try:
         macros = dict(parse_macro_arg(d) for d in args.D)
@@ -93,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         cfg = parse_config(args.f, macros)
+        privsep.check_users(cfg)
         if args.n:
             check_config(cfg)
             print("configuration OK", file=sys.stderr)
@@ -109,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         log.error("%s", e)
         return 1
+    environment.clear_in_children()
     privsep.set_title("parent")
     privsep.prepare_chroot(cfg)
     if not privsep.is_root():

@@ -22,18 +22,25 @@ PORT_RANGE = (1, 65535)
 MAX_CONNECTIONS_RANGE = (1, 1000000)
 HANDSHAKE_TIMEOUT_RANGE = (1, 3600)
 TICKET_LIFETIME_RANGE = (4, 604800)
+# The control socket when the configuration names none; `pyprivsep ctl`
+# looks there by default too.
+DEFAULT_SOCKET = "/var/run/pyprivsep.sock"
 
 KEYWORDS = frozenset({
-    "certificate", "changes", "chroot", "ciphers", "connection", "connections",
+    "ca", "certificate", "changes", "chroot", "ciphers", "connection", "connections",
     "errors", "forward", "handshake", "include", "inprocess", "key", "keyop",
     "keyops", "keypair", "keys", "lifetime", "listen", "log", "max", "metrics",
     "on", "port", "prefork", "relay", "session", "socket", "state", "ticket",
     "timeout", "tls", "to", "user",
 })
 _GLOBAL_ONLY = frozenset({
-    "chroot", "include", "keyops", "keys", "log", "max", "metrics", "prefork",
+    "ca", "chroot", "include", "keyops", "keys", "log", "max", "metrics", "prefork",
     "socket", "timeout", "user",
 })
+# Debian/OpenBSD style system users, one per role (`make users` creates them).
+DEFAULT_USER = "_pyprivsep"
+DEFAULT_CA_USER = "_pyprivsep_ca"
+
 _RELAY_ONLY = frozenset({"forward", "listen", "session"})
 _RELAY_ONLY_TLS = frozenset({"certificate", "ciphers", "keypair"})
 
@@ -99,7 +106,12 @@ class Relay:
 class Config:
     path: str
     prefork: int = 3
-    user: str = "nobody"
+    # Relays and cas run as two users of their own: a relay someone owns
+    # can then signal, trace or limit neither a ca nor another daemon.
+    user: str = DEFAULT_USER               # the relays
+    user_where: Where | None = None
+    ca_user: str = DEFAULT_CA_USER         # the cas
+    ca_user_where: Where | None = None
     chroot: str = "/var/empty"
     timeout: int = 600
     keys_inprocess: bool = False
@@ -109,7 +121,7 @@ class Config:
     keyops: str | None = None         # "async", "blocking"; None: the library's best
     keyops_where: Where | None = None
     ticket_lifetime: int = 7200       # seconds; keys rotate every quarter
-    socket: str = "/var/run/pyprivsep.sock"
+    socket: str = DEFAULT_SOCKET
     metrics: Listen | None = None     # Prometheus endpoint, off by default
     log: set[str] = field(default_factory=set)
     relays: list[Relay] = field(default_factory=list)
@@ -324,13 +336,28 @@ class _Parser:
         self.relays: list[_RelayBuilder] = []
         self.listens: dict[tuple[str, int], Where] = {}
         self.active: list[str] = []  # real paths of files being parsed
+        self.last_user_where: Where | None = None  # "user" or "ca user"
         self.file = path
         self.lex = _Lexer("", path, self.macros)
 
     def parse(self) -> Config:
         self._parse_file(self.config.path, None)
+        self._check_users()
         self.config.relays = [r.build(self.config) for r in self.relays]
         return self.config
+
+    def _check_users(self) -> None:
+        """Relays and cas may not share a uid: a relay someone owns could
+        then signal, trace or limit its ca.  root for both is the one
+        exception (`make asan`: LeakSanitizer needs dumpable children)."""
+        cfg = self.config
+        if cfg.user != cfg.ca_user or cfg.user == "root":
+            return
+        # blame the directive that made them equal: the last one written
+        where = self.last_user_where or Where(cfg.path, 0)
+        raise ConfigError(where.file, where.line,
+                          f'ca user "{cfg.ca_user}" is the relays\' user too: '
+                          "the cas need a user of their own")
 
     def _err(self, line: int, msg: str) -> ConfigError:
         return ConfigError(self.file, line, msg)
@@ -447,11 +474,14 @@ class _Parser:
             self.config.prefork = self._number("prefork", tok, PREFORK_RANGE)
             self._eol("prefork")
         elif word == "user":
-            user = self._arg("user", tok)
-            if not user.value:
-                raise self._err(user.line, "empty user name")
-            self.config.user = user.value
-            self._eol("user")
+            self.config.user = self._user("user", tok)
+            self.config.user_where = Where(self.file, tok.line)
+            self.last_user_where = self.config.user_where
+        elif word == "ca":
+            self._expect("ca", tok, "user")
+            self.config.ca_user = self._user("ca user", tok)
+            self.config.ca_user_where = Where(self.file, tok.line)
+            self.last_user_where = self.config.ca_user_where
         elif word == "chroot":
             path = self._arg("chroot", tok)
             if not os.path.isabs(path.value):
@@ -519,6 +549,13 @@ class _Parser:
         else:
             raise self._err(tok.line, f'unknown directive "{tok.value}"')
         return None
+
+    def _user(self, what: str, tok: _Token) -> str:
+        user = self._arg(what, tok)
+        if not user.value:
+            raise self._err(user.line, "empty user name")
+        self._eol(what)
+        return user.value
 
     def _macro(self, name: _Token) -> None:
         self.lex.next()  # "="
@@ -607,6 +644,11 @@ class _Parser:
         if tls:
             self.lex.next()
         self._eol("listen on")
+        if not tls:
+            # The relays speak only TLS; the parser owns this rule so that
+            # `pyprivsep -n` refuses what the daemon would.
+            raise self._err(tok.line, f'"listen on {host} port {port}" without '
+                            '"tls": only TLS listeners are supported')
         where = Where(self.file, tok.line)
         key = (_host_key(host), port)
         if key in self.listens:
@@ -658,9 +700,6 @@ class _Parser:
             raise self._err(line, f'relay "{name}" has no "listen on"')
         if relay.forward is None:
             raise self._err(line, f'relay "{name}" has no "forward to"')
-        has_tls = any(listen.tls for listen in relay.listens)
-        if has_tls and not relay.keypairs:
+        # every listen is tls (see _listen), so every relay needs a keypair
+        if not relay.keypairs:
             raise self._err(line, f'relay "{name}" listens with tls but has no keypair')
-        if relay.keypairs and not has_tls:
-            raise self._err(relay.keypairs[0].where.line,
-                            f'relay "{name}" has a keypair but no "listen on ... tls"')

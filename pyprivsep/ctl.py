@@ -7,7 +7,7 @@ import socket
 import sys
 from typing import Any
 
-DEFAULT_SOCKET = "/var/run/pyprivsep.sock"
+from pyprivsep.config import DEFAULT_SOCKET
 
 
 def request(path: str, words: list[str], timeout: float = 10.0) -> dict[str, Any]:

@@ -1,5 +1,9 @@
 """`make run`: a demo certificate, a small HTTP backend and the relay.
 
+The certificate (demo/server.crt, its key demo/server.key) is a leaf
+signed by a CA made for it whose key is thrown away; demo/ca.crt is what
+clients trust.
+
     python -m pyprivsep.demo            # what `make run` does
     python -m pyprivsep.demo backend PORT
 
@@ -19,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "demo")
@@ -68,14 +72,51 @@ def serve_backend(port: int) -> None:
     ThreadingHTTPServer(("127.0.0.1", port), Backend).serve_forever()
 
 
-def self_signed(key: "rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey",
-                days: int = 365) -> x509.Certificate:
-    """A self-signed certificate for localhost and 127.0.0.1 (the demo's,
-    the benchmark's)."""
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+# What users are told to trust (`curl --cacert demo/ca.crt`): the demo CA,
+# never the server's own certificate.
+CA_FILE = "ca.crt"
+
+
+def _no_usage_but(**usage: bool) -> x509.KeyUsage:
+    flags = dict.fromkeys(("digital_signature", "content_commitment",
+                           "key_encipherment", "data_encipherment",
+                           "key_agreement", "key_cert_sign", "crl_sign",
+                           "encipher_only", "decipher_only"), False)
+    flags.update(usage)
+    return x509.KeyUsage(**flags)
+
+
+def leaf_certificate(key: "rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey",
+                     days: int = 365) -> tuple[x509.Certificate, x509.Certificate]:
+    """A server certificate for localhost and 127.0.0.1 (the demo's, the
+    benchmark's) and the CA certificate that signed it: (leaf, ca).
+
+    The leaf is no CA (CA:FALSE, digitalSignature, serverAuth), because the
+    relays' key operations can be made to sign what a client chooses: were
+    the server key a CA key, that would mint certificates.  The CA's key
+    exists only inside this call, so nothing can sign under the CA again;
+    whoever trusts ca.crt trusts this one leaf."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pyprivsep demo"),
+        x509.NameAttribute(NameOID.COMMON_NAME,
+                           f"pyprivsep demo CA {os.urandom(4).hex()}")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    return (x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(subject)
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca = (x509.CertificateBuilder()
+          .subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
+          .add_extension(_no_usage_but(key_cert_sign=True, crl_sign=True), True)
+          .add_extension(ca_ski, False)
+          .sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([
+                x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
@@ -83,8 +124,16 @@ def self_signed(key: "rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey",
             .add_extension(x509.SubjectAlternativeName([
                 x509.DNSName("localhost"),
                 x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+            .add_extension(_no_usage_but(digital_signature=True), True)
+            .add_extension(x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH]), False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(
+                key.public_key()), False)
+            .add_extension(x509.AuthorityKeyIdentifier
+                           .from_issuer_subject_key_identifier(ca_ski), False)
+            .sign(ca_key, hashes.SHA256()))
+    return leaf, ca
 
 
 def key_pem(key: "rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey") -> bytes:
@@ -93,18 +142,41 @@ def key_pem(key: "rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey") -> bytes:
                              serialization.NoEncryption())
 
 
+def write_key(path: str, key: "rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey") -> None:
+    """The key file, 0600 from its creation: pyprivsep refuses any other."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)    # an older file keeps its mode
+        f.write(key_pem(key))
+
+
+def _is_leaf(crt: str) -> bool:
+    """Whether crt is a certificate of this demo's kind (an older demo made
+    a self-signed CA certificate, which pyprivsep now refuses)."""
+    try:
+        with open(crt, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        return not cert.extensions.get_extension_for_class(
+            x509.BasicConstraints).value.ca
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return False
+
+
 def make_cert(directory: str, name: str = "server") -> None:
-    """A self-signed RSA-2048 certificate for localhost and 127.0.0.1."""
+    """An RSA-2048 server certificate for localhost and 127.0.0.1 (NAME.crt,
+    NAME.key) and the CA that signed it (ca.crt), unless they exist."""
     crt = os.path.join(directory, f"{name}.crt")
     key_path = os.path.join(directory, f"{name}.key")
-    if os.path.exists(crt) and os.path.exists(key_path):
+    ca_path = os.path.join(directory, CA_FILE)
+    if os.path.exists(key_path) and os.path.exists(ca_path) and _is_leaf(crt):
         return
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key_pem(key))
+    leaf, ca = leaf_certificate(key)
+    write_key(key_path, key)
     with open(crt, "wb") as f:
-        f.write(self_signed(key).public_bytes(serialization.Encoding.PEM))
+        f.write(leaf.public_bytes(serialization.Encoding.PEM))
+    with open(ca_path, "wb") as f:
+        f.write(ca.public_bytes(serialization.Encoding.PEM))
 
 
 def run_demo() -> int:
@@ -114,8 +186,8 @@ def run_demo() -> int:
                                 "backend", "8080"])
     print("""
 pyprivsep demo: https://127.0.0.1:8443/ -> backend http://127.0.0.1:8080/
-  curl --cacert demo/server.crt https://localhost:8443/
-  curl --cacert demo/server.crt -o /dev/null https://localhost:8443/bytes/10485760
+  curl --cacert demo/ca.crt https://localhost:8443/
+  curl --cacert demo/ca.crt -o /dev/null https://localhost:8443/bytes/10485760
   openssl s_time -connect 127.0.0.1:8443 -new -time 10
   openssl s_time -connect 127.0.0.1:8443 -reuse -time 10
   ps -o pid,user,args -C python3 | grep pyprivsep   # parent, relays, cas

@@ -9,6 +9,9 @@ DER SubjectPublicKeyInfo, as relayd names keys by a hash of the public key.
 from __future__ import annotations
 
 import hashlib
+import os
+import pwd
+import stat
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -47,6 +50,38 @@ def _read(path: str, what: str, kp: Keypair) -> bytes:
                           f"cannot read {what} {path}: {e.strerror}") from None
 
 
+def refuse_ca_certificate(leaf: x509.Certificate, kp: Keypair) -> None:
+    """A relay's key signs what its ca lets through, and a client chooses
+    much of that: were the key also a CA's, those signatures could become
+    certificates.  So the keypair must be a leaf that may sign (TLS) and
+    may not issue (as OpenSSL judges it: CA:TRUE, or, without
+    basicConstraints, keyCertSign or a version 1 self-signed certificate)."""
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(kp.where.file, kp.where.line,
+                           f"{kp.cert}: {why}: a TLS server key must not be "
+                           "able to sign certificates; use a leaf certificate "
+                           "(basicConstraints CA:FALSE)")
+
+    if leaf.version == x509.Version.v1 and leaf.issuer == leaf.subject:
+        raise refuse("a version 1 self-signed certificate, which OpenSSL "
+                     "accepts as a CA")
+    try:
+        if leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise refuse("a CA certificate (basicConstraints CA:TRUE)")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if not usage.digital_signature:
+        raise ConfigError(kp.where.file, kp.where.line,
+                          f"{kp.cert}: keyUsage without digitalSignature: "
+                          "the key may not sign TLS handshakes")
+    if usage.key_cert_sign:
+        raise refuse("keyUsage keyCertSign")
+
+
 def load_cert(kp: Keypair) -> Cert:
     pem = _read(kp.cert, "certificate", kp)
     try:
@@ -54,6 +89,7 @@ def load_cert(kp: Keypair) -> Cert:
     except ValueError as e:
         raise ConfigError(kp.where.file, kp.where.line,
                           f"{kp.cert}: not a PEM certificate ({e})") from None
+    refuse_ca_certificate(leaf, kp)
     pub = leaf.public_key()
     if isinstance(pub, rsa.RSAPublicKey):
         kind, bits = "rsa", pub.key_size
@@ -77,9 +113,42 @@ def load_cert(kp: Keypair) -> Cert:
                 leaf.not_valid_after_utc.isoformat())
 
 
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def check_key_file(st: os.stat_result, path: str, kp: Keypair) -> None:
+    """Refuse a key file others could read or replace, as sshd refuses a
+    private key: no group or world bits, owned by root or by the user
+    reading it (the daemon's user: a ca reads its keys before it drops
+    privileges)."""
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise ConfigError(kp.where.file, kp.where.line,
+                          f"key {path}: mode {mode:04o} lets group or others "
+                          "read or write the private key; chmod 600 it")
+    me = os.geteuid()
+    if st.st_uid not in (0, me):
+        raise ConfigError(kp.where.file, kp.where.line,
+                          f"key {path}: owned by {_user(st.st_uid)}, not "
+                          f"by root or {_user(me)}, who runs pyprivsep")
+
+
 def read_key(cert: Cert) -> bytes:
-    """The private key PEM of a keypair (ca processes, keys inprocess, -n)."""
-    return _read(cert.keypair.key, "key", cert.keypair)
+    """The private key PEM of a keypair (ca processes, keys inprocess, -n,
+    reload's check), from a file only root or our user can touch."""
+    kp = cert.keypair
+    try:
+        with open(kp.key, "rb") as f:
+            # fstat what was opened: the path may change under us
+            check_key_file(os.fstat(f.fileno()), kp.key, kp)
+            return f.read()
+    except OSError as e:
+        raise ConfigError(kp.where.file, kp.where.line,
+                          f"cannot read key {kp.key}: {e.strerror}") from None
 
 
 def load_key(cert: Cert) -> CaKey:

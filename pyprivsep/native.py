@@ -30,9 +30,15 @@ def library_version() -> str:
     return ffi.string(lib.pps_library_version()).decode()
 
 
-def harden() -> None:
-    """No core dumps, not dumpable or traceable; pledge("stdio") on OpenBSD."""
-    _check(lib.pps_harden())
+SANDBOX_ROLES: dict[str, int] = {"relay": lib.PPS_SANDBOX_RELAY,
+                                  "ca": lib.PPS_SANDBOX_CA}
+
+
+def sandbox(role: str) -> None:
+    """Confine this process to what `role` ("relay" or "ca") needs from
+    now on: seccomp filter and no_new_privs on Linux, pledge on OpenBSD;
+    a ca also loses core dumps and dumpability.  Irreversible."""
+    _check(lib.pps_sandbox(SANDBOX_ROLES[role]))
 
 
 def leak_check() -> None:
@@ -120,8 +126,10 @@ def async_supported() -> bool:
 
 def engine_init(*, id: int, ca_fd: int, ctl_fd: int, max_conns: int,
                 handshake_timeout: int, keyops_async: bool, use_syslog: bool,
-                verbose: bool, log_conn: bool = False,
-                log_errors: bool = False, ticket_lifetime: int = 0) -> None:
+                verbose: bool, log_conn: bool, log_errors: bool,
+                ticket_lifetime: int) -> None:
+    """Every value comes from the parsed configuration (config.py owns the
+    defaults and ranges); the C engine takes them as they are."""
     conf = ffi.new("struct pps_engine_conf *")
     conf.keyops_async = int(keyops_async)
     conf.log_conn = int(log_conn)

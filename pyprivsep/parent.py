@@ -84,10 +84,6 @@ def prepare(cfg: Config, use_syslog: bool, verbose: bool,
     are kept, so no connection is refused while generations change."""
     certs, listeners, forward = [], [], []
     for r in cfg.relays:
-        for ln in r.listens:
-            if not ln.tls:
-                raise ConfigError(ln.where.file, ln.where.line,
-                                  "listen without tls is not supported")
         certs.append([keys.load_cert(kp) for kp in r.keypairs])
         forward.append(forward_address(r))
     opened: list[socket.socket] = []
@@ -397,6 +393,7 @@ class Parent:
         old_fds = {s.fileno() for socks in old_sockets.values() for s in socks}
         try:
             cfg = parse_config(self.cfg.path, self.macros)
+            privsep.check_users(cfg)
             setup = prepare(cfg, self.setup.use_syslog, self.verbose,
                             reuse=old_sockets)
         except ConfigError as e:

@@ -1,5 +1,5 @@
 """Privilege separation for the children: titles, descriptors, chroot,
-unprivileged user, and the ca's extra hardening."""
+a user per role (relays cfg.user, cas cfg.ca_user), and the sandbox."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,7 @@ import pwd
 import resource
 
 from pyprivsep import native
-from pyprivsep.config import Config
+from pyprivsep.config import Config, ConfigError, Where
 
 log = logging.getLogger("pyprivsep")
 
@@ -44,21 +44,53 @@ def prepare_chroot(cfg: Config) -> None:
         os.makedirs(cfg.chroot, mode=0o755)
 
 
-def drop_privileges(cfg: Config) -> None:
-    """chroot to the empty directory and become cfg.user, when root."""
+# How to make a missing user; `make users` runs the same for both.
+USERADD = ("useradd --system --user-group --no-create-home "
+           "--home-dir /var/empty --shell /usr/sbin/nologin")
+
+
+def role_user(cfg: Config, role: str) -> str:
+    """The user a role runs as: relays cfg.user, cas cfg.ca_user."""
+    return cfg.ca_user if role == "ca" else cfg.user
+
+
+def check_users(cfg: Config) -> None:
+    """As root, before anything forks: both users must exist, else a
+    ConfigError saying which and how to create it (a child that cannot
+    setuid would only die and be restarted, forever)."""
     if not is_root():
         return
-    pw = pwd.getpwnam(cfg.user)
+    for user, where, what in ((cfg.user, cfg.user_where, "user"),
+                              (cfg.ca_user, cfg.ca_user_where, "ca user")):
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            w = where or Where(cfg.path, 0)
+            raise ConfigError(w.file, w.line,
+                              f'{what} "{user}" does not exist: create it '
+                              f"with `make users` or `{USERADD} {user}`") from None
+
+
+def drop_privileges(cfg: Config, role: str) -> None:
+    """chroot to the empty directory and become the role's user, when root.
+    Relays and cas have users of their own: a relay cannot signal, trace
+    or limit a ca, nor any other daemon's process."""
+    if not is_root():
+        return
+    user = role_user(cfg, role)
+    pw = pwd.getpwnam(user)
     os.chroot(cfg.chroot)
     os.chdir("/")
     os.setgroups([pw.pw_gid])
     os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
     os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
     if os.getresuid() != (pw.pw_uid,) * 3:        # pragma: no cover
-        raise RuntimeError(f"could not become user {cfg.user}")
+        raise RuntimeError(f"could not become user {user}")
 
 
-def harden() -> None:
-    """The ca: no core dumps, not dumpable or traceable, pledged on OpenBSD
-    (after setuid, which resets the dumpable flag)."""
-    native.harden()
+def sandbox(role: str) -> None:
+    """The last step before a relay's or a ca's loop: from here on the
+    process can do only what its role needs (src/_rsaengine/sandbox.c).
+    After drop_privileges (setuid resets the dumpable flag the ca clears,
+    and chroot needs a syscall the filter refuses)."""
+    native.sandbox(role)

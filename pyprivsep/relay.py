@@ -79,6 +79,7 @@ def main(setup: RelaySetup, index: int, ca_fd: int, ctl_fd: int) -> int:
     configure(cfg, setup.certs, setup.forward, setup.listeners,
               cfg.keys_inprocess)
     native.ticket_keys(setup.ticket_keys)
-    privsep.drop_privileges(cfg)
+    privsep.drop_privileges(cfg, "relay")
+    privsep.sandbox("relay")
     native.engine_run()
     return 0

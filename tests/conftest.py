@@ -58,3 +58,7 @@ def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
     yield start
     for daemon in daemons:
         daemon.kill_all()
+    # a syscall missing from a role's seccomp allowlist kills the process:
+    # whatever the test checked, that is a failure
+    killed = [line for daemon in daemons for line in daemon.seccomp_kills()]
+    assert not killed, "relay or ca killed by its seccomp filter:\n" + "\n".join(killed)

@@ -252,3 +252,39 @@ def test_rsa8192_handshakes_at_once_all_succeed(
                                        extra=("keyops async", "tls keyop timeout 5000")))
     results = asyncio.run(many_handshakes(relay.listen_port, rsa8192.dns_name, 32))
     assert results.count(True) == 32, f"{results.count(False)} failed\n{daemon.describe()}"
+
+
+def test_handshake_timeout_while_waiting_for_the_ca_ends_the_paused_job(
+    pki: Pki, echo_backend: EchoServer, start_daemon: StartDaemon,
+    freezer: Freezer,
+) -> None:
+    """A connection closed while its handshake waits for the ca: the relay
+    fails that key operation, runs the paused job to its end and frees it
+    all (keyop_abandon), then drops the ca's late reply and goes on."""
+    # the ca stalls (frozen) until the handshakes have timed out (after 2 to
+    # 4 s, test_clients.py: the sweep's rounding) while their requests wait
+    # in it; thawed, it answers them late
+    relay = relay_for(pki, echo_backend)
+    daemon = start_daemon(KeyopsConfig([relay], prefork=1, extra=(
+        "keyops async", "tls keyop timeout 20000", "tls handshake timeout 3",
+        "log errors")))
+    (relay_pid,) = daemon.relay_pids().values()
+    (ca_pid,) = daemon.ca_pids().values()
+    baseline_fds = relay_fds(relay_pid)
+    freezer.add(ca_pid)
+    freezer.freeze()
+    clients = [subprocess.Popen(
+        ["openssl", "s_client", "-connect", f"{LOCALHOST}:{relay.listen_port}", "-brief"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(4)]
+    try:
+        wait_until(lambda: daemon.stderr_text().count("handshake timeout") >= 2, timeout=15,
+                   what="two handshakes to time out while they wait for the ca")
+    finally:
+        freezer.thaw()
+        for c in clients:
+            c.kill()
+            c.wait(timeout=10)
+    assert daemon.relay_pids() == {1: relay_pid}, daemon.describe()
+    wait_until(lambda: relay_fds(relay_pid) <= baseline_fds, timeout=10,
+               what=lambda: f"the relay to hold {baseline_fds} fds, not {relay_fds(relay_pid)}")

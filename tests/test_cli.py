@@ -197,3 +197,24 @@ def test_start_with_bad_cipher_list_exits_1(pki: Pki, tmp_path: Path) -> None:
     conf, line = cipher_config(pki, tmp_path)
     proc = run_pyprivsep("-d", "-f", str(conf))
     assert_error_at(proc, conf, line)
+
+
+# -- one owner for each rule: what -n accepts, the daemon accepts -----------------
+
+
+def test_check_refuses_listen_without_tls(pki: Pki, tmp_path: Path) -> None:
+    """`listen on` without `tls` used to pass -n and be refused only when the
+    daemon started; the parser owns the rule now, so -n names the line."""
+    kp = pki["rsa2048"]
+    lines = HEADER + [
+        'relay "www" {',
+        f"    listen on 127.0.0.1 port {free_port()} tls",
+        f"    listen on 127.0.0.1 port {free_port()}",
+        f"    forward to 127.0.0.1 port {free_port()}",
+        tls_line(kp.cert_path, kp.key_path),
+        "}",
+    ]
+    conf = write_conf(tmp_path / "plain.conf", lines)
+    proc = check(conf)
+    assert_error_at(proc, conf, len(HEADER) + 3)
+    assert "tls" in proc.stderr, output(proc)

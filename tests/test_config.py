@@ -14,8 +14,9 @@ from pyprivsep.config import (
 
 # A minimal valid relay block, for cases that need one around the error.
 PLAIN = """relay plain {
-    listen on 127.0.0.1 port 8080
+    listen on 127.0.0.1 port 8080 tls
     forward to 127.0.0.1 port 80
+    tls keypair plain
 }
 """
 
@@ -47,7 +48,7 @@ log errors
 relay "www" {
     listen on $ext port 8443 tls
     listen on ::1 port 8443 tls
-    listen on * port 9443
+    listen on * port 9443 tls
     forward to $backend port 8080
     tls keypair "server"
     tls keypair other
@@ -58,8 +59,9 @@ relay "www" {
 }
 
 relay api {
-    listen on localhost port 8080
+    listen on localhost port 8080 tls
     forward to backend.example.com port 80
+    tls keypair api
 }
 
 timeout 120
@@ -86,7 +88,7 @@ def test_full_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert www.listens == [
         Listen("127.0.0.1", 8443, True, Where(path, 14)),
         Listen("::1", 8443, True, Where(path, 15)),
-        Listen("*", 9443, False, Where(path, 16)),
+        Listen("*", 9443, True, Where(path, 16)),
     ]
     assert (www.forward_host, www.forward_port) == ("10.0.0.2", 8080)
     assert www.keypairs == [
@@ -100,9 +102,9 @@ def test_full_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     # No overrides: the global values, even though given after the block.
     assert api.where == Where(path, 26)
-    assert api.listens == [Listen("localhost", 8080, False, Where(path, 27))]
+    assert api.listens == [Listen("localhost", 8080, True, Where(path, 27))]
     assert (api.forward_host, api.forward_port) == ("backend.example.com", 80)
-    assert api.keypairs == []
+    assert api.keypairs == [Keypair("/ssl/api.crt", "/ssl/private/api.key", Where(path, 29))]
     assert api.ciphers is None
     assert api.keyop_timeout_ms == 2000
     assert api.session_timeout == 120
@@ -110,11 +112,20 @@ def test_full_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_defaults(tmp_path: Path) -> None:
     cfg = parse_text(tmp_path, PLAIN)
-    assert (cfg.prefork, cfg.user, cfg.chroot, cfg.timeout) == (3, "nobody", "/var/empty", 600)
+    assert (cfg.prefork, cfg.user, cfg.chroot, cfg.timeout) == (3, "_pyprivsep", "/var/empty", 600)
+    assert cfg.ca_user == "_pyprivsep_ca"
     assert (cfg.keys_inprocess, cfg.keyop_timeout_ms, cfg.log) == (False, 1000, set())
     relay = cfg.relays[0]
     assert (relay.keyop_timeout_ms, relay.session_timeout) == (1000, 600)
     assert parse_text(tmp_path, "").relays == []
+
+
+def test_users_per_role(tmp_path: Path) -> None:
+    cfg = parse_text(tmp_path, 'user "_relayd"\nca user "_relayd_ca"\n' + PLAIN)
+    assert (cfg.user, cfg.ca_user) == ("_relayd", "_relayd_ca")
+    # root for both is allowed: `make asan`'s children must stay dumpable
+    cfg = parse_text(tmp_path, 'user "root"\nca user "root"\n' + PLAIN)
+    assert (cfg.user, cfg.ca_user) == ("root", "root")
 
 
 def test_keypair_maps_under_ssl_dir(tmp_path: Path) -> None:
@@ -150,7 +161,7 @@ relay $name {
 
 
 def test_command_line_macros_take_precedence(tmp_path: Path) -> None:
-    text = 'p = 8000\nrelay r {\n listen on * port $p\n forward to ::1 port 1\n}\np = 7000\n'
+    text = 'p = 8000\nrelay r {\n listen on * port $p tls\n forward to ::1 port 1\n tls keypair k\n}\np = 7000\n'
     assert parse_text(tmp_path, text).relays[0].listens[0].port == 8000
     assert parse_text(tmp_path, text, {"p": "9000"}).relays[0].listens[0].port == 9000
 
@@ -213,8 +224,10 @@ prefork \\
 
 
 def test_layout_variants(tmp_path: Path) -> None:
-    text = ("relay one\n{\nlisten on 127.0.0.1 port 1\nforward to 127.0.0.1 port 2 }\n"
-            "relay two { listen on 127.0.0.1 port 3\r\n forward to 127.0.0.1 port 4\r\n}")
+    text = ("relay one\n{\nlisten on 127.0.0.1 port 1 tls\ntls keypair k\n"
+            "forward to 127.0.0.1 port 2 }\n"
+            "relay two { listen on 127.0.0.1 port 3 tls\r\n tls keypair k\r\n"
+            " forward to 127.0.0.1 port 4\r\n}")
     cfg = parse_text(tmp_path, text)
     assert [(r.name, r.listens[0].port, r.forward_port) for r in cfg.relays] == [
         ("one", 1, 2), ("two", 3, 4)]
@@ -239,7 +252,8 @@ def relay(*body: str, name: str = "r") -> str:
     return f'relay "{name}" {{\n' + "".join(f"    {line}\n" for line in body) + "}\n"
 
 
-LISTEN = "listen on 127.0.0.1 port 8443"
+LISTEN = "listen on 127.0.0.1 port 8443 tls"
+KEYPAIR = "tls keypair k"
 FORWARD = "forward to 127.0.0.1 port 8080"
 
 ERRORS = [
@@ -257,7 +271,7 @@ ERRORS = [
     ("extra-argument", "prefork 3 4\n", 1, 'extra argument "4" for "prefork"'),
     ("extra-argument-listen", relay("listen on * port 1 tls now", FORWARD), 2,
      'extra argument "now" for "listen on"'),
-    ("extra-after-brace", PLAIN.replace("}", "} x"), 4, 'extra argument "x" for "}"'),
+    ("extra-after-brace", PLAIN.replace("}", "} x"), 5, 'extra argument "x" for "}"'),
     ("not-a-number", "prefork three\n", 1, 'prefork "three" is not a number'),
     ("negative-number", "timeout -1\n", 1, 'timeout "-1" is not a number'),
     ("port-not-a-number", relay("listen on * port http", FORWARD), 2,
@@ -275,13 +289,13 @@ ERRORS = [
      "port 70000 out of range (1-65535)"),
     ("port-zero", relay(LISTEN, "forward to ::1 port 0"), 3, "port 0 out of range (1-65535)"),
     ("port-huge", relay(LISTEN, "forward to ::1 port " + "9" * 30), 3, "out of range (1-65535)"),
-    ("duplicate-relay", relay(LISTEN, FORWARD, name="a") + 'relay a {\n', 5,
+    ("duplicate-relay", relay(LISTEN, FORWARD, KEYPAIR, name="a") + 'relay a {\n', 6,
      'duplicate relay name "a"'),
     ("unterminated-string", 'prefork 3\nuser "nobody\nprefork 4\n', 2, "unterminated string"),
     ("unterminated-string-eof", 'user "nobody', 1, "unterminated string"),
     ("missing-brace", "\n" + relay(LISTEN, FORWARD)[:-2] + "\n\n", 6,
      'missing "}" (relay "r" opened at line 2)'),
-    ("unexpected-brace", PLAIN + "}\n", 5, 'unexpected "}"'),
+    ("unexpected-brace", PLAIN + "}\n", 6, 'unexpected "}"'),
     ("unexpected-open-brace", "{\n", 1, 'unexpected "{"'),
     ("relay-without-brace", "relay r\nprefork 3\n", 2, 'expected "{" after relay "r"'),
     ("undefined-macro", relay("listen on $addr port 1", FORWARD), 2, 'undefined macro "addr"'),
@@ -297,14 +311,14 @@ ERRORS = [
     ("no-forward", relay(LISTEN), 1, 'relay "r" has no "forward to"'),
     ("two-forwards", relay(LISTEN, FORWARD, "forward to ::1 port 1"), 4,
      'relay "r" has more than one "forward to"'),
-    ("tls-without-keypair", relay(LISTEN + " tls", FORWARD), 1,
+    ("tls-without-keypair", relay(LISTEN, FORWARD), 1,
      'relay "r" listens with tls but has no keypair'),
-    ("keypair-without-tls", relay(LISTEN, FORWARD, "tls keypair k"), 4,
-     'relay "r" has a keypair but no "listen on ... tls"'),
-    ("duplicate-listen", relay("listen on ::1 port 1", FORWARD, name="a")
-     + relay("listen on 0::1 port 1", FORWARD, name="b"), 6,
+    ("listen-without-tls", relay(LISTEN, "listen on ::1 port 8443", FORWARD, KEYPAIR), 3,
+     '"listen on ::1 port 8443" without "tls": only TLS listeners are supported'),
+    ("duplicate-listen", relay("listen on ::1 port 1 tls", FORWARD, KEYPAIR, name="a")
+     + relay("listen on 0::1 port 1 tls", FORWARD, name="b"), 7,
      "duplicate listen address 0::1 port 1 (already used at {path}:2)"),
-    ("duplicate-listen-same-relay", relay("listen on * port 1", "listen on * port 1 tls"), 3,
+    ("duplicate-listen-same-relay", relay("listen on * port 1 tls", "listen on * port 1 tls"), 3,
      "duplicate listen address * port 1"),
     ("nested-relay", relay(LISTEN, FORWARD, "relay x {"), 4, "nested relay blocks are not allowed"),
     ("listen-at-top", "listen on * port 1\n", 1, '"listen" is only valid inside a relay block'),
@@ -328,11 +342,24 @@ ERRORS = [
      'invalid address "bad_host" in "listen on"'),
     ("forward-to-any", relay(LISTEN, "forward to * port 1"), 3,
      'invalid address "*" in "forward to"'),
-    ("bad-keypair-name", relay(LISTEN + " tls", FORWARD, 'tls keypair "../x"'), 4,
+    ("bad-keypair-name", relay(LISTEN, FORWARD, 'tls keypair "../x"'), 4,
      'invalid keypair name "../x"'),
-    ("certificate-without-key", relay(LISTEN + " tls", FORWARD, 'tls certificate "c"'), 4,
+    ("certificate-without-key", relay(LISTEN, FORWARD, 'tls certificate "c"'), 4,
      'missing "key" in "tls certificate"'),
     ("relative-chroot", "chroot var/empty\n", 1, 'chroot "var/empty" is not an absolute path'),
+    ("ca-without-user", "ca nobody\n", 1, 'expected "user" in "ca", got "nobody"'),
+    ("ca-user-missing-argument", "ca user\n", 1, 'missing argument for "ca user"'),
+    ("ca-user-empty", 'ca user ""\n', 1, "empty user name"),
+    ("ca-user-in-relay", relay('ca user "x"'), 2, '"ca" is not allowed inside a relay block'),
+    # relays and cas share no uid: an owned relay could signal its ca
+    ("ca-user-is-user", 'user "www"\nprefork 2\nca user "www"\n', 3,
+     'ca user "www" is the relays\' user too'),
+    ("user-is-ca-user", 'ca user "www"\nuser "www"\n', 2,
+     'ca user "www" is the relays\' user too'),
+    ("user-is-default-ca-user", 'prefork 2\nuser "_pyprivsep_ca"\n', 2,
+     'ca user "_pyprivsep_ca" is the relays\' user too'),
+    ("ca-user-is-default-user", 'ca user "_pyprivsep"\n', 1,
+     'ca user "_pyprivsep" is the relays\' user too'),
 ]
 
 
@@ -450,3 +477,12 @@ def test_keyops_async_without_async_support_is_a_config_error(
     assert str(e.value).startswith(f"{conf}:2: keyops async: ")
     conf.write_text("keyops blocking\n")
     assert relay.keyops_async(parse_config(str(conf))) is False
+
+
+def test_default_socket_has_one_owner(tmp_path: Path) -> None:
+    """`pyprivsep ctl` looks where the daemon listens by default: both take
+    the path from config.DEFAULT_SOCKET, not from two copies of it."""
+    from pyprivsep import ctl
+
+    assert parse_text(tmp_path, "").socket == config.DEFAULT_SOCKET
+    assert ctl.DEFAULT_SOCKET is config.DEFAULT_SOCKET

@@ -186,28 +186,33 @@ def owner(path: str) -> int:
     return os.stat(path).st_uid
 
 
+# The default users: relays and cas each their own (`make users`).
+ROLE_USERS = {"relay": "_pyprivsep", "ca": "_pyprivsep_ca"}
+
+
 def wait_privileges_dropped(daemon: Daemon) -> list[ChildProcess]:
-    """All 6 children end up with the uid of "nobody" (fails on timeout)."""
-    uid = str(pwd.getpwnam("nobody").pw_uid)
+    """All 6 children end up with the uid of their role's user (fails on timeout)."""
+    uids = {role: str(pwd.getpwnam(user).pw_uid) for role, user in ROLE_USERS.items()}
 
     def dropped() -> list[ChildProcess] | None:
         children = daemon.children()
-        ok = len(children) == 6 and all(proc_status(c.pid)["Uid"].split() == [uid] * 4 for c in children)
+        ok = len(children) == 6 and all(
+            proc_status(c.pid)["Uid"].split() == [uids[c.role]] * 4 for c in children)
         return children if ok else None
 
     def state() -> str:
-        uids = {f"{c.role} {c.index}": proc_status(c.pid)["Uid"] for c in daemon.children()}
-        return f"relays and cas to run as uid {uid}: {uids}\n{daemon.describe()}"
+        seen = {f"{c.role} {c.index}": proc_status(c.pid)["Uid"] for c in daemon.children()}
+        return f"relays and cas to run as uids {uids}: {seen}\n{daemon.describe()}"
 
     return wait_until(dropped, 5.0, state)
 
 
 @requires_root
 def test_children_drop_privileges_and_chroot(daemon3: Daemon) -> None:
-    gid = str(pwd.getpwnam("nobody").pw_gid)
     chroot = os.path.realpath(daemon3.chroot)
     for child in wait_privileges_dropped(daemon3):
         name = f"{child.role} {child.index}"
+        gid = str(pwd.getpwnam(ROLE_USERS[child.role]).pw_gid)
         gids = proc_status(child.pid)["Gid"]
         assert gids.split() == [gid] * 4, f"{name}: Gid {gids}"
         assert os.readlink(f"/proc/{child.pid}/root") == chroot, f"{name} is not chrooted to {chroot}"
@@ -222,7 +227,7 @@ def test_ca_processes_are_not_dumpable_or_traced(daemon3: Daemon) -> None:
 
     # /proc/PID/{mem,environ} of a non-dumpable process are owned by root whatever
     # its uid (the /proc/PID directory itself is not: it keeps the task's uid).
-    # The ca runs as nobody now, so uid 0 here means "not dumpable".
+    # The ca runs as _pyprivsep_ca now, so uid 0 here means "not dumpable".
     def owners() -> dict[int, tuple[int, int]]:
         return {ca.pid: (owner(f"/proc/{ca.pid}/mem"), owner(f"/proc/{ca.pid}/environ")) for ca in cas}
 

@@ -231,8 +231,11 @@ def write_key(path: Path, key: PrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    path.write_bytes(pem)
-    path.chmod(0o600)
+    # created 0600: pyprivsep refuses a key others can read
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(pem)
 
 
 def write_cert(path: Path, cert: x509.Certificate) -> None:
@@ -449,7 +452,8 @@ class DaemonConfig:
     prefork: int = 2
     keys_inprocess: bool = False
     chroot: Path | None = None
-    user: str | None = None
+    user: str | None = None  # the relays' (None: the default, _pyprivsep)
+    ca_user: str | None = None  # the cas' (None: the default, _pyprivsep_ca)
     timeout: int | None = 600
 
     def render(self) -> str:
@@ -460,6 +464,8 @@ class DaemonConfig:
             lines.append(f'chroot "{self.chroot}"')
         if self.user is not None:
             lines.append(f'user "{self.user}"')
+        if self.ca_user is not None:
+            lines.append(f'ca user "{self.ca_user}"')
         if self.keys_inprocess:
             lines.append("keys inprocess")
         for relay in self.relays:
@@ -543,7 +549,7 @@ class Daemon:
         if SANITIZED:
             # LeakSanitizer needs /proc and a dumpable process: children stay
             # root (setuid would clear "dumpable") in chroot "/".
-            self.config = replace(self.config, chroot=Path("/"), user="root")
+            self.config = replace(self.config, chroot=Path("/"), user="root", ca_user="root")
         self.conf_path = workdir / "pyprivsep.conf"
         # each daemon its own control socket (a test may name another)
         self.conf_path.write_text(f'socket "{workdir / "ctl.sock"}"\n'
@@ -552,10 +558,12 @@ class Daemon:
         self.args = list(args)
         self._proc: subprocess.Popen[bytes] | None = None
         self._seen_pids: set[int] = set()
+        self.started_at = 0.0  # CLOCK_MONOTONIC, the kernel log's clock
 
     # -- lifecycle ---------------------------------------------------------
 
     def start(self, ready_timeout: float = 20.0) -> Self:
+        self.started_at = time.monotonic()
         with self.stderr_path.open("wb") as stderr, (self.workdir / "daemon.stdout").open("wb") as out:
             self._proc = subprocess.Popen(
                 pyprivsep_command("-d", "-f", str(self.conf_path), *self.args),
@@ -667,6 +675,19 @@ class Daemon:
                 found.append(ChildProcess(pid, match["role"], int(match["index"])))
         return found
 
+    def seccomp_kills(self) -> list[str]:
+        """Children of this daemon that its seccomp filter killed: the
+        parent's "killed by signal 31" lines, and the kernel's audit lines
+        (type=1326, sig=31) for any pid it ever had, which also catch a
+        child that died during shutdown, when the parent logs no deaths.
+        The kernel log needs root; without it only the daemon's log counts."""
+        self._remember_children()
+        found = [line for line in self.stderr_text().splitlines()
+                 if f"killed by signal {int(signal.SIGSYS)}" in line]
+        pids = self._seen_pids | ({self._proc.pid} if self._proc else set())
+        return found + [line for line in kernel_seccomp_kills(self.started_at - 1.0)
+                        if int(line.split(" pid=")[1].split()[0]) in pids]
+
     def processes(self, role: str) -> list[ChildProcess]:
         return [child for child in self.children() if child.role == role]
 
@@ -677,6 +698,21 @@ class Daemon:
     def ca_pids(self) -> dict[int, int]:
         """index -> pid of the ca processes."""
         return {child.index: child.pid for child in self.processes("ca")}
+
+
+_AUDIT_SECCOMP = re.compile(r"^\[\s*(?P<t>\d+\.\d+)\].*type=1326 .* pid=\d+ .*\bsig=31\b")
+
+
+def kernel_seccomp_kills(since: float) -> list[str]:
+    """Kernel log lines of processes a seccomp filter killed (SIGSYS) from
+    `since` on (CLOCK_MONOTONIC seconds, what dmesg's stamps count); empty
+    when the kernel log cannot be read (not root, dmesg_restrict)."""
+    try:
+        out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line for line in out.splitlines()
+            if (m := _AUDIT_SECCOMP.match(line)) and float(m["t"]) >= since]
 
 
 # Signature of the conftest ``start_daemon`` fixture:

@@ -50,9 +50,18 @@ void		 pps_log_setup(const char *prefix, int use_syslog, int verbose);
 int		 pps_reply_parse(const uint8_t *frame, size_t n,
 		    struct pps_hdr *hdr, const uint8_t **payload);
 
+/*
+ * The last step of a relay's or a ca's setup (sandbox.c): after keys,
+ * chroot and setuid, before its loop.  Linux: no_new_privs and a seccomp
+ * filter for the role; OpenBSD: pledge; a ca also loses core dumps and
+ * dumpability.
+ */
+#define PPS_SANDBOX_RELAY	1
+#define PPS_SANDBOX_CA		2
+int		 pps_sandbox(int role);
+
 int		 pps_async_supported(void);
 int64_t		 pps_lat_bound(int bucket);
-int		 pps_harden(void);
 void		 pps_leak_check(void);
 const char	*pps_error(void);
 const char	*pps_library_version(void);

@@ -102,27 +102,36 @@ extern time_t	pps_now;		/* monotonic seconds, per loop turn */
 /* tls.c */
 int	tls_keypair(struct relay *, const char *, size_t, const uint8_t *,
 	    const char *, size_t);
-int	tls_set_ticket_keys(const uint8_t *, size_t);
 int	tls_check_relay(struct relay *);
 
 /* shim.c */
 int	shim_init(void);
 EVP_PKEY *shim_pkey(X509 *, const struct keyref *);
 
-/* keyop.c */
+/*
+ * keyop.c: a connection's key operations.  relay.c keeps a keyop_ctx in
+ * each connection and runs its handshake through keyop_handshake(); keyop.c
+ * fills the keyop_ctx in.  The path of one operation: top of keyop.c.
+ */
+struct keyop;
+struct keyop_ctx {
+	struct keyop	*op;		/* in flight: the handshake waits (async) */
+	const char	*failed;	/* why this handshake step's key
+					 * operation failed; NULL: none did */
+};
+
 int	keyop_init(void);
 int	keyop_start(void);
+int	keyop_handshake(SSL *, struct keyop_ctx *);
+void	keyop_abandon(SSL *, struct keyop_ctx *);
 int	keyop_call(const struct keyref *, int, int, const uint8_t *, size_t,
 	    uint8_t *, size_t);
-void	keyop_set_owner(void *);
 void	keyop_ca_event(unsigned);
 int	keyop_next_timeout(uint64_t);
 void	keyop_expire(uint64_t);
-void	keyop_cancel(void *);
 int	keyop_ping(int);
-const char *keyop_failure(void *);
 void	keyop_stats(struct pps_stats *);
-void	relay_keyop_done(void *);	/* relay.c: resume that handshake */
+void	relay_keyop_done(struct keyop_ctx *);	/* relay.c: resume it */
 
 /* util.c */
 void	pps_log(int prio, const char *, ...)
@@ -130,6 +139,13 @@ void	pps_log(int prio, const char *, ...)
 int	pps_seterr(const char *, ...)
 	    __attribute__((format(printf, 1, 2)));
 int	pps_seterr_ssl(const char *);
-uint64_t pps_now_ms(void);
+uint64_t pps_clock_us(void);
+int	pps_frame_check(const uint8_t *, size_t, size_t, struct pps_hdr *);
+
+/* pps_frame_check(): what is wrong with a frame, in the order it checks */
+#define PPS_FRAME_SHORT		(-1)	/* less than a header */
+#define PPS_FRAME_LONG		(-2)	/* more than the reader's maximum */
+#define PPS_FRAME_LENGTH	(-3)	/* hdr.len is not the bytes after it */
+#define PPS_FRAME_VERSION	(-4)	/* not PPS_PROTO_VERSION */
 
 #endif

@@ -1,13 +1,39 @@
 /*
- * Key operations in flight to this relay's ca.
+ * Key operations: a handshake's private-key operations, sent to this
+ * relay's ca, and the handshake's way back once they are answered.
  *
- * The shim's RSA/EC callbacks call keyop_call().  Inside an async job (a
- * handshake run with SSL_MODE_ASYNC) the request is sent, the job pauses,
- * and the event loop goes on serving other connections; when the reply
- * with that request id arrives (or the keyop timeout passes, or the
- * connection is closed) the loop resumes that connection's handshake and
- * keyop_call() returns.  Outside a job -- `keyops blocking`, and LibreSSL,
- * which has no ASYNC -- it waits in poll() for its reply, as relayd does.
+ * One key operation, for a connection c of relay.c:
+ *
+ *   relay.c  conn_handshake(c): keyop_handshake(c->ssl, &c->keyop)
+ *   keyop.c    keyop_handshake(): running = &c->keyop; SSL_do_handshake()
+ *   shim.c       the RSA/EC_KEY method's callback: keyop_call()
+ *   keyop.c        keyop_call(): the request goes to the ca, and
+ *     blocking  (`keyops blocking`; LibreSSL, which has no ASYNC): it waits
+ *               in poll() for its reply, as relayd does, and returns it;
+ *     async     (the handshake runs in an OpenSSL ASYNC job): wait_async()
+ *               puts it in flight (op->ctx = running, ctx->op = op) and
+ *               pauses the job; SSL_do_handshake() returns
+ *               SSL_ERROR_WANT_ASYNC and the loop serves other connections.
+ *               The reply with that id (keyop_ca_event) or the keyop
+ *               timeout (keyop_expire) ends it: finish() calls
+ *               relay_keyop_done(op->ctx), relay.c runs conn_handshake(c)
+ *               again, the job resumes in wait_async() and keyop_call()
+ *               returns.  If c closes first, keyop_abandon() fails the
+ *               operation and runs the job to its end itself.
+ *   relay.c  a failed handshake reads c->keyop.failed: set when a key
+ *            operation failed, and why (else the client is to blame).
+ *
+ * Why `running`, the one piece of a connection's context that is not in
+ * its struct keyop_ctx: the shim's callbacks get only the RSA or EC_KEY,
+ * which every connection of a keypair shares, not the SSL.  But a
+ * handshake step -- and, in async mode, the job that runs it -- only ever
+ * runs inside keyop_handshake() for one known connection, so `running`
+ * names it exactly while keyop_call() runs, and an operation that has to
+ * wait keeps its own pointer, op->ctx.  (The SSL's ASYNC_WAIT_CTX could
+ * carry the connection instead, but it exists only once OpenSSL has
+ * started a job, so a callback that sees the SSL inside the job would have
+ * to put it there, at an allocation a connection, and blocking mode, with
+ * no job, would still need `running`.)
  *
  * Every request carries an id.  A reply whose id is not in flight is a late
  * answer to a request that already failed: it is dropped.
@@ -19,6 +45,7 @@
 #include <syslog.h>
 #include <unistd.h>
 
+#include <openssl/err.h>
 #include <openssl/rand.h>
 #ifndef OPENSSL_NO_ASYNC
 #include <openssl/async.h>
@@ -32,7 +59,7 @@ struct keyop {
 	struct keyop	*hnext;		/* id hash chain */
 	struct keyop	*prev, *next;	/* in flight, oldest first */
 	struct keyop	*qnext;		/* not yet sent */
-	void		*owner;		/* the connection to resume */
+	struct keyop_ctx *ctx;		/* its connection's; NULL: none */
 	uint32_t	 id;
 	enum keyop_state state;
 	const char	*why;		/* KO_FAILED: the reason */
@@ -48,10 +75,10 @@ static struct keyop	*oldest, *newest;	/* in flight */
 static struct keyop	*unsent, **unsent_tail = &unsent;
 static struct evsrc	 ca_src = { EV_CA, -1, 0 };
 static uint64_t		 earliest = UINT64_MAX;	/* no deadline before */
-static void		*owner;			/* whose handshake runs now */
+static struct keyop_ctx	*running;	/* whose handshake step runs now */
 static uint32_t		 next_id;
 
-/* counters for the parent (pps_stats), and why the last operation failed */
+/* counters for the parent (pps_stats) */
 static struct {
 	uint64_t	 calls, fail, timeout, lat_sum;
 	uint64_t	 lat[PPS_LAT_BUCKETS];
@@ -59,8 +86,6 @@ static struct {
 static const uint64_t lat_bounds[PPS_LAT_BUCKETS - 1] = {	/* us */
 	250, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000, 500000
 };
-static void		*failed_owner;
-static const char	*failed_why;
 
 static const char *
 status_name(unsigned arg)
@@ -81,25 +106,19 @@ status_name(unsigned arg)
 }
 
 /*
- * Check a frame from the ca: a whole header, a known version, a reply, and
- * a length field that matches the bytes received (so at most
- * PPS_MAX_PAYLOAD).  On success *hdr is the header and *payload points into
- * frame.  Exposed (api.h) for the fuzz test.
+ * Check a frame from the ca: a well-formed frame (pps_frame_check: so at
+ * most PPS_MAX_PAYLOAD bytes of payload) that is a reply.  On success *hdr
+ * is the header and *payload points into frame.  Returns 0 or -1.  Exposed
+ * (api.h) for the fuzz test.
  */
 int
 pps_reply_parse(const uint8_t *frame, size_t n, struct pps_hdr *hdr,
     const uint8_t **payload)
 {
-	if (n < sizeof(*hdr) || n > PPS_FRAME_MAX)
-		return pps_seterr("frame of %zu bytes", n);
-	memcpy(hdr, frame, sizeof(*hdr));
-	if (hdr->version != PPS_PROTO_VERSION)
-		return pps_seterr("version %u", hdr->version);
+	if (pps_frame_check(frame, n, PPS_FRAME_MAX, hdr) != 0)
+		return -1;
 	if (hdr->type != PPS_OP_REPLY)
 		return pps_seterr("type %u is not a reply", hdr->type);
-	if (hdr->len != n - sizeof(*hdr))
-		return pps_seterr("length field %u, %zu payload bytes", hdr->len,
-		    n - sizeof(*hdr));
 	*payload = frame + sizeof(*hdr);
 	return 0;
 }
@@ -125,10 +144,23 @@ keyop_start(void)
 	return ca_src.fd == -1 ? 0 : poller_add(&ca_src, PPS_IN, 0);
 }
 
-void
-keyop_set_owner(void *conn)
+/*
+ * Run a step of ssl's handshake, ctx its connection's: the key operations
+ * the step makes report to ctx (ctx->failed says why one failed) and, if
+ * they wait, resume ctx's connection through relay_keyop_done(ctx).
+ * Returns what SSL_do_handshake() does.
+ */
+int
+keyop_handshake(SSL *ssl, struct keyop_ctx *ctx)
 {
-	owner = conn;
+	struct keyop_ctx *outer = running;
+	int r;
+
+	ctx->failed = NULL;
+	running = ctx;
+	r = SSL_do_handshake(ssl);
+	running = outer;
+	return r;
 }
 
 /* ---- the table of operations in flight ---- */
@@ -192,14 +224,15 @@ inflight_find(uint32_t id)
 	return NULL;
 }
 
-/* End an operation and resume its connection, which frees it. */
+/* End an operation and resume its handshake, whose keyop_call() frees it. */
 static void
 finish(struct keyop *op, enum keyop_state state, const char *why)
 {
 	inflight_remove(op);
 	op->state = state;
 	op->why = why;
-	relay_keyop_done(op->owner);
+	op->ctx->op = NULL;
+	relay_keyop_done(op->ctx);
 }
 
 /* ---- the ca channel ---- */
@@ -341,26 +374,32 @@ keyop_expire(uint64_t now)
 			earliest = op->deadline;
 }
 
-/* A connection closes while its handshake waits: fail that operation. */
+/*
+ * A connection closes while its handshake waits for the ca: fail that
+ * operation, and let the paused job run to its (failed) end, which frees
+ * the operation and the job.  Nothing is resumed through relay.c.
+ */
 void
-keyop_cancel(void *conn)
+keyop_abandon(SSL *ssl, struct keyop_ctx *ctx)
 {
-	struct keyop *op;
+	struct keyop *op = ctx->op;
 
-	for (op = oldest; op != NULL; op = op->next)
-		if (op->owner == conn) {
-			inflight_remove(op);
-			op->state = KO_FAILED;
-			op->why = "connection closed";
-			return;
-		}
+	if (op == NULL)
+		return;
+	inflight_remove(op);
+	op->state = KO_FAILED;
+	op->why = "connection closed";
+	ctx->op = NULL;
+	(void)keyop_handshake(ssl, ctx);
+	ERR_clear_error();
 }
 
 /* ---- the call ---- */
 
+/* now: pps_clock_us(), which the deadline counts from */
 static void
 build_request(struct keyop *op, const struct keyref *k, int type, int arg,
-    const uint8_t *in, size_t inlen)
+    const uint8_t *in, size_t inlen, uint64_t now)
 {
 	struct pps_hdr hdr;
 
@@ -375,7 +414,7 @@ build_request(struct keyop *op, const struct keyref *k, int type, int arg,
 	if (inlen > 0)
 		memcpy(op->buf + sizeof(hdr), in, inlen);
 	op->len = sizeof(hdr) + inlen;
-	op->deadline = pps_now_ms() + k->timeout_ms;
+	op->deadline = now / 1000 + k->timeout_ms;
 }
 
 /* keyops blocking: wait here for our reply, dropping any other. */
@@ -392,7 +431,7 @@ wait_blocking(struct keyop *op)
 		op->why = "ca unreachable";
 		return KO_FAILED;
 	}
-	while ((now = pps_now_ms()) < op->deadline) {
+	while ((now = pps_clock_us() / 1000) < op->deadline) {
 		if (poll(&pfd, 1, (int)(op->deadline - now)) == -1 &&
 		    errno != EINTR)
 			return KO_FAILED;
@@ -440,9 +479,11 @@ wait_async(struct keyop *op)
 		*unsent_tail = op;
 		unsent_tail = &op->qnext;
 	}
+	op->ctx->op = op;
 	while (op->state == KO_WAITING) {
 		if (!ASYNC_pause_job()) {
 			inflight_remove(op);
+			op->ctx->op = NULL;
 			op->why = "ASYNC_pause_job failed";
 			return KO_FAILED;
 		}
@@ -450,15 +491,6 @@ wait_async(struct keyop *op)
 	return op->state;
 }
 #endif
-
-static uint64_t
-now_us(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
-}
 
 static void
 count_latency(uint64_t us)
@@ -479,22 +511,6 @@ pps_lat_bound(int i)
 		return -1;
 	return (int64_t)lat_bounds[i];
 }
-
-/* Why conn's handshake failed, if a key operation of its own failed. */
-const char *
-keyop_failure(void *conn)
-{
-	const char *why = NULL;
-
-	if (conn != NULL && failed_owner == conn) {
-		why = failed_why;
-		failed_owner = NULL;
-	}
-	return why;
-}
-
-_Static_assert(sizeof(((struct pps_stats *)0)->keyop_lat) ==
-    PPS_LAT_BUCKETS * sizeof(uint64_t), "protocol.h: keyop_lat size");
 
 void
 keyop_stats(struct pps_stats *st)
@@ -523,7 +539,7 @@ keyop_ping(int timeout_ms)
 		return -1;
 	memset(&none, 0, sizeof(none));
 	none.timeout_ms = timeout_ms;
-	build_request(op, &none, PPS_OP_PING, 0, NULL, 0);
+	build_request(op, &none, PPS_OP_PING, 0, NULL, 0, pps_clock_us());
 	st = wait_blocking(op);
 	free(op);
 	return st == KO_DONE ? 0 : -1;
@@ -541,12 +557,12 @@ keyop_call(const struct keyref *k, int type, int arg, const uint8_t *in,
 	if (pps_conf.ca_fd == -1 || inlen > PPS_MAX_PAYLOAD ||
 	    (op = calloc(1, sizeof(*op))) == NULL)
 		return -1;
-	build_request(op, k, type, arg, in, inlen);
-	op->owner = owner;
-	start = now_us();
+	start = pps_clock_us();
+	build_request(op, k, type, arg, in, inlen, start);
+	op->ctx = running;
 	counts.calls++;
 #ifndef OPENSSL_NO_ASYNC
-	if (pps_conf.keyops_async && owner != NULL &&
+	if (pps_conf.keyops_async && op->ctx != NULL &&
 	    ASYNC_get_current_job() != NULL)
 		st = wait_async(op);
 	else
@@ -563,11 +579,12 @@ keyop_call(const struct keyref *k, int type, int arg, const uint8_t *in,
 		}
 	}
 	if (len >= 0)
-		count_latency(now_us() - start);
+		count_latency(pps_clock_us() - start);
 	else {
 		counts.fail++;
-		failed_owner = op->owner;
-		failed_why = op->why != NULL ? op->why : "ca failure";
+		if (op->ctx != NULL)
+			op->ctx->failed = op->why != NULL ? op->why :
+			    "ca failure";
 	}
 	free(op);
 	return len;

@@ -5,6 +5,8 @@
  * it to cffi's cdef so that Python (pyprivsep/native.py) reads the same
  * constants and the same struct layout through the FFI.  Keep it to integer
  * #defines, structs and nothing else (no #if, no expressions in #defines).
+ * An array size may name one of these #defines: cffi's cdef resolves an
+ * integer constant defined in the cdef itself.
  *
  * Transport: an AF_UNIX SOCK_SEQPACKET socketpair, so one frame is one
  * message and a frame can never be split or merged.  A frame is a
@@ -56,7 +58,7 @@ struct pps_hdr {
 	uint16_t	arg;		/* per type, see above */
 	uint32_t	id;		/* request id, echoed in the reply */
 	uint32_t	len;		/* payload bytes after the header */
-	uint8_t		key[32];	/* key id (PPS_KEYID_LEN) */
+	uint8_t		key[PPS_KEYID_LEN];	/* key id */
 };
 
 /* Key operation latency histogram: upper bounds in microseconds, the last
@@ -77,7 +79,7 @@ struct pps_stats {
 	uint64_t	keyop_fail;	/* ... of which failed (incl. timeouts) */
 	uint64_t	keyop_timeout;	/* ... of which timed out */
 	uint64_t	keyop_lat_sum;	/* microseconds, answered operations */
-	uint64_t	keyop_lat[12];	/* PPS_LAT_BUCKETS */
+	uint64_t	keyop_lat[PPS_LAT_BUCKETS];
 	uint64_t	bytes_in;	/* client -> backend */
 	uint64_t	bytes_out;	/* backend -> client */
 	uint64_t	draining;	/* 1 once told to drain */

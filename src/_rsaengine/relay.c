@@ -64,7 +64,7 @@ struct conn {
 	struct conn	*prev, *next;
 	struct conn	*ready_next;	/* pump again without waiting */
 	int		 on_ready;
-	int		 keyop_wait;	/* handshake paused for the ca */
+	struct keyop_ctx keyop;		/* keyop.op: handshake waits for the ca */
 	struct sockaddr_storage peer;	/* the client */
 	time_t		 started, active;	/* accepted, last traffic */
 	uint64_t	 bytes_in, bytes_out;
@@ -209,16 +209,7 @@ conn_close(struct conn *c, const char *why)
 		    (long long)(pps_now - c->started),
 		    (unsigned long long)c->bytes_in,
 		    (unsigned long long)c->bytes_out);
-	if (c->keyop_wait) {
-		/* let the paused job run to its (failed) end, then free it */
-		c->keyop_wait = 0;
-		keyop_cancel(c);
-		keyop_set_owner(c);
-		(void)SSL_do_handshake(c->ssl);
-		keyop_set_owner(NULL);
-		(void)keyop_failure(c);
-		ERR_clear_error();
-	}
+	keyop_abandon(c->ssl, &c->keyop);	/* a handshake waiting for the ca */
 	list_unlink(c);
 	if (c->on_ready)
 		for (pp = &ready; *pp != NULL; pp = &(*pp)->ready_next)
@@ -311,7 +302,7 @@ backend_connect(struct conn *c)
 static void
 handshake_failed(struct conn *c)
 {
-	const char *why = keyop_failure(c);
+	const char *why = c->keyop.failed;
 
 	if (why != NULL) {
 		stats.fail_ca++;
@@ -331,10 +322,7 @@ conn_handshake(struct conn *c)
 {
 	int r;
 
-	c->keyop_wait = 0;
-	keyop_set_owner(c);
-	r = SSL_do_handshake(c->ssl);
-	keyop_set_owner(NULL);
+	r = keyop_handshake(c->ssl, &c->keyop);
 	if (r == 1) {
 #ifndef OPENSSL_NO_ASYNC
 		if (pps_conf.keyops_async)	/* reads and writes: no jobs */
@@ -361,7 +349,6 @@ conn_handshake(struct conn *c)
 		break;
 #ifndef OPENSSL_NO_ASYNC
 	case SSL_ERROR_WANT_ASYNC:	/* waiting for the ca: keyop.c resumes */
-		c->keyop_wait = 1;
 		conn_wait(c, 0, 0);
 		break;
 	case SSL_ERROR_WANT_ASYNC_JOB:	/* no job to be had now: again soon */
@@ -590,7 +577,7 @@ on_client(struct evsrc *src, unsigned events)
 	struct conn *c = CONN_OF(src, client);
 
 	(void)events;
-	if (c->closed || c->keyop_wait)
+	if (c->closed || c->keyop.op != NULL)	/* keyop.c resumes it */
 		return;
 	if (c->state == CS_HANDSHAKE)
 		conn_handshake(c);
@@ -739,7 +726,7 @@ ctl_answer(const struct pps_hdr *q, unsigned arg, const void *payload,
 static void
 ctl_ticket_keys(const struct pps_hdr *q, const uint8_t *payload)
 {
-	if (tls_set_ticket_keys(payload, q->len) == -1)
+	if (pps_ticket_keys(payload, q->len) == -1)
 		pps_log(LOG_WARNING, "parent: %s", pps_error());
 	else
 		pps_log(LOG_DEBUG, "ticket keys updated");
@@ -845,6 +832,7 @@ on_ctl(struct evsrc *src, unsigned events)
 	struct pps_hdr hdr;
 	unsigned slot;
 	ssize_t n;
+	int r;
 
 	(void)events;
 	n = recv(src->fd, frame, sizeof(frame), MSG_DONTWAIT);
@@ -856,15 +844,11 @@ on_ctl(struct evsrc *src, unsigned events)
 		poller_del(src);
 		return;
 	}
-	if ((size_t)n < sizeof(hdr) || (size_t)n > sizeof(frame) - 1) {
-		pps_log(LOG_WARNING, "parent: frame of %zd bytes", n);
-		return;
-	}
-	memcpy(&hdr, frame, sizeof(hdr));
-	slot = hdr.type - PPS_CTL_TICKET_KEYS;
-	if (hdr.version != PPS_PROTO_VERSION ||
-	    hdr.len != (size_t)n - sizeof(hdr))
-		pps_log(LOG_WARNING, "parent: malformed frame");
+	/* the one byte more than the largest message shows a longer one */
+	r = pps_frame_check(frame, n, sizeof(frame) - 1, &hdr);
+	slot = hdr.type - PPS_CTL_TICKET_KEYS;	/* hdr is set even if r != 0 */
+	if (r != 0)
+		pps_log(LOG_WARNING, "parent: malformed frame: %s", pps_error());
 	else if (hdr.type < PPS_CTL_TICKET_KEYS ||
 	    slot >= sizeof(ctl_dispatch) / sizeof(ctl_dispatch[0]))
 		pps_log(LOG_WARNING, "parent: unknown message %u", hdr.type);
@@ -933,14 +917,11 @@ next_deadline(int max)
 static void
 tick(void)
 {
-	struct timespec ts;
-	int i;
+	uint64_t us = pps_clock_us();
+	int i, closed = 0;
 
-	int closed = 0;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	pps_now = ts.tv_sec;
-	now_ms = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+	pps_now = us / 1000000;
+	now_ms = us / 1000;
 	keyop_expire(now_ms);
 	for (i = 0; i < nrelays; i++) {
 		closed += sweep(&relays[i]->handshaking, "handshake");
@@ -974,11 +955,11 @@ close_all(void)
 
 /* keyop.c: the ca answered c's request (or it failed): go on. */
 void
-relay_keyop_done(void *owner)
+relay_keyop_done(struct keyop_ctx *ctx)
 {
-	struct conn *c = owner;
+	struct conn *c = CONN_OF(ctx, keyop);
 
-	if (!c->closed && c->keyop_wait)
+	if (!c->closed)
 		conn_handshake(c);
 }
 
@@ -990,10 +971,6 @@ pps_engine_init(const struct pps_engine_conf *conf)
 	char prefix[32];
 
 	pps_conf = *conf;
-	if (pps_conf.max_conns <= 0)
-		pps_conf.max_conns = 10000;
-	if (pps_conf.handshake_timeout <= 0)
-		pps_conf.handshake_timeout = 30;
 	/* two descriptors a connection */
 	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
 		rl.rlim_cur = rl.rlim_max;

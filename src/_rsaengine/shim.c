@@ -3,9 +3,13 @@
  * certificate's key, with an RSA_METHOD / EC_KEY_METHOD whose private
  * operations become requests to this relay's ca process.
  *
- * RSA_METHOD and EC_KEY_METHOD are deprecated in OpenSSL 3 (and still the
- * only hook that works on OpenSSL 3.0-4.0 and LibreSSL alike, see
- * shared NOTES-openssl.md), hence the local suppression.
+ * RSA_METHOD and EC_KEY_METHOD are deprecated in OpenSSL 3, hence the local
+ * suppression, but they are the only private-key hook that works on OpenSSL
+ * 3.0 to 4.0 and on LibreSSL alike: ENGINE is gone from OpenSSL 4.0 and
+ * LibreSSL, and LibreSSL has no providers.  OpenSSL 3 treats a key as
+ * "foreign" (and calls our method rather than its provider) only if the
+ * method is set before EVP_PKEY_assign_*(), so shim_rsa() and shim_ec() set
+ * it first.
  *
  * How a request travels to the ca and its answer back: keyop.c.
  */

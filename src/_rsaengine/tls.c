@@ -33,9 +33,11 @@ struct ticket_key {
 
 static struct ticket_key tickets[PPS_MAX_TICKET_KEYS];
 static int ntickets;
+static const EVP_CIPHER *ticket_cipher;	/* AES-256-CBC, see ticket_init() */
 
+/* The parent's keys (PPS_CTL_TICKET_KEYS, or Python before the loop). */
 int
-tls_set_ticket_keys(const uint8_t *keys, size_t len)
+pps_ticket_keys(const uint8_t *keys, size_t len)
 {
 	size_t i, n = len / PPS_TICKET_KEY_LEN;
 
@@ -47,12 +49,6 @@ tls_set_ticket_keys(const uint8_t *keys, size_t len)
 	OPENSSL_cleanse(&tickets[n], sizeof(tickets) - n * sizeof(tickets[0]));
 	ntickets = n;
 	return 0;
-}
-
-int
-pps_ticket_keys(const uint8_t *keys, size_t len)
-{
-	return tls_set_ticket_keys(keys, len);
 }
 
 static const struct ticket_key *
@@ -67,41 +63,62 @@ ticket_find(const uint8_t *name)
 }
 
 /*
- * Seal with the newest key; open with any key still held, and ask for a
- * fresh ticket (return 2) when it was not the newest.  No keys: no tickets.
+ * The ticket cipher, once per process: on OpenSSL 3 EVP_aes_256_cbc() is a
+ * legacy object that makes every EVP_CipherInit_ex() fetch the provider's
+ * implementation again (locks and a property query per ticket); a cipher
+ * fetched here is used as it is.
+ */
+static int
+ticket_init(void)
+{
+	if (ticket_cipher != NULL)
+		return 0;
+#ifdef PPS_TICKET_EVP
+	ticket_cipher = EVP_CIPHER_fetch(NULL, "AES-256-CBC", NULL);
+#else
+	ticket_cipher = EVP_aes_256_cbc();
+#endif
+	return ticket_cipher != NULL ? 0 : pps_seterr_ssl("AES-256-CBC");
+}
+
+/*
+ * The one difference between the two ticket callbacks: how the MAC gets
+ * its key.  OpenSSL 3 hands us an EVP_MAC_CTX (HMAC) made for this ticket,
+ * so the digest is named on each one: the API takes a name, not an EVP_MD.
+ * LibreSSL hands us an HMAC_CTX.
  */
 #ifdef PPS_TICKET_EVP
+typedef EVP_MAC_CTX	ticket_mac;
+
 static int
-ticket_cb(SSL *ssl, unsigned char *name, unsigned char *iv,
-    EVP_CIPHER_CTX *cctx, EVP_MAC_CTX *mctx, int enc)
+ticket_mac_init(EVP_MAC_CTX *mctx, const struct ticket_key *k)
 {
-	const struct ticket_key *k;
 	OSSL_PARAM params[3];
 
-	(void)ssl;
-	if (enc) {
-		if (ntickets == 0)
-			return 0;
-		k = &tickets[0];
-		memcpy(name, k->name, sizeof(k->name));
-		if (RAND_bytes(iv, 16) != 1)
-			return -1;
-	} else if ((k = ticket_find(name)) == NULL)
-		return 0;
 	params[0] = OSSL_PARAM_construct_octet_string(OSSL_MAC_PARAM_KEY,
 	    (void *)k->hmac, sizeof(k->hmac));
 	params[1] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST,
 	    (char *)"SHA256", 0);
 	params[2] = OSSL_PARAM_construct_end();
-	if (!EVP_MAC_CTX_set_params(mctx, params) ||
-	    !EVP_CipherInit_ex(cctx, EVP_aes_256_cbc(), NULL, k->aes, iv, enc))
-		return -1;
-	return enc || k == &tickets[0] ? 1 : 2;
+	return EVP_MAC_CTX_set_params(mctx, params);
 }
 #else
+typedef HMAC_CTX	ticket_mac;
+
+static int
+ticket_mac_init(HMAC_CTX *hctx, const struct ticket_key *k)
+{
+	return HMAC_Init_ex(hctx, k->hmac, sizeof(k->hmac), EVP_sha256(), NULL);
+}
+#endif
+
+/*
+ * Seal with the newest key; open with any key still held, and ask for a
+ * fresh ticket (return 2) when it was not the newest.  No keys: no tickets.
+ */
 static int
 ticket_cb(SSL *ssl, unsigned char *name, unsigned char *iv,
-    EVP_CIPHER_CTX *cctx, HMAC_CTX *hctx, int enc)
+    EVP_CIPHER_CTX *cctx, ticket_mac *mctx, int enc)
 {
 	const struct ticket_key *k;
 
@@ -115,12 +132,11 @@ ticket_cb(SSL *ssl, unsigned char *name, unsigned char *iv,
 			return -1;
 	} else if ((k = ticket_find(name)) == NULL)
 		return 0;
-	if (!HMAC_Init_ex(hctx, k->hmac, sizeof(k->hmac), EVP_sha256(), NULL) ||
-	    !EVP_CipherInit_ex(cctx, EVP_aes_256_cbc(), NULL, k->aes, iv, enc))
+	if (!ticket_mac_init(mctx, k) ||
+	    !EVP_CipherInit_ex(cctx, ticket_cipher, NULL, k->aes, iv, enc))
 		return -1;
 	return enc || k == &tickets[0] ? 1 : 2;
 }
-#endif
 
 /* SNI: switch to the first keypair whose certificate names the host. */
 static int
@@ -162,6 +178,8 @@ tls_ctx(struct relay *r)
 		pps_seterr("cipher list too long");
 		return NULL;
 	}
+	if (ticket_init() == -1)
+		return NULL;
 	if ((ctx = SSL_CTX_new(TLS_server_method())) == NULL) {
 		pps_seterr_ssl("SSL_CTX_new");
 		return NULL;
@@ -179,8 +197,7 @@ tls_ctx(struct relay *r)
 	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
 	SSL_CTX_set_session_id_context(ctx, (const unsigned char *)r->name,
 	    strlen(r->name));
-	SSL_CTX_set_timeout(ctx, pps_conf.ticket_lifetime > 0 ?
-	    pps_conf.ticket_lifetime : 7200);
+	SSL_CTX_set_timeout(ctx, pps_conf.ticket_lifetime);
 #ifdef PPS_TICKET_EVP
 	SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, ticket_cb);
 #else

@@ -5,7 +5,6 @@
 #include <string.h>
 #include <syslog.h>
 #include <unistd.h>
-#include <sys/resource.h>
 #ifdef __linux__
 #include <sys/prctl.h>
 #endif
@@ -76,36 +75,54 @@ pps_log_setup(const char *prefix, int use_syslog, int verbose)
 		openlog("pyprivsep", LOG_PID | LOG_NDELAY, LOG_DAEMON);
 }
 
+/*
+ * Check a frame of n bytes received from another process, before anything
+ * of it is used: a whole header, at most max bytes in all, a length field
+ * that matches the bytes after the header (so hdr->len <= max - header),
+ * and our protocol version.  Returns 0, or the first PPS_FRAME_* that
+ * applies with a message in pps_error().  *hdr is the header whenever the
+ * frame holds one, even a bad frame's, so that an answer can echo its id
+ * and key; zeroes otherwise.  The relay (ca replies, parent's control
+ * messages) and the ca (requests) all read frames through here.
+ */
+int
+pps_frame_check(const uint8_t *frame, size_t n, size_t max,
+    struct pps_hdr *hdr)
+{
+	if (n < sizeof(*hdr)) {
+		memset(hdr, 0, sizeof(*hdr));
+		pps_seterr("short frame: %zu bytes", n);
+		return PPS_FRAME_SHORT;
+	}
+	memcpy(hdr, frame, sizeof(*hdr));
+	if (n > max) {
+		pps_seterr("frame too long: %zu bytes", n);
+		return PPS_FRAME_LONG;
+	}
+	if (hdr->len != n - sizeof(*hdr)) {
+		pps_seterr("length field %u does not match %zu payload bytes",
+		    hdr->len, n - sizeof(*hdr));
+		return PPS_FRAME_LENGTH;
+	}
+	if (hdr->version != PPS_PROTO_VERSION) {
+		pps_seterr("version %u", hdr->version);
+		return PPS_FRAME_VERSION;
+	}
+	return 0;
+}
+
+/*
+ * The one clock: monotonic microseconds (deadlines must not jump with the
+ * wall clock).  The loop's seconds and milliseconds and the key operations'
+ * deadlines and latencies all derive from it.
+ */
 uint64_t
-pps_now_ms(void)
+pps_clock_us(void)
 {
 	struct timespec ts;
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-/*
- * The ca, once its keys are loaded: no core dumps; on Linux not dumpable
- * (no ptrace, no /proc/PID/mem, even by its own uid); on OpenBSD pledged to
- * "stdio".  Call after setuid(), which resets the dumpable flag.
- */
-int
-pps_harden(void)
-{
-	struct rlimit rl = { 0, 0 };
-
-	if (setrlimit(RLIMIT_CORE, &rl) == -1)
-		return pps_seterr("setrlimit(RLIMIT_CORE): %s", strerror(errno));
-#ifdef __linux__
-	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == -1)
-		return pps_seterr("prctl(PR_SET_DUMPABLE): %s", strerror(errno));
-#endif
-#ifdef __OpenBSD__
-	if (pledge("stdio", NULL) == -1)
-		return pps_seterr("pledge: %s", strerror(errno));
-#endif
-	return 0;
+	return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
 }
 
 #if defined(__SANITIZE_ADDRESS__)
