@@ -42,6 +42,7 @@ from util import (
     TlsVersion,
     client_context,
     free_port,
+    frozen,
     make_keypair,
     pid_alive,
     pyprivsep_env,
@@ -210,15 +211,6 @@ def metric(samples: Sequence[Sample], name: str, **labels: str) -> float:
     found = [v for n, lv, v in samples if n == name and all(lv.get(k) == x for k, x in labels.items())]
     assert found, f"no sample {name}{labels}"
     return sum(found)
-
-
-@contextlib.contextmanager
-def stopped(pid: int) -> Iterator[None]:
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 # --------------------------------------------------------------------------
@@ -598,12 +590,12 @@ def test_ticket_keys_rotate_and_expire(
         return bool(result.reused)
 
     # six resumptions of each session, three on each relay process: the one
-    # not under test is stopped, so the other takes every connection off the
+    # not under test is frozen, so the other takes every connection off the
     # shared listening socket
     relay_pids = sorted(ops.daemon.relay_pids().values())
     assert len(relay_pids) == 2
     for i in range(6):
-        with stopped(relay_pids[i % 2]):
+        with frozen(relay_pids[i % 2]):
             for version in sessions:
                 assert resumes(version), f"TLS {version}: not resumed by relay pid {relay_pids[(i + 1) % 2]}"
 
@@ -687,10 +679,10 @@ def test_metrics(pki: Pki, echo_backend: EchoServer, start_daemon: StartDaemon, 
             lambda: metric(scrape(metrics_port), "pyprivsep_sessions_active") == 1, 5, "exactly one active session"
         )
 
-    # a handshake failed by a stopped ca
+    # a handshake failed by a frozen ca
     before = scrape(metrics_port)
     (ca_pid,) = ops.daemon.ca_pids().values()
-    with stopped(ca_pid):
+    with frozen(ca_pid):
         _, succeeded = handshake_from(port, name)
     assert not succeeded
     failed0 = metric(before, "pyprivsep_handshakes_failed_total", reason="ca")
@@ -751,9 +743,9 @@ def test_connection_and_error_logs(
             tls.recv(100)
     logged(f"relay down: {LOCALHOST}:{local_port}: backend: Connection refused")
 
-    # a stopped ca
+    # a frozen ca
     (ca_pid,) = ops.daemon.ca_pids().values()
-    with stopped(ca_pid):
+    with frozen(ca_pid):
         local_port, ok = handshake_from(*relay_ports(www))
         assert not ok
         logged(f"relay www: {LOCALHOST}:{local_port}: handshake failed: ca timeout")
