@@ -221,3 +221,22 @@ def test_ca_processes_are_not_dumpable_or_traced(daemon3: Daemon) -> None:
         5.0,
         lambda: f"ca processes to be non-dumpable; (mem, environ) owners: {owners()}",
     )
+
+
+# -- stopped children ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["relay", "ca"])
+def test_stopped_child_is_killed_and_replaced(daemon3: Daemon, role: str) -> None:
+    """A child stopped by SIGSTOP serves nobody: the parent sees it stop
+    (waitpid WUNTRACED), kills it and starts another; the daemon serves."""
+    before = daemon3.relay_pids() if role == "relay" else daemon3.ca_pids()
+    victim = before[1]
+    began = time.monotonic()
+    os.kill(victim, signal.SIGSTOP)
+    after = wait_replaced(daemon3, role, victim, count=3)
+    print(f"{role} 1: SIGSTOP to a new pid in {time.monotonic() - began:.3f} s")
+    assert {i: p for i, p in after.items() if i != 1} == {i: p for i, p in before.items() if i != 1}, daemon3.describe()
+    wait_until(lambda: not pid_alive(victim), RESTART_TIMEOUT, f"the stopped {role} to be gone")
+    assert f"{role} 1 stopped by signal {int(signal.SIGSTOP)}: killing it" in daemon3.stderr_text(), daemon3.describe()
+    wait_serving(daemon3)
