@@ -68,6 +68,18 @@ def check_config(cfg: Config) -> None:
                     [[] for _ in cfg.relays], inprocess=True)
 
 
+def control_server(cfg: Config) -> control.Server | None:
+    """The control socket, or None if it cannot be made (the daemon runs
+    without); control.InUse if another daemon listens on it."""
+    try:
+        return control.Server(cfg.socket)
+    except control.InUse:
+        raise
+    except OSError as e:
+        log.warning("no control socket %s: %s", cfg.socket, e.strerror or e)
+        return None
+
+
 def daemonize() -> None:
     if os.fork():
         os._exit(0)
@@ -100,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         log.error("pyprivsep: -D %s", e)
         return 1
+    ctl_server = None
     try:
         cfg = parse_config(args.f, macros)
         privsep.check_users(cfg)
@@ -107,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             check_config(cfg)
             print("configuration OK", file=sys.stderr)
             return 0
+        # before binding a port or forking: a second daemon on the same
+        # control socket would fight the first for its ports and clients
+        ctl_server = control_server(cfg)
         if not args.d:
             if not os.path.exists(SYSLOG_SOCKET):
                 log.error("pyprivsep: no syslog socket %s: run with -d",
@@ -118,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         keyops = "async" if relay.keyops_async(cfg) else "blocking"
     except ConfigError as e:
         log.error("%s", e)
+        if ctl_server is not None:
+            ctl_server.close()
+        return 1
+    except control.InUse as e:
+        log.error("pyprivsep: %s; not starting", e)
         return 1
     environment.clear_in_children()
     privsep.set_title("parent")
@@ -131,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("pyprivsep %s starting: %d relay processes, %s, keyops %s",
              __version__, cfg.prefork, native.library_version(), keyops)
     daemon = parent.Parent(cfg, setup, macros)
-    try:
-        daemon.control = control.Server(cfg.socket)
-    except OSError as e:
-        log.warning("no control socket %s: %s", cfg.socket, e.strerror or e)
+    daemon.control = ctl_server
     if cfg.metrics is not None:
         try:
             daemon.metrics = metrics.Server(daemon, cfg.metrics.host,
@@ -143,5 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s: metrics: cannot listen on %s port %d: %s",
                       cfg.metrics.where, cfg.metrics.host, cfg.metrics.port,
                       e.strerror or e)
+            if ctl_server is not None:
+                ctl_server.close()
             return 1
     return daemon.run()

@@ -3,8 +3,11 @@
 A UNIX stream socket (mode 0600: root only when the daemon runs as root).
 One command per connection: the client sends a JSON line
 ``{"cmd": ["show", "summary"]}``, the parent answers with one JSON line
-and closes.  The parent serves it from its main loop; a client that does
-not send its line within a second is dropped.
+and closes.  The parent serves it from its main loop, never blocking: a
+bounded number of connections, each a state machine (netserve); a client
+that does not send its line within two seconds is dropped; commands that
+need the relays (show summary, show sessions, reload) answer once every
+relay answered or its deadline passed.
 """
 from __future__ import annotations
 
@@ -13,20 +16,30 @@ import logging
 import os
 import socket
 import stat
-import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from pyprivsep import __version__, native
+from pyprivsep import __version__, native, netserve
 
 if TYPE_CHECKING:
     from pyprivsep.parent import Parent
 
 log = logging.getLogger("pyprivsep")
 MAX_REQUEST = 4096
+MAX_CONNS = 16
+
+Answer = dict[str, Any]
+Respond = Callable[[Answer], None]
 
 
-def show_summary(parent: "Parent") -> dict[str, Any]:
-    relays = parent.relay_stats()
+class InUse(OSError):
+    """Another daemon listens on the control socket."""
+
+
+def show_summary(parent: "Parent", respond: Respond) -> None:
+    parent.relay_stats(lambda relays: respond(summary(parent, relays)))
+
+
+def summary(parent: "Parent", relays: list[dict[str, Any]]) -> Answer:
     totals: dict[str, int] = {}
     for r in relays:
         for name, value in r.get("stats", {}).items():
@@ -55,12 +68,18 @@ def show_keys(parent: "Parent") -> dict[str, Any]:
         for c in certs]}
 
 
-def do_reload(parent: "Parent") -> dict[str, Any]:
-    error = parent.reload()
-    if error is not None:
-        return {"error": f"reload failed, still running the previous "
-                         f"configuration: {error}"}
-    return {"ok": f"reloaded, generation {parent.generation}"}
+def show_sessions(parent: "Parent", respond: Respond) -> None:
+    parent.sessions(lambda sessions: respond({"sessions": sessions}))
+
+
+def do_reload(parent: "Parent", respond: Respond) -> None:
+    def done(error: str | None) -> None:
+        if error is not None:
+            respond({"error": f"reload failed, still running the previous "
+                              f"configuration: {error}"})
+        else:
+            respond({"ok": f"reloaded, generation {parent.generation}"})
+    parent.reload(done)
 
 
 def do_stop(parent: "Parent") -> dict[str, Any]:
@@ -75,92 +94,94 @@ def log_level(verbose: bool) -> Callable[["Parent"], dict[str, Any]]:
     return run
 
 
-COMMANDS: dict[tuple[str, ...], Callable[["Parent"], dict[str, Any]]] = {
+def now(command: Callable[["Parent"], Answer]) \
+        -> Callable[["Parent", Respond], None]:
+    """A command answered at once, from the parent's own state."""
+    def run(parent: "Parent", respond: Respond) -> None:
+        respond(command(parent))
+    return run
+
+
+COMMANDS: dict[tuple[str, ...], Callable[["Parent", Respond], None]] = {
     ("show", "summary"): show_summary,
-    ("show", "sessions"): lambda parent: {"sessions": parent.sessions()},
-    ("show", "keys"): show_keys,
+    ("show", "sessions"): show_sessions,
+    ("show", "keys"): now(show_keys),
     ("reload",): do_reload,
-    ("stop",): do_stop,
-    ("log", "brief"): log_level(False),
-    ("log", "verbose"): log_level(True),
+    ("stop",): now(do_stop),
+    ("log", "brief"): now(log_level(False)),
+    ("log", "verbose"): now(log_level(True)),
 }
 
 
-class Server:
-    def __init__(self, path: str) -> None:
-        self.path = path
-        if os.path.exists(path):
-            if not stat.S_ISSOCK(os.stat(path).st_mode):
-                raise OSError(f"{path} exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-                raise OSError(f"{path}: another pyprivsep is listening")
-            except (ConnectionRefusedError, FileNotFoundError):
-                os.unlink(path)         # a stale socket
-            finally:
-                probe.close()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
+def bind(path: str) -> socket.socket:
+    """The listening control socket; InUse if a daemon already answers on
+    it (checked before anything else is bound or forked)."""
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise OSError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.sock.bind(path)
+            probe.connect(path)
+            raise InUse(f"control socket {path}: another pyprivsep is "
+                        "listening on it")
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)         # a stale socket
         finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        self.sock.listen(16)
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(MAX_CONNS)
+    return sock
 
-    def serve_one(self, parent: "Parent") -> None:
+
+class Server(netserve.Server):
+    def __init__(self, path: str) -> None:
+        super().__init__(bind(path), "control", max_conns=MAX_CONNS,
+                         max_request=MAX_REQUEST, read_timeout=2.0)
+        self.path = path
+        self.parent: "Parent | None" = None
+
+    def complete(self, data: bytes) -> bool:
+        return data.endswith(b"\n")
+
+    def handle(self, request: bytes, reply: netserve.Reply) -> None:
+        def respond(answer: Answer) -> None:
+            reply(json.dumps(answer).encode() + b"\n")
+        assert self.parent is not None
         try:
-            conn, _ = self.sock.accept()
-        except OSError:
-            return
-        with conn:
-            try:
-                line = read_line(conn)
-                if not line:        # a probe (another daemon's start)
-                    return
-                conn.sendall(json.dumps(self.answer(parent, line)).encode()
-                             + b"\n")
-            except (OSError, ValueError) as e:
-                log.warning("control: %s", e)
+            self.answer(self.parent, request, respond)
+        except Exception as e:      # a bug must not take the parent down
+            log.error("control: %s", e)
+            respond({"error": f"internal error: {e}"})
 
     @staticmethod
-    def answer(parent: "Parent", line: bytes) -> dict[str, Any]:
+    def answer(parent: "Parent", line: bytes, respond: Respond) -> None:
         try:
             words = tuple(json.loads(line)["cmd"])
         except (ValueError, KeyError, TypeError):
             words = ()
         if not words or not all(isinstance(w, str) for w in words):
-            return {"error": "malformed request"}
+            respond({"error": "malformed request"})
+            return
         command = COMMANDS.get(words)
         if command is None:
-            return {"error": f"unknown command: {' '.join(map(str, words))}",
-                    "commands": [" ".join(c) for c in COMMANDS]}
+            respond({"error": f"unknown command: {' '.join(map(str, words))}",
+                     "commands": [" ".join(c) for c in COMMANDS]})
+            return
         log.info("control: %s", " ".join(words))
-        return command(parent)
+        command(parent, respond)
 
     def close(self) -> None:
-        self.sock.close()
+        super().close()
         try:
             os.unlink(self.path)
         except OSError:
             pass
-
-
-def read_line(conn: socket.socket, timeout: float = 1.0) -> bytes:
-    """One request line, within `timeout` in all: a client that trickles
-    its bytes cannot hold the parent's loop any longer."""
-    data = b""
-    deadline = time.monotonic() + timeout
-    while not data.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise ValueError("request not sent in time")
-        conn.settimeout(left)
-        chunk = conn.recv(MAX_REQUEST)
-        if not chunk:
-            break
-        data += chunk
-        if len(data) > MAX_REQUEST:
-            raise ValueError("request too long")
-    return data

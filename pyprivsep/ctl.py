@@ -21,6 +21,8 @@ def request(path: str, words: list[str], timeout: float = 10.0) -> dict[str, Any
             if not chunk:
                 break
             data += chunk
+    if not data:        # e.g. the daemon's connection limit was reached
+        raise ConnectionError("the daemon closed the connection unanswered")
     return dict(json.loads(data))
 
 

@@ -1,16 +1,24 @@
 """Prometheus metrics (`metrics listen on ADDRESS port PORT`).
 
-The parent serves them from a thread; each scrape asks every relay process
-for its counters over the control channel.  Labels: `process` (relay
-process number) and `generation` (which configuration it runs).
+The parent serves them from its own loop, no thread: anyone on the host
+may connect, so the work is bounded (netserve: 16 connections at a time,
+the request read within two seconds, the answer written within five).
+Each scrape gathers every relay process's counters over the control
+channels (two seconds at most) and formats them with prometheus_client.
+Labels: `process` (relay process number) and `generation` (which
+configuration it runs).
 """
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING, Any, Iterator
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
+
+from pyprivsep import netserve
 
 if TYPE_CHECKING:
     from pyprivsep.parent import Parent
@@ -19,8 +27,10 @@ LABELS = ["process", "generation"]
 
 
 class Collector:
-    def __init__(self, parent: "Parent") -> None:
-        self.parent = parent
+    """The counters of one scrape, gathered before formatting."""
+
+    def __init__(self, relays: list[dict[str, Any]]) -> None:
+        self.relays = relays
 
     def collect(self) -> Iterator[Any]:
         from pyprivsep.parent import LATENCY_BOUNDS_US
@@ -45,7 +55,7 @@ class Collector:
             "the ca (answered operations)", labels=LABELS)
         traffic = CounterMetricFamily(
             "pyprivsep_bytes", "Bytes relayed", labels=LABELS + ["direction"])
-        for r in self.parent.relay_stats():
+        for r in self.relays:
             s = r.get("stats")
             if s is None:
                 continue
@@ -72,11 +82,52 @@ class Collector:
                     traffic)
 
 
-class Server:
-    def __init__(self, parent: "Parent", host: str, port: int) -> None:
-        registry = CollectorRegistry()
-        registry.register(Collector(parent))  # type: ignore[arg-type]
-        self.httpd, self.thread = start_http_server(port, host, registry)
+def render(relays: list[dict[str, Any]]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector(relays))  # type: ignore[arg-type]
+    return bytes(generate_latest(registry))
 
-    def close(self) -> None:
-        self.httpd.shutdown()
+
+def http(status: str, body: bytes, ctype: str = "text/plain") -> bytes:
+    return (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode() + body
+
+
+def listen(host: str, port: int) -> socket.socket:
+    family, stype, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, stype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(64)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Server(netserve.Server):
+    MAX_CONNS = 16
+
+    def __init__(self, parent: "Parent", host: str, port: int) -> None:
+        super().__init__(listen(host, port), "metrics",
+                         max_conns=self.MAX_CONNS, max_request=8192,
+                         read_timeout=2.0, write_timeout=5.0)
+        self.parent = parent
+
+    def complete(self, data: bytes) -> bool:
+        return b"\r\n\r\n" in data or b"\n\n" in data
+
+    def handle(self, request: bytes, reply: netserve.Reply) -> None:
+        method = request.split(b" ", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            reply(http("405 Method Not Allowed", b"GET only\n"))
+            return
+
+        def answer(relays: list[dict[str, Any]]) -> None:
+            body = render(relays)
+            out = http("200 OK", body, CONTENT_TYPE_LATEST)
+            reply(out[:len(out) - len(body)] if method == b"HEAD" else out)
+        self.parent.relay_stats(answer)

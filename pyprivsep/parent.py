@@ -7,7 +7,14 @@ operations, parent <-> relay for control.  The parent keeps both ends of
 the relay <-> ca pair open, so a restarted ca or relay simply inherits its
 end and the survivor never sees the channel break: requests sent while a
 ca was down time out in the relay, and their late replies are dropped by
-request id.
+request id.  Each relay process gets a fresh control channel, so nothing
+queued for a dead relay reaches its successor.
+
+The parent is root and must never block on a child or a client, nor do
+unbounded work for one: every channel and connection is non-blocking and
+served from one selector loop; every question has a deadline; a child
+that stops reading its channel, does not answer the heartbeat, or is
+stopped (SIGSTOP, SIGTSTP) is killed and restarted.
 """
 from __future__ import annotations
 
@@ -19,19 +26,34 @@ import time
 import traceback
 from dataclasses import dataclass, field
 import selectors
-import threading
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from pyprivsep import ca, keys, native, privsep, relay
+from pyprivsep.channel import (Answer, Channel, decode_sessions,
+                               decode_stats)
 from pyprivsep.config import Config, ConfigError, Listen, Relay, parse_config
-from pyprivsep.native import HDR_SIZE, Frame, P, ffi
+from pyprivsep.native import Frame, P
 
 log = logging.getLogger("pyprivsep")
 
 EX_CONFIG = 78                  # a child found the configuration unusable
 MAX_BACKOFF = 10.0
 SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-CTL_TIMEOUT = 2.0               # seconds a relay has to answer the parent
+CTL_TIMEOUT = 2.0               # seconds a relay has to answer ctl/metrics
+READY_TIMEOUT = 8.0             # reload: seconds to wait for the new relays
+HEARTBEAT_INTERVAL = 3.0        # seconds between two heartbeats of a relay
+TICK = 1.0                      # the loop looks at its timers at least this often
+
+
+def heartbeat_deadline(cfg: Config) -> float:
+    """Seconds a relay has to answer a heartbeat.  In `keyops blocking`
+    mode a relay legitimately sits in one key operation up to its `tls
+    keyop timeout` (at most 60 s) and may meet a second one before it
+    reads its channel: twice the longest timeout, plus 10 s of slack for
+    a loaded machine (12 s with the default 1 s timeout)."""
+    longest = max((r.keyop_timeout_ms for r in cfg.relays),
+                  default=cfg.keyop_timeout_ms)
+    return 2 * longest / 1000 + 10
 
 
 def open_listener(ln: Listen) -> list[socket.socket]:
@@ -129,6 +151,8 @@ class Pair:
     backoff: dict[str, float] = field(default_factory=dict)
     due: dict[str, float] = field(default_factory=dict)      # restart at
     draining: bool = False
+    channel: Optional[Channel] = None
+    heartbeat: bool = False         # a heartbeat question is out
 
     @classmethod
     def new(cls, index: int, generation: int) -> "Pair":
@@ -138,9 +162,20 @@ class Pair:
             s.set_inheritable(True)
         return cls(index, generation, r, c, p, rc)
 
+    def new_ctl(self) -> None:
+        """A fresh control channel, for a new relay process."""
+        for s in (self.ctl, self.ctl_relay):
+            s.close()
+        self.ctl, self.ctl_relay = socket.socketpair(socket.AF_UNIX,
+                                                     socket.SOCK_SEQPACKET)
+        self.ctl_relay.set_inheritable(True)
+
     def close(self) -> None:
         for s in (self.relay_end, self.ca_end, self.ctl, self.ctl_relay):
             s.close()
+
+
+Stats = list[dict[str, Any]]
 
 
 class Parent:
@@ -154,11 +189,14 @@ class Parent:
         self.pairs = [Pair.new(i, 1) for i in range(1, cfg.prefork + 1)]
         self.draining: list[Pair] = []      # old generations, finishing
         self.tickets = [new_ticket_key()]
-        self.next_rotation = time.monotonic() + self.rotation
+        now = time.monotonic()
+        self.next_rotation = now + self.rotation
+        self.next_heartbeat = now + HEARTBEAT_INTERVAL
         self.stopping = False
         self.status = 0
-        self.ctl_lock = threading.Lock()    # metrics thread vs main loop
-        self.ctl_id = 0
+        self.reloading = False              # new relays not all ready yet
+        self.reload_waiters: list[Callable[[str | None], None]] = []
+        self.reload_again: list[Callable[[str | None], None]] = []
         self.wakeup_r, self.wakeup_w = socket.socketpair()
         self.selector = selectors.DefaultSelector()
         self.control: Any = None            # control.Server
@@ -175,6 +213,8 @@ class Parent:
     # ---- children ----------------------------------------------------
 
     def spawn(self, pair: Pair, role: str) -> None:
+        if role == "relay":
+            self.open_channel(pair)
         pid = os.fork()
         if pid:
             pair.pids[role] = pid
@@ -195,7 +235,6 @@ class Parent:
         except BaseException:
             log.error("%s %d: %s", role, pair.index, traceback.format_exc())
         finally:
-            logging.shutdown()
             native.leak_check()
             os._exit(status)
 
@@ -218,29 +257,64 @@ class Parent:
     def all_pairs(self) -> list[Pair]:
         return self.pairs + self.draining
 
+    def find(self, pid: int) -> tuple[Pair, str] | None:
+        for pair in self.all_pairs():
+            for role, p in pair.pids.items():
+                if p == pid:
+                    return pair, role
+        return None
+
     def reap(self) -> None:
+        """Exited children, and stopped ones: a stopped child (SIGSTOP,
+        SIGTSTP, a debugger) answers nobody, so it is killed and replaced.
+        Pids the parent no longer tracks (children it killed) are reaped
+        and forgotten."""
         while True:
             try:
-                pid, wstatus = os.waitpid(-1, os.WNOHANG)
+                pid, wstatus = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
-            for pair in self.all_pairs():
-                for role, p in list(pair.pids.items()):
-                    if p == pid:
-                        del pair.pids[role]
-                        self.exited(pair, role, wstatus)
+            found = self.find(pid)
+            if found is None:
+                continue
+            pair, role = found
+            if os.WIFSTOPPED(wstatus):
+                self.condemn(pair, role, f"stopped by signal "
+                                         f"{os.WSTOPSIG(wstatus)}")
+            else:
+                del pair.pids[role]
+                self.exited(pair, role, wstatus)
+
+    def condemn(self, pair: Pair, role: str, why: str) -> None:
+        """Kill a child that stopped serving and restart it now, the
+        normal way, without waiting for it to exit: a frozen process may
+        not exit before it is thawed.  It is reaped whenever it goes."""
+        pid = pair.pids.pop(role, None)
+        if pid is None:
+            return
+        log.warning("%s %d %s: killing it", role, pair.index, why)
+        kill(pid, signal.SIGKILL)
+        self.gone(pair, role, None)
 
     def exited(self, pair: Pair, role: str, wstatus: int) -> None:
         code = os.waitstatus_to_exitcode(wstatus)
+        if not self.stopping and not pair.draining:
+            how = f"killed by signal {-code}" if code < 0 else f"exited {code}"
+            log.warning("%s %d %s", role, pair.index, how)
+        self.gone(pair, role, code)
+
+    def gone(self, pair: Pair, role: str, code: int | None) -> None:
+        """A child is no more (exited, or killed by the parent): restart it
+        after its backoff, or finish its pair's drain."""
+        if role == "relay":
+            self.close_channel(pair)
         if self.stopping:
             return
         if pair.draining:
             self.drained(pair, role)
             return
-        how = f"killed by signal {-code}" if code < 0 else f"exited {code}"
-        log.warning("%s %d %s", role, pair.index, how)
         if code == EX_CONFIG:
             log.error("%s %d cannot use the configuration, stopping", role,
                       pair.index)
@@ -263,101 +337,100 @@ class Parent:
                 kill(pair.pids["ca"], signal.SIGTERM)
         if not pair.pids:
             self.draining.remove(pair)
+            self.close_channel(pair)
             pair.close()
 
-    # ---- talking to the relays -----------------------------------------
+    # ---- control channels --------------------------------------------
 
-    def ask(self, pair: Pair, type: int, arg: int = 0) -> list[Frame]:
-        """Send a control message and collect its answers (until arg 0)."""
-        with self.ctl_lock:
-            self.ctl_id += 1
-            want = self.ctl_id
-            pair.ctl.send(Frame(type, arg, want, b"", b"").pack())
-            answers: list[Frame] = []
-            deadline = time.monotonic() + CTL_TIMEOUT
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"relay {pair.index} did not answer")
-                pair.ctl.settimeout(left)
-                try:
-                    data = pair.ctl.recv(1 << 16)
-                finally:
-                    pair.ctl.settimeout(None)
-                if len(data) < HDR_SIZE:
-                    continue
-                hdr = ffi.from_buffer("struct pps_hdr *", data)
-                if hdr.id != want or hdr.type != type:
-                    continue                # a late answer to an old question
-                answers.append(Frame(hdr.type, hdr.arg, hdr.id, b"",
-                                     data[HDR_SIZE:HDR_SIZE + hdr.len]))
-                if hdr.arg == 0:
-                    return answers
+    def open_channel(self, pair: Pair) -> None:
+        self.close_channel(pair)
+        pair.new_ctl()
+        pair.channel = Channel(pair.ctl, f"relay {pair.index}",
+                               max_sessions=self.cfg.max_connections)
+        pair.heartbeat = False
+        self.selector.register(pair.ctl, selectors.EVENT_READ,
+                               lambda mask, p=pair: self.on_channel(p, mask))
 
-    def wait_ready(self, pairs: list[Pair], timeout: float = 8.0) -> None:
-        """Until each relay answers: it does once its ca answers it and it
-        accepts (or gave up waiting for the ca).  The old generation keeps
-        accepting meanwhile."""
-        deadline = time.monotonic() + timeout
-        for pair in pairs:
-            while time.monotonic() < deadline and "relay" in pair.pids:
-                try:
-                    self.ask(pair, P.PPS_CTL_STATS)
-                    break
-                except TimeoutError:
-                    continue
-                except OSError:
-                    break
+    def close_channel(self, pair: Pair) -> None:
+        ch, pair.channel = pair.channel, None
+        if ch is None:
+            return
+        self.selector.unregister(ch.sock)
+        ch.close()              # its questions are answered "no answer"
+
+    def on_channel(self, pair: Pair, mask: int) -> None:
+        ch = pair.channel
+        if ch is None:
+            return
+        if mask & selectors.EVENT_READ:
+            ch.on_readable()
+        if mask & selectors.EVENT_WRITE and pair.channel is ch:
+            ch.flush()
+        self.watch(pair)
+
+    def watch(self, pair: Pair) -> None:
+        """Poll for writability only while frames wait; a relay that lets
+        its queue overflow or stops draining it is killed."""
+        ch = pair.channel
+        if ch is None:
+            return
+        why = ch.overdue(time.monotonic())
+        if why is not None:
+            self.condemn(pair, "relay", why)
+            return
+        events = selectors.EVENT_READ | \
+            (selectors.EVENT_WRITE if ch.wants_write() else 0)
+        if self.selector.get_key(ch.sock).events != events:
+            self.selector.modify(ch.sock, events, self.selector.get_key(
+                ch.sock).data)
+
+    def ask(self, pair: Pair, type: int, timeout: float,
+            done: Callable[[Answer], None]) -> None:
+        """A question to a relay; done(frames), or done(None) if it does
+        not answer usably in time."""
+        if pair.channel is None or "relay" not in pair.pids:
+            done(None)
+            return
+        pair.channel.ask(type, timeout, done)
+        self.watch(pair)
 
     def tell(self, pair: Pair, type: int, arg: int = 0,
              payload: bytes = b"") -> None:
         """Send a control message that has no answer."""
-        if "relay" not in pair.pids:
+        if pair.channel is None or "relay" not in pair.pids:
             return
-        try:
-            pair.ctl.send(Frame(type, arg, 0, b"", payload).pack())
-        except OSError as e:
-            log.warning("relay %d: message %d not sent: %s", pair.index,
-                        type, e)
+        pair.channel.send(Frame(type, arg, 0, b"", payload).pack())
+        self.watch(pair)
 
-    def relay_stats(self) -> list[dict[str, Any]]:
+    def gather(self, pairs: list[Pair], type: int, timeout: float,
+               done: Callable[[list[tuple[Pair, Answer]]], None]) -> None:
+        """Ask every live relay of `pairs`; done(answers, in pair order)
+        once each answered or its deadline passed."""
+        live = [p for p in pairs if "relay" in p.pids]
+        answers: dict[int, Answer] = {}
+
+        def one(i: int, answer: Answer) -> None:
+            answers[i] = answer
+            if len(answers) == len(live):
+                done([(p, answers[j]) for j, p in enumerate(live)])
+        if not live:
+            done([])
+        for i, pair in enumerate(live):
+            self.ask(pair, type, timeout, lambda a, i=i: one(i, a))
+
+    def relay_stats(self, done: Callable[[Stats], None]) -> None:
         """Each live relay process's counters, for ctl and metrics."""
-        out = []
-        for pair in self.all_pairs():
-            if "relay" not in pair.pids:
-                continue
-            entry: dict[str, Any] = {
-                "relay": pair.index, "generation": pair.generation,
-                "pid": pair.pids["relay"], "ca_pid": pair.pids.get("ca"),
-                "draining": pair.draining}
-            try:
-                (answer,) = self.ask(pair, P.PPS_CTL_STATS)
-                st = ffi.from_buffer("struct pps_stats *", answer.payload)
-                entry["stats"] = {name: getattr(st, name) for name in
-                                  STATS_FIELDS}
-                entry["stats"]["keyop_lat"] = list(st.keyop_lat)
-            except (OSError, ValueError) as e:
-                entry["error"] = str(e)
-            out.append(entry)
-        return out
+        def entries(answers: list[tuple[Pair, Answer]]) -> None:
+            done([stats_entry(pair, answer) for pair, answer in answers])
+        self.gather(self.all_pairs(), P.PPS_CTL_STATS, CTL_TIMEOUT, entries)
 
-    def sessions(self) -> list[dict[str, Any]]:
-        out = []
-        for pair in self.all_pairs():
-            if "relay" not in pair.pids:
-                continue
-            try:
-                answers = self.ask(pair, P.PPS_CTL_SESSIONS)
-            except OSError as e:
-                log.warning("relay %d: %s", pair.index, e)
-                continue
-            size = ffi.sizeof("struct pps_session")
-            for a in answers:
-                for off in range(0, len(a.payload) - size + 1, size):
-                    s = ffi.from_buffer("struct pps_session *",
-                                        a.payload[off:off + size])
-                    out.append(session_dict(s, pair, self.relay_names()))
-        return out
+    def sessions(self, done: Callable[[Stats], None]) -> None:
+        names = self.relay_names()
+
+        def entries(answers: list[tuple[Pair, Answer]]) -> None:
+            done([session_dict(s, pair, names) for pair, frames in answers
+                  for f in frames or [] for s in decode_sessions(f.payload)])
+        self.gather(self.all_pairs(), P.PPS_CTL_SESSIONS, CTL_TIMEOUT, entries)
 
     def relay_names(self) -> list[str]:
         return [r.name for r in self.cfg.relays]
@@ -367,6 +440,28 @@ class Parent:
         logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
         for pair in self.all_pairs():
             self.tell(pair, P.PPS_CTL_VERBOSE, int(verbose))
+
+    def heartbeats(self) -> None:
+        """Ask each relay for its counters; one that does not answer in
+        time (or answers garbage) is killed and restarted."""
+        deadline = heartbeat_deadline(self.cfg)
+        for pair in self.all_pairs():
+            if pair.heartbeat or pair.channel is None \
+                    or "relay" not in pair.pids:
+                continue
+            pair.heartbeat = True
+            self.ask(pair, P.PPS_CTL_STATS, deadline,
+                     lambda a, p=pair, ch=pair.channel:
+                     self.heartbeat_answer(p, ch, a, deadline))
+
+    def heartbeat_answer(self, pair: Pair, ch: Channel, answer: Answer,
+                         deadline: float) -> None:
+        if pair.channel is not ch:
+            return                      # that relay is gone already
+        pair.heartbeat = False
+        if answer is None:
+            self.condemn(pair, "relay", f"did not answer the heartbeat "
+                                        f"within {deadline:g} s")
 
     # ---- ticket keys -------------------------------------------------
 
@@ -385,10 +480,23 @@ class Parent:
 
     # ---- reload ------------------------------------------------------
 
-    def reload(self) -> str | None:
-        """Re-read the configuration and the keys: new pairs start, the old
-        relays stop accepting, finish their sessions and exit.  A broken
-        configuration keeps the running generation; returns its error."""
+    def reload(self, done: Callable[[str | None], None] | None = None) -> None:
+        """Re-read the configuration and the keys: new pairs start, and
+        once they answer (wait_ready) the old relays stop accepting, finish
+        their sessions and exit.  A broken configuration keeps the running
+        generation.  done(error or None) when it is over; a reload asked
+        for meanwhile runs after this one."""
+        if self.reloading:
+            self.reload_again.append(done or (lambda error: None))
+            return
+        error = self.start_generation()
+        if done is not None:
+            if error is not None:
+                done(error)
+            else:
+                self.reload_waiters.append(done)
+
+    def start_generation(self) -> str | None:
         old_sockets = sockets_of(self.setup)
         old_fds = {s.fileno() for socks in old_sockets.values() for s in socks}
         try:
@@ -421,7 +529,18 @@ class Parent:
         for pair in self.pairs:
             for role in self.roles():
                 self.spawn(pair, role)
-        self.wait_ready(self.pairs)
+        self.reloading = True
+        self.wait_ready(self.pairs, lambda: self.retire(old))
+        return None
+
+    def wait_ready(self, pairs: list[Pair], then: Callable[[], None]) -> None:
+        """then() once each relay answered: it does once its ca answers it
+        and it accepts (or gave up waiting for the ca), or READY_TIMEOUT
+        passed.  The old generation keeps accepting meanwhile."""
+        self.gather(pairs, P.PPS_CTL_STATS, READY_TIMEOUT, lambda _: then())
+
+    def retire(self, old: list[Pair]) -> None:
+        """The new generation serves: the old one drains."""
         for pair in old:
             pair.draining = True
             pair.due.clear()
@@ -431,13 +550,24 @@ class Parent:
             else:
                 self.drained(pair, "relay")
         log.info("reloaded: generation %d, %d relay processes",
-                 self.generation, cfg.prefork)
-        return None
+                 self.generation, self.cfg.prefork)
+        self.reloading = False
+        waiters, self.reload_waiters = self.reload_waiters, []
+        for done in waiters:
+            done(None)
+        again, self.reload_again = self.reload_again, []
+        if again:
+            self.reload(lambda error: [d(error) for d in again])
 
     # ---- the loop ----------------------------------------------------
 
     def stop(self) -> None:
         self.stopping = True
+
+    def on_wakeup(self, mask: int) -> None:
+        """Signals arrive here, as bytes on the wakeup socket."""
+        for signo in self.wakeup_r.recv(512):
+            self.on_signal(signo)
 
     def on_signal(self, signo: int) -> None:
         if signo == signal.SIGCHLD:
@@ -447,37 +577,64 @@ class Parent:
         elif signo == signal.SIGHUP:
             self.reload()
 
+    def deadlines(self) -> list[float]:
+        """When the loop must next look at its timers."""
+        now = time.monotonic()
+        times = [now + TICK, self.next_rotation, self.next_heartbeat]
+        times += [t for p in self.pairs for t in p.due.values()]
+        for pair in self.all_pairs():
+            if pair.channel is not None:
+                t = pair.channel.next_deadline()
+                if t is not None:
+                    times.append(t)
+        for server in (self.control, self.metrics):
+            if server is not None:
+                t = server.next_deadline()
+                if t is not None:
+                    times.append(t)
+        return times
+
+    def timers(self, now: float) -> None:
+        """Everything due: deadlines of questions, channels and
+        connections, ticket rotation, heartbeats, restarts."""
+        for pair in self.all_pairs():
+            if pair.channel is not None:
+                pair.channel.expire(now)
+                self.watch(pair)
+        for server in (self.control, self.metrics):
+            if server is not None:
+                server.expire(now)
+        if now >= self.next_rotation:
+            self.rotate_tickets()
+            self.next_rotation = now + self.rotation
+        if now >= self.next_heartbeat:
+            self.heartbeats()
+            self.next_heartbeat = now + HEARTBEAT_INTERVAL
+        for pair in self.pairs:
+            # a ca first, so that a relay restarted with it finds it
+            for role in self.roles():
+                if not self.stopping and pair.due.get(role, now + 1) <= now:
+                    self.spawn(pair, role)
+
     def run(self) -> int:
         self.wakeup_w.setblocking(False)
         signal.set_wakeup_fd(self.wakeup_w.fileno(), warn_on_full_buffer=False)
         for sig in SIGNALS:
             signal.signal(sig, lambda signo, frame: None)
-        self.selector.register(self.wakeup_r, selectors.EVENT_READ, None)
-        if self.control is not None:
-            self.selector.register(self.control.sock, selectors.EVENT_READ,
-                                   self.control)
+        self.selector.register(self.wakeup_r, selectors.EVENT_READ,
+                               self.on_wakeup)
+        for server in (self.control, self.metrics):
+            if server is not None:
+                server.parent = self
+                server.attach(self.selector)
         for pair in self.pairs:
             for role in self.roles():
                 self.spawn(pair, role)
         while not self.stopping:
-            now = time.monotonic()
-            due = [t for p in self.pairs for t in p.due.values()]
-            wake = min(due + [self.next_rotation])
-            for key, _ in self.selector.select(max(wake - now, 0.0)):
-                if key.data is None:
-                    for signo in self.wakeup_r.recv(512):
-                        self.on_signal(signo)
-                else:
-                    key.data.serve_one(self)
-            now = time.monotonic()
-            if now >= self.next_rotation:
-                self.rotate_tickets()
-                self.next_rotation = now + self.rotation
-            for pair in self.pairs:
-                # a ca first, so that a relay restarted with it finds it
-                for role in self.roles():
-                    if not self.stopping and pair.due.get(role, now + 1) <= now:
-                        self.spawn(pair, role)
+            wait = max(min(self.deadlines()) - time.monotonic(), 0.0)
+            for key, mask in self.selector.select(wait):
+                key.data(mask)          # each source its handler
+            self.timers(time.monotonic())
         self.shutdown()
         return self.status
 
@@ -508,12 +665,25 @@ class Parent:
                 pass
 
 
-STATS_FIELDS = ("accepted", "active", "hs_full", "hs_resumed", "fail_client",
-                "fail_ca", "fail_timeout", "fail_backend", "keyops",
-                "keyop_fail", "keyop_timeout", "keyop_lat_sum", "bytes_in",
-                "bytes_out")
 LATENCY_BOUNDS_US = tuple(native.lib.pps_lat_bound(i)
                           for i in range(P.PPS_LAT_BUCKETS - 1))  # then +Inf
+
+
+SESSION_STATES = {getattr(P, n): n[len("PPS_SESSION_"):].lower()
+                  for n in dir(P) if n.startswith("PPS_SESSION_")}
+
+
+def stats_entry(pair: Pair, answer: Answer) -> dict[str, Any]:
+    """One relay's line of `show summary` (and of the metrics)."""
+    entry: dict[str, Any] = {
+        "relay": pair.index, "generation": pair.generation,
+        "pid": pair.pids.get("relay"), "ca_pid": pair.pids.get("ca"),
+        "draining": pair.draining}
+    if answer is None:
+        entry["error"] = f"relay {pair.index} did not answer"
+    else:
+        entry["stats"] = decode_stats(answer[0].payload)
+    return entry
 
 
 def session_dict(s: Any, pair: Pair, names: list[str]) -> dict[str, Any]:
@@ -523,7 +693,7 @@ def session_dict(s: Any, pair: Pair, names: list[str]) -> dict[str, Any]:
     return {"relay_process": pair.index, "generation": pair.generation,
             "relay": names[s.relay] if s.relay < len(names) else s.relay,
             "client": f"{addr}:{s.port}",
-            "state": ("handshake", "connecting", "relaying")[min(s.state, 2)],
+            "state": SESSION_STATES.get(s.state, str(s.state)),
             "age": s.age, "idle": s.idle, "bytes_in": s.bytes_in,
             "bytes_out": s.bytes_out}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from util import Daemon, DaemonConfig, EchoServer, HttpBackend, KeyPair, Pki, StartDaemon, generate_pki, make_keypair
+from util import Daemon, DaemonConfig, EchoServer, Freezer, HttpBackend, KeyPair, Pki, StartDaemon, generate_pki, make_keypair
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +62,12 @@ def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
     # whatever the test checked, that is a failure
     killed = [line for daemon in daemons for line in daemon.seccomp_kills()]
     assert not killed, "relay or ca killed by its seccomp filter:\n" + "\n".join(killed)
+
+
+@pytest.fixture
+def freezer() -> Iterator[Freezer]:
+    """Pauses processes without their parent seeing them stopped (a frozen
+    cgroup); thaws them at teardown whatever happens.  Skips the test if
+    the cgroup v1 freezer is not available."""
+    with Freezer() as f:
+        yield f

@@ -1,15 +1,14 @@
 """Asynchronous key operations: a relay keeps serving while its ca works.
 
-The ca is stalled from the outside, frozen in a cgroup v1 freezer (no signal
-it or its parent could see: the parent restarts a child it finds stopped),
-so that the difference between `keyops async` and `keyops blocking` is large
-and plain: an established session's round trip while handshakes wait for
-the ca.
+The ca is stalled from the outside, frozen in a cgroup v1 freezer (the
+``freezer`` fixture: no signal it or its parent could see, and the parent
+replaces a child it finds stopped), so that the difference between
+`keyops async` and `keyops blocking` is large and plain: an established
+session's round trip while handshakes wait for the ca.
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import signal
 import socket
@@ -17,9 +16,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -27,6 +24,7 @@ from util import (
     LOCALHOST,
     DaemonConfig,
     EchoServer,
+    Freezer,
     KeyPair,
     Pki,
     RelaySpec,
@@ -42,61 +40,6 @@ pytestmark = pytest.mark.skipif(not native.async_supported(),
                                 reason="this TLS library has no ASYNC (LibreSSL)")
 
 STALL_S = 3.0                   # how long the ca stays frozen
-
-
-# ---- a freezer cgroup: stall a process from the outside ----------------------
-
-FREEZER_ROOT = Path("/sys/fs/cgroup/freezer")
-_cgroups = itertools.count()
-
-
-class Freezer:
-    """A cgroup of the v1 freezer of our own: processes put in it are
-    frozen and thawed as one, without a signal."""
-
-    def __init__(self) -> None:
-        self.path = FREEZER_ROOT / f"pyprivsep-test-async-{os.getpid()}-{next(_cgroups)}"
-        self.path.mkdir()
-
-    def add(self, pid: int) -> None:
-        (self.path / "tasks").write_text(f"{pid}\n")
-
-    def _set(self, state: str) -> None:
-        (self.path / "freezer.state").write_text(f"{state}\n")
-        wait_until(lambda: (self.path / "freezer.state").read_text().strip() == state, 10.0,
-                   f"the cgroup to be {state}", interval=0.005)
-
-    def freeze(self) -> None:
-        self._set("FROZEN")
-
-    def thaw(self) -> None:
-        self._set("THAWED")
-
-    def close(self) -> None:
-        """Thaw, hand what is left back to the root cgroup, remove ours."""
-        self.thaw()
-        for pid in (self.path / "tasks").read_text().split():
-            try:
-                (FREEZER_ROOT / "tasks").write_text(f"{pid}\n")
-            except ProcessLookupError:
-                pass            # it exited meanwhile
-        wait_until(lambda: not (self.path / "tasks").read_text().strip(), 10.0,
-                   "the freezer cgroup to empty", interval=0.01)
-        self.path.rmdir()
-
-
-@pytest.fixture
-def freezer() -> Iterator[Freezer]:
-    if not (FREEZER_ROOT / "tasks").exists():
-        pytest.skip(f"no cgroup v1 freezer mounted at {FREEZER_ROOT}: cannot stall a ca from outside")
-    try:
-        frz = Freezer()
-    except OSError as e:
-        pytest.skip(f"cannot make a freezer cgroup under {FREEZER_ROOT}: {e}")
-    try:
-        yield frz
-    finally:
-        frz.close()
 
 
 @dataclass(frozen=True)
@@ -131,7 +74,6 @@ def test_stalled_ca_stalls_sessions_only_when_blocking(
     daemon = start_daemon(KeyopsConfig([relay], prefork=1,
                                        extra=(f"keyops {mode}", "tls keyop timeout 20000")))
     (ca_pid,) = daemon.ca_pids().values()
-    freezer.add(ca_pid)
     stall_ms = STALL_S * 1000
     ctx = client_context()
     with socket.create_connection((LOCALHOST, relay.listen_port), timeout=30) as raw, \
@@ -139,7 +81,7 @@ def test_stalled_ca_stalls_sessions_only_when_blocking(
         before = max(session_rtt_ms(tls) for _ in range(5))
         # the ca stalls for STALL_S while eight handshakes wait for it;
         # sample the session's round trip for as long as it stalls
-        freezer.freeze()
+        freezer.freeze(ca_pid)
         thawed_at = time.monotonic() + STALL_S
         thaw = threading.Timer(STALL_S, freezer.thaw)
         thaw.start()
@@ -209,10 +151,8 @@ def test_killing_the_ca_fails_paused_handshakes_and_leaks_nothing(
     (ca_pid,) = daemon.ca_pids().values()
     baseline_fds = relay_fds(relay_pid)
 
-    freezer.add(ca_pid)
-
     async def storm() -> list[bool]:
-        freezer.freeze()
+        freezer.freeze(ca_pid)
         task = asyncio.ensure_future(many_handshakes(relay.listen_port, name, 300))
         # hundreds paused, waiting for the stalled ca, past their keyop
         # timeout: the requests still queued would reach the new ca too late
@@ -271,8 +211,7 @@ def test_handshake_timeout_while_waiting_for_the_ca_ends_the_paused_job(
     (relay_pid,) = daemon.relay_pids().values()
     (ca_pid,) = daemon.ca_pids().values()
     baseline_fds = relay_fds(relay_pid)
-    freezer.add(ca_pid)
-    freezer.freeze()
+    freezer.freeze(ca_pid)
     clients = [subprocess.Popen(
         ["openssl", "s_client", "-connect", f"{LOCALHOST}:{relay.listen_port}", "-brief"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from util import (
+    BACKEND_PAGE,
     KEY_NAMES,
     DaemonConfig,
     HttpBackend,
@@ -218,3 +219,32 @@ def test_check_refuses_listen_without_tls(pki: Pki, tmp_path: Path) -> None:
     proc = check(conf)
     assert_error_at(proc, conf, len(HEADER) + 3)
     assert "tls" in proc.stderr, output(proc)
+
+
+# -- one daemon per control socket -------------------------------------------------
+
+
+def test_second_daemon_on_the_same_control_socket_refuses_to_start(
+    pki: Pki, http_backend: HttpBackend, start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """It exits 1 naming the socket, before binding its listen port or
+    forking; the first daemon is unaffected."""
+    first = start_daemon(DaemonConfig([simple_relay(pki, http_backend.port)], prefork=1))
+    children = first.children()
+    sock = first.workdir / "ctl.sock"
+    port = free_port()
+    second = DaemonConfig([RelaySpec("www", port, http_backend.port, [pki["rsa2048"]])], prefork=1)
+    conf = write_conf(tmp_path / "second.conf", [f'socket "{sock}"', second.render()])
+
+    proc = run_pyprivsep("-d", "-f", str(conf), timeout=20)
+    assert proc.returncode == 1, output(proc)
+    assert f"control socket {sock}: another pyprivsep is listening" in proc.stderr, output(proc)
+    assert "relay processes" not in proc.stderr, output(proc)  # its "starting: N relay processes" line
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+
+    assert first.proc.poll() is None and first.children() == children, first.describe()
+    assert sock.exists()
+    relay = first.config.relays[0]
+    kp = relay.keypairs[0]
+    assert https_get(relay.listen_port, kp.dns_name, cafile=kp.cert_path) == BACKEND_PAGE

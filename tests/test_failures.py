@@ -2,7 +2,7 @@
 backend down; and what the processes hold afterwards (memory, descriptors).
 
 tests/test_procs.py covers the basics (a killed relay or ca is restarted, a
-stopped ca fails handshakes quickly); these go further: each fault happens
+frozen ca fails handshakes quickly); these go further: each fault happens
 while clients keep handshaking, and the tests check what every client saw.
 """
 
@@ -33,6 +33,7 @@ from util import (
     SANITIZED,
     TLS13_RESUMES,
     Daemon,
+    Freezer,
     EchoServer,
     HttpBackend,
     KeyPair,
@@ -65,16 +66,6 @@ VERSIONS: tuple[TlsVersion, ...] = ("1.2", "1.3")
 
 
 # -- helpers ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def stopped() -> Iterator[list[int]]:
-    """Pids SIGSTOPped by a test; SIGCONTed at teardown whatever happens."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGCONT)
 
 
 def wait_replaced(daemon: Daemon, role: str, victim: int, count: int) -> dict[int, int]:
@@ -259,7 +250,7 @@ def verified_s_client(port: int, kp: KeyPair, version: TlsVersion) -> None:
 
 
 def test_stalled_ca_fails_handshakes_at_the_keyop_timeout_and_late_replies_are_dropped(
-    start_daemon: StartDaemon, pki: Pki, http_backend: HttpBackend, stopped: list[int]
+    start_daemon: StartDaemon, pki: Pki, http_backend: HttpBackend, freezer: Freezer
 ) -> None:
     relay = simple_relay(pki, http_backend.port, ("rsa2048", "p256"))
     daemon = start_daemon(TunedConfig([relay], prefork=1, keyop_timeout_ms=STALL_KEYOP_MS), args=["-v"])
@@ -268,8 +259,7 @@ def test_stalled_ca_fails_handshakes_at_the_keyop_timeout_and_late_replies_are_d
     for version in VERSIONS:
         verified_s_client(relay.listen_port, kp, version)
 
-    os.kill(ca_pid, signal.SIGSTOP)
-    stopped.append(ca_pid)
+    freezer.freeze(ca_pid)
     began = time.monotonic()
     failures: list[float] = []
     for n in itertools.count():
@@ -280,7 +270,7 @@ def test_stalled_ca_fails_handshakes_at_the_keyop_timeout_and_late_replies_are_d
             tls_handshake(relay.listen_port, kp.dns_name, cafile=kp.cert_path, version=VERSIONS[n % 2], timeout=10)
         failures.append(time.monotonic() - t0)
     wait_until(lambda: time.monotonic() - began >= STALL_SECONDS, 2.0, "the stall to last", interval=0.01)
-    os.kill(ca_pid, signal.SIGCONT)
+    freezer.thaw(ca_pid)
     bound = STALL_KEYOP_MS / 1000 + 0.4
     assert len(failures) >= 2 and max(failures) <= bound, f"failed after {failures} s, bound {bound:.2f}s"
 
@@ -307,7 +297,7 @@ def test_stalled_ca_fails_handshakes_at_the_keyop_timeout_and_late_replies_are_d
 
 @pytest.mark.skipif(not TLS13_RESUMES, reason=f"resumes a TLS 1.3 session; {NO_TLS13_RESUMPTION}")
 def test_relay_killed_under_s_time_load(
-    start_daemon: StartDaemon, pki: Pki, http_backend: HttpBackend, tmp_path: Path, stopped: list[int]
+    start_daemon: StartDaemon, pki: Pki, http_backend: HttpBackend, tmp_path: Path, freezer: Freezer
 ) -> None:
     relay = simple_relay(pki, http_backend.port, ("rsa2048",))
     daemon = start_daemon(TunedConfig([relay], prefork=2), args=["-v"])
@@ -339,10 +329,8 @@ def test_relay_killed_under_s_time_load(
     gaps = [b2 - e1 for (_, e1, _), (b2, _, _) in itertools.pairwise(runs)]
     assert runs[0][0] < killed and max(gaps) < 1.0, f"s_time did not run throughout: gaps {gaps}"
 
-    # the new relay alone (the other one stopped) serves and resumes old sessions
-    os.kill(survivor, signal.SIGSTOP)
-    stopped.append(survivor)
-    wait_until(lambda: Path(f"/proc/{survivor}/stat").read_text().split(") ")[1][0] == "T", 2.0, "relay 2 to stop")
+    # the new relay alone (the other one frozen) serves and resumes old sessions
+    freezer.freeze(survivor)  # returns once the cgroup reads FROZEN
     offset = len(daemon.stderr_text())
     for version, path in sessions.items():
         result = s_client(port, servername=kp.dns_name, version=version, sess_in=path, request=HTTP_GET_ROOT)
@@ -356,8 +344,8 @@ def test_relay_killed_under_s_time_load(
         10.0,
         lambda: f"relay 1 to log the resumed sessions\n{daemon.stderr_text()[offset:][-3000:]}",
     )
-    assert "relay 2:" not in served, f"relay 2 served while stopped\n{served[-3000:]}"
-    os.kill(survivor, signal.SIGCONT)
+    assert "relay 2:" not in served, f"relay 2 served while frozen\n{served[-3000:]}"
+    freezer.thaw(survivor)
     assert daemon.relay_pids() == {1: new_relay, 2: survivor}, daemon.describe()
 
 

@@ -27,6 +27,7 @@ import pytest
 
 from pyprivsep.ctl import request as ctl_request
 from util import (
+    Freezer,
     LOCALHOST,
     NO_TLS13_RESUMPTION,
     REPO_ROOT,
@@ -42,11 +43,13 @@ from util import (
     TlsVersion,
     client_context,
     free_port,
+    frozen,
     make_keypair,
     pid_alive,
     pyprivsep_env,
     s_client,
     tls_handshake,
+    proc_status,
     wait_until,
 )
 
@@ -210,15 +213,6 @@ def metric(samples: Sequence[Sample], name: str, **labels: str) -> float:
     found = [v for n, lv, v in samples if n == name and all(lv.get(k) == x for k, x in labels.items())]
     assert found, f"no sample {name}{labels}"
     return sum(found)
-
-
-@contextlib.contextmanager
-def stopped(pid: int) -> Iterator[None]:
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 # --------------------------------------------------------------------------
@@ -598,12 +592,12 @@ def test_ticket_keys_rotate_and_expire(
         return bool(result.reused)
 
     # six resumptions of each session, three on each relay process: the one
-    # not under test is stopped, so the other takes every connection off the
+    # not under test is frozen, so the other takes every connection off the
     # shared listening socket
     relay_pids = sorted(ops.daemon.relay_pids().values())
     assert len(relay_pids) == 2
     for i in range(6):
-        with stopped(relay_pids[i % 2]):
+        with frozen(relay_pids[i % 2]):
             for version in sessions:
                 assert resumes(version), f"TLS {version}: not resumed by relay pid {relay_pids[(i + 1) % 2]}"
 
@@ -687,10 +681,10 @@ def test_metrics(pki: Pki, echo_backend: EchoServer, start_daemon: StartDaemon, 
             lambda: metric(scrape(metrics_port), "pyprivsep_sessions_active") == 1, 5, "exactly one active session"
         )
 
-    # a handshake failed by a stopped ca
+    # a handshake failed by a frozen ca
     before = scrape(metrics_port)
     (ca_pid,) = ops.daemon.ca_pids().values()
-    with stopped(ca_pid):
+    with frozen(ca_pid):
         _, succeeded = handshake_from(port, name)
     assert not succeeded
     failed0 = metric(before, "pyprivsep_handshakes_failed_total", reason="ca")
@@ -751,9 +745,9 @@ def test_connection_and_error_logs(
             tls.recv(100)
     logged(f"relay down: {LOCALHOST}:{local_port}: backend: Connection refused")
 
-    # a stopped ca
+    # a frozen ca
     (ca_pid,) = ops.daemon.ca_pids().values()
-    with stopped(ca_pid):
+    with frozen(ca_pid):
         local_port, ok = handshake_from(*relay_ports(www))
         assert not ok
         logged(f"relay www: {LOCALHOST}:{local_port}: handshake failed: ca timeout")
@@ -836,3 +830,132 @@ def test_ticket_lifetime_hint_is_the_configured_lifetime(
     hint = re.search(r"lifetime hint: (\d+)", result.stdout)
     assert hint, result.describe()
     assert int(hint[1]) <= 60, f"hint {hint[1]} s for a 60 s lifetime\n{ops.daemon.describe()}"
+
+
+# --------------------------------------------------------------------------
+# The root parent never blocks on a child or a client
+# --------------------------------------------------------------------------
+
+
+# pyprivsep/parent.py: heartbeat_deadline() with the default tls keyop timeout
+# (2 x 1 s + 10 s), and HEARTBEAT_INTERVAL
+HEARTBEAT_DEADLINE = 12.0
+HEARTBEAT_INTERVAL = 3.0
+
+
+def summary_answers(ops: Ops) -> dict[str, Any]:
+    """`ctl show summary` as a user runs it; its own 20 s timeout is the
+    bound: a parent blocked on a relay never answers."""
+    proc = ops.ctl("show", "summary", as_json=True)
+    assert proc.returncode == 0, f"{describe(proc)}\n{ops.daemon.describe()}"
+    answer = json.loads(proc.stdout)
+    assert isinstance(answer, dict)
+    return answer
+
+
+def test_a_frozen_relay_is_killed_and_restarted_and_the_parent_keeps_serving(
+    pki: Pki, echo_backend: EchoServer, start_daemon: StartDaemon, tmp_path: Path, freezer: Freezer
+) -> None:
+    """A relay that stops reading its control channel, without its parent
+    seeing it stopped (a frozen cgroup): the parent kills and restarts it
+    (heartbeat, then queue overflow), and meanwhile answers ctl, restarts a
+    killed ca and completes a reload."""
+    relay = RelaySpec("www", free_port(), echo_backend.port, [pki["p256"]])
+    ops = start_ops(start_daemon, tmp_path, [relay], prefork=2, extra=("tls ticket lifetime 4",))
+    daemon = ops.daemon
+    frozen_pid = daemon.relay_pids()[1]
+    cas = daemon.ca_pids()
+    freezer.freeze(frozen_pid)
+
+    # the parent reaps and restarts a killed ca meanwhile
+    os.kill(cas[2], signal.SIGKILL)
+    wait_until(lambda: daemon.ca_pids().get(2) not in (None, cas[2]), 20, lambda: f"ca 2 restarted\n{daemon.describe()}")
+
+    # heartbeat: killed and restarted within its deadline (plus one interval
+    # and slack for a loaded machine); show summary answers all along
+    bound = HEARTBEAT_DEADLINE + HEARTBEAT_INTERVAL + 20
+
+    def replaced() -> bool:
+        summary = summary_answers(ops)
+        pids = {r["relay"]: r["pid"] for r in summary["relays"] if r["generation"] == 1}
+        return pids.get(1) not in (None, frozen_pid)
+
+    wait_until(replaced, bound, lambda: f"the frozen relay replaced\n{daemon.describe()}", interval=0.5)
+    assert "relay 1 did not answer the heartbeat" in ops.stderr(), ops.stderr()
+    # it was SIGKILLed: thawed, it dies (until then it still shows as relay 1)
+    freezer.thaw(frozen_pid)
+    wait_until(lambda: not pid_alive(frozen_pid), 10, "the frozen relay to die once thawed")
+    wait_until(lambda: daemon.relay_pids().get(1) not in (None, frozen_pid), 10, "the new relay 1 up")
+    for _ in range(3):
+        tls_handshake(*relay_ports(relay))
+
+    # a relay frozen again, while control messages keep coming (ticket
+    # rotations every second, verbosity changes): the parent never blocks
+    # in a send; the relay's queue overflows or goes undrained, and it goes
+    second = daemon.relay_pids()[1]
+    freezer.freeze(second)
+    began = time.monotonic()
+    n = 0
+    while {r["relay"]: r["pid"] for r in ops.summary()["relays"] if r["generation"] == 1}.get(1) in (None, second):
+        for _ in range(50):
+            ops.query("log", "verbose" if n % 2 else "brief")
+            n += 1
+        n += 1
+        assert time.monotonic() - began < bound, f"{n} control messages, relay still there\n{daemon.describe()}"
+    text = ops.stderr()
+    assert "relay 1 let its control queue overflow" in text or "relay 1 did not read its control channel" in text \
+        or text.count("relay 1 did not answer the heartbeat") >= 2, text[-4000:]
+
+    # and a reload completes, the old generation drains
+    offset = len(ops.stderr())
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloaded: generation 2" in ops.stderr()[offset:], 30, lambda: f"the reload\n{daemon.describe()}")
+    assert summary_answers(ops)["generation"] == 2
+    freezer.thaw(second)
+    wait_until(lambda: not pid_alive(second), 10, "the second frozen relay to die once thawed")
+    daemon.wait_ready()
+
+
+def test_metrics_idle_connections_cost_the_parent_no_thread(
+    pki: Pki, echo_backend: EchoServer, start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """400 idle connections to the metrics port from an unprivileged
+    client: the root parent stays one thread with a bounded number of
+    descriptors, drops them, and then serves a scrape."""
+    metrics_port = free_port()
+    relay = RelaySpec("www", free_port(), echo_backend.port, [pki["p256"]])
+    ops = start_ops(
+        start_daemon, tmp_path, [relay], prefork=1, extra=(f"metrics listen on {LOCALHOST} port {metrics_port}",)
+    )
+    pid = ops.daemon.parent_pid
+    tls_handshake(*relay_ports(relay))
+    fds_before = len(os.listdir(f"/proc/{pid}/fd"))
+
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(400):
+            s = socket.socket()
+            s.settimeout(20)
+            s.connect((LOCALHOST, metrics_port))
+            idle.append(s)
+        assert proc_status(pid)["Threads"] == "1", proc_status(pid)
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        assert fds <= fds_before + 16, f"{fds} descriptors, {fds_before} before"
+
+        # each is dropped: at once beyond the limit, after its deadline otherwise
+        def dropped(s: socket.socket) -> bool:
+            try:
+                return s.recv(1) == b""
+            except ConnectionResetError:
+                return True
+
+        assert all(dropped(s) for s in idle)
+    finally:
+        for s in idle:
+            s.close()
+    assert proc_status(pid)["Threads"] == "1", proc_status(pid)
+    wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= fds_before, 10, "the parent's descriptors back")
+    samples = scrape(metrics_port)
+    assert metric(samples, "pyprivsep_handshakes_total", kind="full") == stat_sum(ops.summary(), "hs_full") >= 1
+    assert metric(samples, "pyprivsep_connections_accepted_total", process="1", generation="1") >= 1
+    assert "metrics: 16 connections open, refusing more" in ops.stderr(), ops.stderr()[-3000:]

@@ -15,6 +15,7 @@ from util import (
     BACKEND_PAGE,
     ChildProcess,
     Daemon,
+    Freezer,
     DaemonConfig,
     HttpBackend,
     KeyPair,
@@ -92,16 +93,6 @@ def wait_replaced(daemon: Daemon, role: str, victim: int, count: int) -> dict[in
     return wait_until(replaced, RESTART_TIMEOUT, lambda: f"{role} {victim} to be replaced\n{daemon.describe()}")
 
 
-@pytest.fixture
-def stopped() -> Iterator[list[int]]:
-    """Pids SIGSTOPped by a test; SIGCONTed at teardown whatever happens."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGCONT)
-
-
 # -- process set ---------------------------------------------------------------
 
 
@@ -147,11 +138,10 @@ def test_killed_ca_with_prefork_3_keeps_all_relays(daemon3: Daemon) -> None:
 
 
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
-def test_stopped_ca_fails_handshakes_quickly(daemon1: Daemon, stopped: list[int], version: TlsVersion) -> None:
+def test_frozen_ca_fails_handshakes_quickly(daemon1: Daemon, freezer: Freezer, version: TlsVersion) -> None:
     port, kp = port_and_key(daemon1)
     relay_pid, ca_pid = daemon1.relay_pids()[1], daemon1.ca_pids()[1]
-    os.kill(ca_pid, signal.SIGSTOP)
-    stopped.append(ca_pid)
+    freezer.freeze(ca_pid)
     for attempt in range(2):
         began = time.monotonic()
         with pytest.raises(OSError):  # ssl.SSLError, reset or EOF -- not a hang
@@ -159,7 +149,7 @@ def test_stopped_ca_fails_handshakes_quickly(daemon1: Daemon, stopped: list[int]
         elapsed = time.monotonic() - began
         assert elapsed < KEYOP_FAILURE_BOUND, f"attempt {attempt}: handshake took {elapsed:.1f}s to fail"
     assert pid_alive(relay_pid) and daemon1.relay_pids() == {1: relay_pid}, daemon1.describe()
-    os.kill(ca_pid, signal.SIGCONT)
+    freezer.thaw(ca_pid)
     wait_serving(daemon1)
     assert daemon1.relay_pids() == {1: relay_pid}, daemon1.describe()
 
@@ -236,3 +226,22 @@ def test_ca_processes_are_not_dumpable_or_traced(daemon3: Daemon) -> None:
         5.0,
         lambda: f"ca processes to be non-dumpable; (mem, environ) owners: {owners()}",
     )
+
+
+# -- stopped children ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["relay", "ca"])
+def test_stopped_child_is_killed_and_replaced(daemon3: Daemon, role: str) -> None:
+    """A child stopped by SIGSTOP serves nobody: the parent sees it stop
+    (waitpid WUNTRACED), kills it and starts another; the daemon serves."""
+    before = daemon3.relay_pids() if role == "relay" else daemon3.ca_pids()
+    victim = before[1]
+    began = time.monotonic()
+    os.kill(victim, signal.SIGSTOP)
+    after = wait_replaced(daemon3, role, victim, count=3)
+    print(f"{role} 1: SIGSTOP to a new pid in {time.monotonic() - began:.3f} s")
+    assert {i: p for i, p in after.items() if i != 1} == {i: p for i, p in before.items() if i != 1}, daemon3.describe()
+    wait_until(lambda: not pid_alive(victim), RESTART_TIMEOUT, f"the stopped {role} to be gone")
+    assert f"{role} 1 stopped by signal {int(signal.SIGSTOP)}: killing it" in daemon3.stderr_text(), daemon3.describe()
+    wait_serving(daemon3)

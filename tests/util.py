@@ -1314,3 +1314,82 @@ def ca_config_text(keypairs: Sequence[KeyPair]) -> str:
     """A daemon configuration whose one relay block names ``keypairs``
     (for pyprivsep.ca.load_keys; nothing listens on its ports)."""
     return DaemonConfig([RelaySpec("ca-test", 8443, 8080, list(keypairs))], prefork=1).render()
+
+
+# --- pausing a process without its parent seeing it stopped ---
+# SIGSTOP shows in the parent's waitpid(WUNTRACED), and the parent kills and
+# replaces a stopped child.  A task in a frozen cgroup (v1 freezer) is paused
+# just the same, but nothing tells its parent: the way to make a child that
+# simply stops answering.
+
+FREEZER_ROOT = Path("/sys/fs/cgroup/freezer")
+
+
+def freezer_unavailable() -> str | None:
+    """Why the cgroup v1 freezer cannot be used here, or None."""
+    if not (FREEZER_ROOT / "tasks").exists():
+        return f"no cgroup v1 freezer mounted at {FREEZER_ROOT}"
+    if not os.access(FREEZER_ROOT, os.W_OK):
+        return f"{FREEZER_ROOT} is not writable (needs root)"
+    return None
+
+
+class Freezer:
+    """Freezes processes in a cgroup of its own; close() thaws them all and
+    removes the cgroup (teardown, whatever happened)."""
+
+    _count = 0
+
+    def __init__(self) -> None:
+        Freezer._count += 1
+        self.path = FREEZER_ROOT / f"pyprivsep-test-{os.getpid()}-{Freezer._count}"
+        self.pids: list[int] = []
+
+    def _state(self, state: str) -> None:
+        (self.path / "freezer.state").write_text(state)
+        wait_until(lambda: (self.path / "freezer.state").read_text().strip() == state, 10.0, f"cgroup {state}")
+
+    def freeze(self, pid: int) -> None:
+        """Pause `pid` (it stays in the cgroup until thaw or close)."""
+        reason = freezer_unavailable()
+        if reason is not None:
+            import pytest
+
+            pytest.skip(reason)
+        self.path.mkdir(exist_ok=True)
+        (self.path / "cgroup.procs").write_text(str(pid))
+        self.pids.append(pid)
+        self._state("FROZEN")
+
+    def thaw(self, pid: int | None = None) -> None:
+        """Let the cgroup's processes run again; `pid` (or all) leave it."""
+        if not self.path.exists():
+            return
+        self._state("THAWED")
+        for p in self.pids if pid is None else [pid]:
+            with contextlib.suppress(OSError):  # it may have died meanwhile
+                (FREEZER_ROOT / "cgroup.procs").write_text(str(p))
+        self.pids = [] if pid is None else [p for p in self.pids if p != pid]
+        if self.pids:
+            self._state("FROZEN")
+
+    def close(self) -> None:
+        if not self.path.exists():
+            return
+        self.thaw()
+        wait_until(lambda: not (self.path / "cgroup.procs").read_text().strip(), 10.0, "frozen processes to leave")
+        self.path.rmdir()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """`pid` frozen for the block (see Freezer)."""
+    with Freezer() as freezer:
+        freezer.freeze(pid)
+        yield

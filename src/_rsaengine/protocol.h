@@ -85,11 +85,16 @@ struct pps_stats {
 	uint64_t	draining;	/* 1 once told to drain */
 };
 
+/* pps_session.state (the order of relay.c's enum conn_state) */
+#define PPS_SESSION_HANDSHAKE	0
+#define PPS_SESSION_CONNECTING	1
+#define PPS_SESSION_RELAYING	2
+
 /* One open connection, for `pyprivsep ctl show sessions`. */
 struct pps_session {
 	uint8_t		addr[16];	/* client address (IPv4 in the first 4) */
 	uint8_t		family;		/* 4 or 6 */
-	uint8_t		state;		/* 0 handshake, 1 connecting, 2 relaying */
+	uint8_t		state;		/* PPS_SESSION_* */
 	uint16_t	port;		/* client port */
 	uint32_t	relay;		/* relay block index */
 	uint32_t	age;		/* seconds since accepted */
