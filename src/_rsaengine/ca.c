@@ -298,26 +298,22 @@ log_refusal(struct pps_ca *ca, uint32_t id, const struct ca_key *k,
 }
 
 /*
- * Every check of a request's frame, in one place: n bytes were received
- * (n may exceed PPS_FRAME_MAX: the buffer has a byte more, to tell).
- * Fills *hdr from the header when there is one.
+ * A request's frame, checked by the one header check every reader uses
+ * (pps_frame_check, util.c); n may exceed PPS_FRAME_MAX, the buffer has a
+ * byte more to tell.  Fills *hdr from the header when there is one, so the
+ * reply can echo its id and key.
  */
 static int
 frame_check(const uint8_t *req, size_t n, struct pps_hdr *hdr)
 {
-	memset(hdr, 0, sizeof(*hdr));
-	if (n < sizeof(*hdr))
-		return refuse(PPS_ERR_FRAME, "short frame");
-	memcpy(hdr, req, sizeof(*hdr));
-	if (n > PPS_FRAME_MAX)
-		return refuse(PPS_ERR_FRAME, "frame too long");
-	if (hdr->len != n - sizeof(*hdr))
-		return refuse(PPS_ERR_FRAME, "length field does not match");
-	if (hdr->version != PPS_PROTO_VERSION) {
-		pps_seterr("version %u", hdr->version);
+	switch (pps_frame_check(req, n, PPS_FRAME_MAX, hdr)) {
+	case 0:
+		return PPS_OK;
+	case PPS_FRAME_VERSION:
 		return PPS_ERR_VERSION;
+	default:			/* short, long, lying length */
+		return PPS_ERR_FRAME;
 	}
-	return PPS_OK;
 }
 
 /*

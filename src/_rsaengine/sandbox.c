@@ -122,14 +122,15 @@ static const int common_calls[] = {
 	__NR_brk, __NR_mmap, __NR_munmap, __NR_mremap, __NR_mprotect,
 	__NR_madvise,
 	__NR_futex,
-	/* time and sleeping (ca test delay, clock_gettime off the vDSO) */
+	/* time, where the vDSO cannot answer; nothing sleeps: loops wait in
+	 * epoll or ppoll */
 	__NR_clock_gettime, __NR_clock_getres, __NR_gettimeofday,
-	__NR_clock_nanosleep, __NR_nanosleep,
 	/* OpenSSL: fork detection and its random generator */
 	__NR_getpid, __NR_gettid, __NR_getrandom,
 	/*
 	 * signals: handlers return; swapcontext() (OpenSSL ASYNC jobs) sets
-	 * the mask; the ca's Python SIGTERM handler resets its disposition
+	 * the mask; the ca installs its SIGTERM handler (ca.c) and puts
+	 * Python's back when its loop returns
 	 */
 	__NR_rt_sigreturn, __NR_rt_sigprocmask, __NR_rt_sigaction,
 	__NR_restart_syscall, __NR_sched_yield,
