@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NoReturn
 
+from basics import wait_until
+from cawire import FRAME_HDR_SIZE, ref_mgf1
 from pyprivsep import ca, privsep
 from pyprivsep.config import parse_config
 from pyprivsep.native import P
-from util import FRAME_HDR_SIZE, ref_mgf1, wait_until
 
 HDR_SIZE = FRAME_HDR_SIZE
 MAX_PAYLOAD = 1024  # PPS_MAX_PAYLOAD: an RSA-8192 block
