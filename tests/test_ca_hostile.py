@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from basics import wait_until
-from ca_child import FRAME_MAX, HDR_SIZE, CaChild, start_ca
-from cawire import pss_block, raw_frame, spki_keyid, unpack_header
+from ca_child import CaChild, start_ca
+from cawire import FRAME_MAX, HDR_SIZE, pss_block, raw_frame, spki_keyid, unpack_header
 from daemonctl import ca_config_text
 from keypairs import KeyPair, Pki
 from pyprivsep.native import P

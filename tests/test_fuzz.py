@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_ds
 from hypothesis import HealthCheck, currently_in_test_context, event, example, given, settings
 from hypothesis import strategies as st
 
-from ca_child import FRAME_MAX, HDR_SIZE, CaChild, expected_status, start_ca
-from cawire import hash_algorithm, pss_block, raw_frame, spki_keyid, unpack_header
+from ca_child import CaChild, start_ca
+from cawire import FRAME_MAX, HDR_SIZE, expected_status, hash_algorithm, pss_block, raw_frame, spki_keyid, unpack_header
 from daemonctl import ca_config_text
 from keypairs import Pki
 from pyprivsep._rsaengine import ffi, lib
