@@ -1,4 +1,6 @@
-"""Fixtures for the pyprivsep end-to-end tests (helpers live in util.py)."""
+"""Fixtures for the pyprivsep end-to-end tests (helpers live in the modules
+named by purpose beside it: basics, keypairs, backends, procs, daemonctl,
+tlsclients, memscan, cawire)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from util import Daemon, DaemonConfig, EchoServer, Freezer, HttpBackend, KeyPair, Pki, StartDaemon, generate_pki, make_keypair
+from backends import EchoServer, HttpBackend
+from daemonctl import Daemon, DaemonConfig, StartDaemon
+from keypairs import KeyPair, Pki, generate_pki, make_keypair
+from procs import Freezer
 
 
 @pytest.fixture(scope="session")

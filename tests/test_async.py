@@ -20,21 +20,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from util import (
-    LOCALHOST,
-    DaemonConfig,
-    EchoServer,
-    Freezer,
-    KeyPair,
-    Pki,
-    RelaySpec,
-    StartDaemon,
-    client_context,
-    free_port,
-    handshake_succeeds,
-    wait_until,
-)
+from backends import EchoServer
+from basics import LOCALHOST, free_port, wait_until
+from daemonctl import DaemonConfig, RelaySpec, StartDaemon
+from keypairs import KeyPair, Pki
+from procs import Freezer
 from pyprivsep import native
+from tlsclients import client_context, handshake_succeeds
 
 pytestmark = pytest.mark.skipif(not native.async_supported(),
                                 reason="this TLS library has no ASYNC (LibreSSL)")

@@ -26,9 +26,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from ca_child import FRAME_MAX, HDR_SIZE, CaChild, start_ca
+from basics import wait_until
+from ca_child import CaChild, start_ca
+from cawire import FRAME_MAX, HDR_SIZE, pss_block, raw_frame, spki_keyid, unpack_header
+from daemonctl import ca_config_text
+from keypairs import KeyPair, Pki
 from pyprivsep.native import P
-from util import KeyPair, Pki, ca_config_text, pss_block, raw_frame, spki_keyid, unpack_header, wait_until
 
 BURST = 10  # refusals logged per second (REFUSALS_LOGGED in src/_rsaengine/ca.c)
 REFUSED_RE = re.compile(r"refused request (?P<id>\d+) from relay 1, key (?P<key>.*?): (?P<reason>.*)$")

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from basics import wait_until
+from cawire import raw_frame, unpack_header
 from pyprivsep.channel import (
     SESSION_SIZE,
     STATS_SIZE,
@@ -24,7 +26,6 @@ from pyprivsep.channel import (
     parse_ctl_frame,
 )
 from pyprivsep.native import HDR_SIZE, P
-from util import raw_frame, unpack_header, wait_until
 
 TICKETS = b"k" * (P.PPS_MAX_TICKET_KEYS * P.PPS_TICKET_KEY_LEN)
 

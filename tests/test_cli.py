@@ -9,19 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from util import (
-    BACKEND_PAGE,
-    KEY_NAMES,
-    DaemonConfig,
-    HttpBackend,
-    Pki,
-    RelaySpec,
-    StartDaemon,
-    free_port,
-    https_get,
-    run_pyprivsep,
-    simple_relay,
-)
+from backends import BACKEND_PAGE, HttpBackend
+from basics import free_port
+from daemonctl import DaemonConfig, RelaySpec, StartDaemon, run_pyprivsep, simple_relay
+from keypairs import KEY_NAMES, Pki
+from tlsclients import https_get
 
 HEADER = ["# pyprivsep test configuration", "", "prefork 1"]
 

@@ -23,27 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from util import (
-    SANITIZED,
-    BACKEND_PAGE,
-    LOCALHOST,
-    MIB,
-    Daemon,
-    HttpBackend,
-    KeyPair,
-    Pki,
-    StartDaemon,
-    TlsVersion,
-    TunedConfig,
-    client_context,
-    https_get,
-    open_fds,
-    pattern_bytes,
-    simple_relay,
-    tls_handshake,
-    vm_rss,
-    wait_until,
-)
+from backends import BACKEND_PAGE, HttpBackend
+from basics import LOCALHOST, MIB, pattern_bytes, wait_until
+from daemonctl import SANITIZED, Daemon, StartDaemon, TunedConfig, simple_relay
+from keypairs import KeyPair, Pki
+from procs import open_fds, vm_rss
+from tlsclients import TlsVersion, client_context, https_get, tls_handshake
 
 HANDSHAKE_TIMEOUT = 2  # `tls handshake timeout 2` (seconds)
 # The relay keeps deadlines in whole seconds of CLOCK_MONOTONIC (pps_now), so

@@ -21,22 +21,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from backends import HttpBackend
+from basics import REPO_ROOT, free_port
+from daemonctl import DaemonConfig, RelaySpec, StartDaemon, run_pyprivsep
+from keypairs import KeyPair, PrivateKey, key_secrets, write_cert, write_key
 from pyprivsep import demo
-from util import (
-    REPO_ROOT,
-    DaemonConfig,
-    HttpBackend,
-    KeyPair,
-    RelaySpec,
-    StartDaemon,
-    curl,
-    free_port,
-    PrivateKey,
-    key_secrets,
-    run_pyprivsep,
-    write_cert,
-    write_key,
-)
+from tlsclients import curl
 
 
 def openssl_verify(cafile: Path, cert: Path, untrusted: Path | None = None) -> subprocess.CompletedProcess[str]:

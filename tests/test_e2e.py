@@ -10,30 +10,19 @@ from typing import Literal
 
 import pytest
 
-from util import (
-    BACKEND_PAGE,
+from backends import BACKEND_PAGE, EchoServer, HttpBackend
+from basics import MIB, free_port, pattern_bytes, sha256, sha256_file
+from daemonctl import Daemon, DaemonConfig, RelaySpec, StartDaemon, simple_relay
+from keypairs import KEY_NAMES, Pki
+from tlsclients import (
     HTTP_GET_ROOT,
-    KEY_NAMES,
-    MIB,
     NO_TLS13_RESUMPTION,
     TLS13_RESUMES,
-    Daemon,
-    DaemonConfig,
-    EchoServer,
-    HttpBackend,
-    Pki,
-    RelaySpec,
-    StartDaemon,
     TlsVersion,
     curl,
-    free_port,
     https_get,
-    pattern_bytes,
     s_client,
     s_time,
-    sha256,
-    sha256_file,
-    simple_relay,
     tls_echo_roundtrip,
 )
 

@@ -13,20 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from util import (
-    MIB,
-    SANITIZED,
-    DaemonConfig,
-    HttpBackend,
-    Pki,
-    StartDaemon,
-    https_get,
-    proc_title,
-    python_process,
-    scan_process_memory,
-    simple_relay,
-    tls_handshake,
-)
+from backends import HttpBackend
+from basics import MIB
+from daemonctl import SANITIZED, DaemonConfig, StartDaemon, simple_relay
+from keypairs import Pki
+from memscan import scan_process_memory
+from procs import proc_title, python_process
+from tlsclients import https_get, tls_handshake
 
 pytestmark = [
     pytest.mark.skipif(SANITIZED, reason="memory scan skipped in an AddressSanitizer run"),

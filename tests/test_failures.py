@@ -24,40 +24,24 @@ from pathlib import Path
 
 import pytest
 
-from util import (
-    BACKEND_PAGE,
+from backends import BACKEND_PAGE, EchoServer, HttpBackend, http_backend_on
+from basics import LOCALHOST, MIB, free_port, wait_until
+from daemonctl import SANITIZED, Daemon, StartDaemon, TunedConfig, simple_relay
+from keypairs import KeyPair, Pki, found_components, key_patterns
+from memscan import scan_process_memory
+from procs import Freezer, open_fds, pid_alive, proc_title
+from tlsclients import (
     HTTP_GET_ROOT,
-    LOCALHOST,
-    MIB,
     NO_TLS13_RESUMPTION,
-    SANITIZED,
     TLS13_RESUMES,
-    Daemon,
-    Freezer,
-    EchoServer,
-    HttpBackend,
-    KeyPair,
-    Pki,
     STimeResult,
-    StartDaemon,
     TlsVersion,
-    TunedConfig,
     client_context,
     curl,
-    found_components,
-    free_port,
     handshake_succeeds,
-    http_backend_on,
     https_get,
-    key_patterns,
-    open_fds,
-    pid_alive,
-    proc_title,
     s_client,
-    scan_process_memory,
-    simple_relay,
     tls_handshake,
-    wait_until,
 )
 
 KEYOP_TIMEOUT = 1.0  # the default `tls keyop timeout 1000`

@@ -32,10 +32,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_ds
 from hypothesis import HealthCheck, currently_in_test_context, event, example, given, settings
 from hypothesis import strategies as st
 
-from ca_child import FRAME_MAX, HDR_SIZE, CaChild, expected_status, start_ca
+from ca_child import CaChild, start_ca
+from cawire import FRAME_MAX, HDR_SIZE, expected_status, hash_algorithm, pss_block, raw_frame, spki_keyid, unpack_header
+from daemonctl import ca_config_text
+from keypairs import Pki
 from pyprivsep._rsaengine import ffi, lib
 from pyprivsep.native import P
-from util import Pki, ca_config_text, hash_algorithm, pss_block, raw_frame, spki_keyid, unpack_header
 
 EXAMPLES = int(os.environ.get("PYPRIVSEP_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(

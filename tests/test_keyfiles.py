@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from util import KeyPair, Pki, free_port, run_pyprivsep
+from basics import free_port
+from daemonctl import run_pyprivsep
+from keypairs import KeyPair, Pki
 
 
 def write_config(tmp_path: Path, cert: Path, key: Path) -> tuple[Path, int]:

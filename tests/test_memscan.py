@@ -13,25 +13,13 @@ from collections.abc import Sequence
 
 import pytest
 
-from util import (
-    MIB,
-    Daemon,
-    DaemonConfig,
-    HttpBackend,
-    KeyPair,
-    SANITIZED,
-    Pki,
-    ScanResult,
-    StartDaemon,
-    TlsVersion,
-    found_components,
-    key_patterns,
-    python_process,
-    scan_process_memory,
-    simple_relay,
-    tls_handshake,
-    wait_until,
-)
+from backends import HttpBackend
+from basics import MIB, wait_until
+from daemonctl import SANITIZED, Daemon, DaemonConfig, StartDaemon, simple_relay
+from keypairs import KeyPair, Pki, found_components, key_patterns
+from memscan import ScanResult, scan_process_memory
+from procs import python_process
+from tlsclients import TlsVersion, tls_handshake
 
 # Under `make asan` the daemon maps terabytes of sanitizer shadow memory;
 # the scan proves nothing more there and would read for hours.

@@ -25,33 +25,13 @@ from typing import Any
 
 import pytest
 
+from backends import EchoServer, HttpBackend
+from basics import LOCALHOST, REPO_ROOT, free_port, wait_until
+from daemonctl import Daemon, DaemonConfig, RelaySpec, StartDaemon, pyprivsep_env
+from keypairs import KeyPair, Pki, make_keypair
+from procs import Freezer, frozen, pid_alive, proc_status
 from pyprivsep.ctl import request as ctl_request
-from util import (
-    Freezer,
-    LOCALHOST,
-    NO_TLS13_RESUMPTION,
-    REPO_ROOT,
-    TLS13_RESUMES,
-    Daemon,
-    DaemonConfig,
-    EchoServer,
-    HttpBackend,
-    KeyPair,
-    Pki,
-    RelaySpec,
-    StartDaemon,
-    TlsVersion,
-    client_context,
-    free_port,
-    frozen,
-    make_keypair,
-    pid_alive,
-    pyprivsep_env,
-    s_client,
-    tls_handshake,
-    proc_status,
-    wait_until,
-)
+from tlsclients import NO_TLS13_RESUMPTION, TLS13_RESUMES, TlsVersion, client_context, s_client, tls_handshake
 
 HTTP_REQUEST = b"GET / HTTP/1.0\r\n\r\n"
 

@@ -25,23 +25,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from ca_child import CaChild, start_ca
+from cawire import PSS_HASH_NAMES, emsa_pss_encode, hash_algorithm, pss_block, raw_frame, spki_keyid
+from daemonctl import ca_config_text
+from keypairs import KeyPair, Pki, key_secrets, load_private_key, self_signed_certificate, write_cert, write_key
 from pyprivsep.native import P
-from util import (
-    PSS_HASH_NAMES,
-    KeyPair,
-    Pki,
-    ca_config_text,
-    emsa_pss_encode,
-    hash_algorithm,
-    key_secrets,
-    load_private_key,
-    pss_block,
-    raw_frame,
-    self_signed_certificate,
-    spki_keyid,
-    write_cert,
-    write_key,
-)
 
 E = 65537
 

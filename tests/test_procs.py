@@ -10,27 +10,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from util import (
-    SANITIZED,
-    BACKEND_PAGE,
-    ChildProcess,
-    Daemon,
-    Freezer,
-    DaemonConfig,
-    HttpBackend,
-    KeyPair,
-    Pki,
-    StartDaemon,
-    TlsVersion,
-    handshake_succeeds,
-    https_get,
-    pid_alive,
-    proc_status,
-    proc_title,
-    simple_relay,
-    tls_handshake,
-    wait_until,
-)
+from backends import BACKEND_PAGE, HttpBackend
+from basics import wait_until
+from daemonctl import SANITIZED, Daemon, DaemonConfig, StartDaemon, simple_relay
+from keypairs import KeyPair, Pki
+from procs import ChildProcess, Freezer, pid_alive, proc_status, proc_title
+from tlsclients import TlsVersion, handshake_succeeds, https_get, tls_handshake
 
 RESTART_TIMEOUT = 5.0  # spec: restarted within ~1-2 s
 RECOVERY_TIMEOUT = 10.0

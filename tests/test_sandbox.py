@@ -20,24 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from util import (
-    SANITIZED,
-    Daemon,
-    DaemonConfig,
-    HttpBackend,
-    Pki,
-    StartDaemon,
-    handshake_succeeds,
-    https_get,
-    pid_alive,
-    proc_status,
-    pyprivsep_env,
-    run_pyprivsep,
-    simple_relay,
-    wait_until,
-    BACKEND_PAGE,
-    REPO_ROOT,
-)
+from backends import BACKEND_PAGE, HttpBackend
+from basics import REPO_ROOT, wait_until
+from daemonctl import SANITIZED, Daemon, DaemonConfig, StartDaemon, pyprivsep_env, run_pyprivsep, simple_relay
+from keypairs import Pki
+from procs import pid_alive, proc_status
+from tlsclients import handshake_succeeds, https_get
 
 requires_root = pytest.mark.skipif(
     os.geteuid() != 0 or SANITIZED,
