@@ -330,7 +330,7 @@ def refusal_line(ca: CaChild, rid: int) -> re.Match[str]:
                 return match
         return None
 
-    return wait_until(find, 10.0, lambda: f"a refusal line for request {rid} in:\n{ca.log()}", interval=0.01)
+    return wait_until(find, 30, lambda: f"a refusal line for request {rid} in:\n{ca.log()}", interval=0.01)
 
 
 def test_refusal_is_logged_with_reason_and_key(start: Callable[[], CaChild], keys: Keys) -> None:
@@ -433,7 +433,7 @@ def assert_stops_on_sigterm(ca: CaChild) -> None:
 def test_sigterm_stops_an_idle_ca(start: Callable[[], CaChild], keys: Keys) -> None:
     ca = start()
     assert_serves_valid_requests(ca, keys)  # now waiting for the next request
-    wait_until(lambda: proc_state(ca.pid) == "S", 10.0, "the ca to wait for a request", interval=0.01)
+    wait_until(lambda: proc_state(ca.pid) == "S", 30, "the ca to wait for a request", interval=0.01)
     assert_stops_on_sigterm(ca)
 
 
@@ -481,7 +481,7 @@ def test_sigterm_stops_a_ca_that_is_signing(start_rsa8192: Callable[[], CaChild]
     cpu = cpu_seconds(ca.pid)
     for rid in range(100, 132):  # ~1.2 s of work for the ca
         ca.send_frame(raw_frame(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_NONE, rid, rsa8192_keys.rsa_id, valid_pss(rsa8192_keys)))
-    wait_until(lambda: cpu_seconds(ca.pid) - cpu > 0.02, 10.0, "the ca to be signing", interval=0.002)
+    wait_until(lambda: cpu_seconds(ca.pid) - cpu > 0.02, 30, "the ca to be signing", interval=0.002)
     assert_stops_on_sigterm(ca)
 
 

@@ -229,7 +229,7 @@ def test_garbage_is_closed_quickly_and_the_relay_serves_on(relay1: Relay1, name:
     assert bytes(watch.received[:1]) in (b"", b"\x15"), f"{name}: relay answered {bytes(watch.received[:32]).hex()}"
     wait_until(
         lambda: "handshake failed" in relay1.daemon.stderr_text(),
-        5.0,
+        30,
         lambda: f"the relay to log the failed handshake\n{relay1.daemon.describe()}",
     )
     relay1.assert_alive_and_serving()
@@ -422,7 +422,7 @@ def test_many_idle_connections_are_held_then_swept_in_bounded_memory(start_relay
         relay = start_relay1(handshake_timeout=IDLE_HANDSHAKE_TIMEOUT, max_connections=IDLE_CONNECTIONS + 2000)
         for _ in range(10):  # warm up OpenSSL and the allocator
             relay.assert_alive_and_serving()
-        wait_until(lambda: tcp_connections(relay.pid) == 0, 5.0, "the warm-up connections to close")
+        wait_until(lambda: tcp_connections(relay.pid) == 0, 30, "the warm-up connections to close")
         base_fds, base_rss = relay_sockets(relay.pid), vm_rss(relay.pid)
 
         def kib_each(rss: int) -> float:
@@ -452,7 +452,7 @@ def test_many_idle_connections_are_held_then_swept_in_bounded_memory(start_relay
 def test_connection_limit_defers_the_next_client_until_slots_free(start_relay1: StartRelay1) -> None:
     limit, silent = 50, 60
     relay = start_relay1(max_connections=limit)
-    wait_until(lambda: tcp_connections(relay.pid) == 0, 5.0, "the readiness probe's connection to close")
+    wait_until(lambda: tcp_connections(relay.pid) == 0, 30, "the readiness probe's connection to close")
     base_fds = relay_sockets(relay.pid)
     socks = open_idle(relay.port, silent, deadline=time.monotonic() + 1.0)  # all queue in the kernel
     try:

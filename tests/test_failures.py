@@ -63,7 +63,7 @@ def wait_replaced(daemon: Daemon, role: str, victim: int, count: int) -> dict[in
 
 
 def wait_gone(pid: int) -> None:
-    wait_until(lambda: not pid_alive(pid), 5.0, f"pid {pid} to die")
+    wait_until(lambda: not pid_alive(pid), 30, f"pid {pid} to die")
 
 
 @dataclass(frozen=True)
@@ -183,8 +183,8 @@ def test_ca_killed_under_load(start_daemon: StartDaemon, pki: Pki, echo_backend:
             STimeLoad(relay.listen_port, www=None) as s_time_load,
             HandshakeLoad(relay.listen_port, relay.keypairs) as load,
         ):
-            wait_until(lambda: len(load.successes_after(0)) >= 10, 10.0, "handshakes to flow before the kill")
-            wait_until(lambda: s_time_load.runs or None, 10.0, "an s_time run before the kill")
+            wait_until(lambda: len(load.successes_after(0)) >= 10, 30, "handshakes to flow before the kill")
+            wait_until(lambda: s_time_load.runs or None, 30, "an s_time run before the kill")
             killed = time.monotonic()
             os.kill(ca_pid, signal.SIGKILL)
             wait_gone(ca_pid)
@@ -198,8 +198,8 @@ def test_ca_killed_under_load(start_daemon: StartDaemon, pki: Pki, echo_backend:
             )
             recovered = first.ended
             # keep the load going a while on the new ca
-            wait_until(lambda: len(load.successes_after(recovered)) >= 20, 10.0, "handshakes on the new ca")
-            wait_until(lambda: s_time_load.completed_after(recovered), 10.0, "an s_time run on the new ca")
+            wait_until(lambda: len(load.successes_after(recovered)) >= 20, 30, "handshakes on the new ca")
+            wait_until(lambda: s_time_load.completed_after(recovered), 30, "an s_time run on the new ca")
         after = echo_roundtrip(session, os.urandom(256 * 1024))
         echo_roundtrip(session, b"still here\n")
     assert recovered - killed <= 2.0, f"first handshake via the new ca done {recovered - killed:.2f}s after the kill"
@@ -270,7 +270,7 @@ def test_stalled_ca_fails_handshakes_at_the_keyop_timeout_and_late_replies_are_d
         return (timed_out, late) if timed_out and timed_out <= late else None
 
     timed_out, late = wait_until(
-        late_matches_timed_out, 5.0, lambda: f"a late reply for every timed-out request\n{daemon.describe()}"
+        late_matches_timed_out, 30, lambda: f"a late reply for every timed-out request\n{daemon.describe()}"
     )
     assert len(timed_out) >= len(failures), f"{len(failures)} failed handshakes, timed out: {sorted(timed_out)}"
     assert late == timed_out, f"late replies {sorted(late - timed_out)} for requests that never timed out"
@@ -294,12 +294,12 @@ def test_relay_killed_under_s_time_load(
     victim, survivor = before[1], before[2]
 
     with STimeLoad(port) as load:
-        wait_until(lambda: load.completed_after(0) >= 1, 15.0, "an s_time run before the kill")
+        wait_until(lambda: load.completed_after(0) >= 1, 30, "an s_time run before the kill")
         killed = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         after = wait_replaced(daemon, "relay", victim, count=2)
         replaced = time.monotonic()
-        wait_until(lambda: load.completed_after(replaced) >= 2, 15.0, "s_time runs after the restart")
+        wait_until(lambda: load.completed_after(replaced) >= 2, 30, "s_time runs after the restart")
     new_relay = after[1]
     assert after[2] == survivor, f"the other relay was restarted too\n{daemon.describe()}"
     assert proc_title(new_relay) == "pyprivsep: relay 1"
@@ -325,7 +325,7 @@ def test_relay_killed_under_s_time_load(
     served = wait_until(
         lambda: (text := daemon.stderr_text()[offset:]).count("relay 1: relay www:") and "resumed handshake" in text
         and text,
-        10.0,
+        30,
         lambda: f"relay 1 to log the resumed sessions\n{daemon.stderr_text()[offset:][-3000:]}",
     )
     assert "relay 2:" not in served, f"relay 2 served while frozen\n{served[-3000:]}"
@@ -357,7 +357,7 @@ def test_backend_down_then_up(start_daemon: StartDaemon, pki: Pki) -> None:
     assert elapsed < 5.0, f"curl took {elapsed:.1f}s to fail"
     wait_until(
         lambda: re.search(r"relay www: .*backend.*Connection refused", daemon.stderr_text()),
-        5.0,
+        30,
         lambda: f"the relay to log the backend error\n{daemon.describe()}",
     )
     assert daemon.relay_pids() == {1: relay_pid}, daemon.describe()
@@ -393,7 +393,7 @@ def test_no_key_material_outside_the_ca_after_a_ca_restart(
             return False
         return True
 
-    wait_until(through_new_ca, 10.0, lambda: f"handshakes through the new ca\n{daemon.describe()}")
+    wait_until(through_new_ca, 30, lambda: f"handshakes through the new ca\n{daemon.describe()}")
     for _ in range(3):
         assert through_new_ca()
     patterns = key_patterns(relay.keypairs)
@@ -526,7 +526,7 @@ def test_ca_holds_only_its_channel_and_nobody_holds_key_files(
     cas = wait_replaced(daemon, "ca", cas[2], count=2)
     wait_until(
         lambda: all(handshake_succeeds(relay.listen_port, kp.dns_name) for kp in relay.keypairs),
-        10.0,
+        30,
         "handshakes after the restart",
     )
     for index, pid in cas.items():

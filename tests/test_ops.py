@@ -107,7 +107,7 @@ def start_ops(
     sock = tmp_path / f"ctl{free_port()}.sock"
     config = OpsConfig(list(relays), prefork=prefork, extra=(f'socket "{sock}"', *extra))
     daemon = start_daemon(config)
-    wait_until(lambda: sock.exists(), 10, f"control socket {sock}")
+    wait_until(lambda: sock.exists(), 30, f"control socket {sock}")
     return Ops(daemon, sock)
 
 
@@ -227,7 +227,7 @@ def test_show_summary_counts_handshakes_and_keyops(
         now = ops.summary()
         return now if stat_sum(now, "hs_full") - stat_sum(before, "hs_full") >= n else None
 
-    after = wait_until(grown, 10, lambda: f"{n} more full handshakes\n{ops.daemon.describe()}")
+    after = wait_until(grown, 30, lambda: f"{n} more full handshakes\n{ops.daemon.describe()}")
     assert stat_sum(after, "hs_full") - stat_sum(before, "hs_full") == n
     assert stat_sum(after, "keyops") - stat_sum(before, "keyops") == n  # one RSA signature each
     assert stat_sum(after, "hs_resumed") == stat_sum(before, "hs_resumed")
@@ -258,7 +258,7 @@ def test_show_sessions_lists_an_open_session(
                 for s in ops.query("show", "sessions")["sessions"]
                 if s["client"] == client and s["bytes_in"] == 1000 and s["bytes_out"] == 1000
             ],
-            5,
+            30,
             lambda: f"the session's byte counts: {ops.query('show', 'sessions')}",
         )
         human = ops.ctl("show", "sessions")
@@ -267,7 +267,7 @@ def test_show_sessions_lists_an_open_session(
         assert "relaying" in line.split() and "www" in line.split()
     wait_until(
         lambda: all(s["client"] != client for s in ops.query("show", "sessions")["sessions"]),
-        5,
+        30,
         "the closed session to leave show sessions",
     )
     assert client not in ops.ctl("show", "sessions").stdout
@@ -325,7 +325,7 @@ def test_log_verbose_then_brief(
 
     quiet_port, ok = handshake_from(port, name)
     assert ok
-    wait_until(lambda: closed_line(quiet_port) in ops.stderr(), 5, "the closed line (brief)")
+    wait_until(lambda: closed_line(quiet_port) in ops.stderr(), 30, "the closed line (brief)")
     assert "full handshake" not in ops.stderr()
 
     proc = ops.ctl("log", "verbose")
@@ -335,7 +335,7 @@ def test_log_verbose_then_brief(
     assert ok
     wait_until(
         lambda: f"{LOCALHOST}:{loud_port}: full handshake" in ops.stderr(),
-        5,
+        30,
         lambda: f"a full handshake debug line\n{ops.daemon.describe()}",
     )
 
@@ -345,7 +345,7 @@ def test_log_verbose_then_brief(
     lines = ops.stderr().count("full handshake")
     brief_port, ok = handshake_from(port, name)
     assert ok
-    wait_until(lambda: closed_line(brief_port) in ops.stderr(), 5, "the closed line (brief again)")
+    wait_until(lambda: closed_line(brief_port) in ops.stderr(), 30, "the closed line (brief again)")
     assert f"{LOCALHOST}:{brief_port}: full handshake" not in ops.stderr()
     assert ops.stderr().count("full handshake") == lines
 
@@ -374,7 +374,7 @@ def test_unknown_command_socket_mode_and_stop(
     proc = ops.ctl("stop")
     assert (proc.returncode, proc.stdout.strip()) == (0, "stopping"), describe(proc)
     assert ops.daemon.proc.wait(timeout=15) == 0, ops.daemon.describe()
-    wait_until(lambda: not any(pid_alive(p) for p in children), 5, "every child to exit")
+    wait_until(lambda: not any(pid_alive(p) for p in children), 30, "every child to exit")
     assert not ops.sock.exists()
     after = ops.ctl("show", "summary")
     assert after.returncode == 1 and str(ops.sock) in after.stderr, describe(after)
@@ -412,7 +412,7 @@ def test_reload_under_load_keeps_old_sessions(
         try:
             # s_time is under way: handshakes are counted
             wait_until(
-                lambda: stat_sum(ops.summary(), "hs_full") >= stat_sum(before, "hs_full") + 5, 10, "s_time to run"
+                lambda: stat_sum(ops.summary(), "hs_full") >= stat_sum(before, "hs_full") + 5, 30, "s_time to run"
             )
             reload = ops.ctl("reload")
             assert reload.returncode == 0, f"{describe(reload)}\n{ops.daemon.describe()}"
@@ -440,8 +440,8 @@ def test_reload_under_load_keeps_old_sessions(
             new = relays - set(old_pairs)
             return new if len(new) == 2 and relays == new | {holder} else None
 
-        new_relays = wait_until(settled, 5, lambda: f"two new relays, the holder draining\n{ops.daemon.describe()}")
-        wait_until(lambda: not pid_alive(old_pairs[other]), 5, "the idle old relay's ca to exit")
+        new_relays = wait_until(settled, 30, lambda: f"two new relays, the holder draining\n{ops.daemon.describe()}")
+        wait_until(lambda: not pid_alive(old_pairs[other]), 30, "the idle old relay's ca to exit")
         assert not pid_alive(other)
         summary = ops.summary()
         assert summary["generation"] == 2
@@ -451,8 +451,8 @@ def test_reload_under_load_keeps_old_sessions(
         for i in range(5):
             roundtrip(tls, f"after reload {i}".encode() * 100)
         assert pid_alive(holder) and pid_alive(holder_ca)
-    wait_until(lambda: not pid_alive(holder), 5, lambda: f"the draining relay to exit\n{ops.daemon.describe()}")
-    wait_until(lambda: not pid_alive(holder_ca), 5, "the draining relay's ca to exit")
+    wait_until(lambda: not pid_alive(holder), 30, lambda: f"the draining relay to exit\n{ops.daemon.describe()}")
+    wait_until(lambda: not pid_alive(holder_ca), 30, "the draining relay's ca to exit")
     assert relay_processes(ops.daemon) == new_relays
     assert len(ca_processes(ops.daemon)) == 2
     assert not ca_processes(ops.daemon) & set(old_pairs.values())
@@ -474,7 +474,7 @@ def test_sighup_reloads(pki: Pki, echo_backend: EchoServer, start_daemon: StartD
         relays, cas = relay_processes(ops.daemon), ca_processes(ops.daemon)
         return len(relays) == 2 and len(cas) == 2 and not (relays & old_relays) and not (cas & old_cas)
 
-    wait_until(replaced, 10, lambda: f"every relay and ca replaced\n{ops.daemon.describe()}")
+    wait_until(replaced, 30, lambda: f"every relay and ca replaced\n{ops.daemon.describe()}")
     assert ops.summary()["generation"] == 2
     assert {r["pid"] for r in ops.summary()["relays"]} == relay_processes(ops.daemon)
     tls_handshake(port, name)
@@ -585,7 +585,7 @@ def test_ticket_keys_rotate_and_expire(
         now = ops.summary()
         return now if stat_sum(now, "hs_resumed") - stat_sum(before, "hs_resumed") >= 12 else None
 
-    resumed = wait_until(counted, 5, "12 resumed handshakes counted")
+    resumed = wait_until(counted, 30, "12 resumed handshakes counted")
     assert stat_sum(resumed, "hs_resumed") - stat_sum(before, "hs_resumed") == 12
     base = {r["pid"]: r["stats"]["hs_resumed"] for r in before["relays"]}
     per_relay = {r["pid"]: r["stats"]["hs_resumed"] - base[r["pid"]] for r in resumed["relays"]}
@@ -635,7 +635,7 @@ def test_metrics(pki: Pki, echo_backend: EchoServer, start_daemon: StartDaemon, 
         lambda: (lambda s: s if metric(s, "pyprivsep_handshakes_total", kind="full") >= full0 + n else None)(
             scrape(metrics_port)
         ),
-        5,
+        30,
         "the handshakes in the metrics",
     )
     assert metric(now, "pyprivsep_handshakes_total", kind="full") == full0 + n
@@ -654,11 +654,11 @@ def test_metrics(pki: Pki, echo_backend: EchoServer, start_daemon: StartDaemon, 
         wait_until(
             lambda: (lambda s: metric(s, "pyprivsep_bytes_total", direction="in") == in0 + 3000
                      and metric(s, "pyprivsep_bytes_total", direction="out") == out0 + 3000)(scrape(metrics_port)),
-            5,
+            30,
             lambda: f"3000 bytes each way in pyprivsep_bytes_total\n{scrape(metrics_port)}",
         )
         wait_until(
-            lambda: metric(scrape(metrics_port), "pyprivsep_sessions_active") == 1, 5, "exactly one active session"
+            lambda: metric(scrape(metrics_port), "pyprivsep_sessions_active") == 1, 30, "exactly one active session"
         )
 
     # a handshake failed by a frozen ca
@@ -673,7 +673,7 @@ def test_metrics(pki: Pki, echo_backend: EchoServer, start_daemon: StartDaemon, 
         lambda: (lambda s: s if metric(s, "pyprivsep_handshakes_failed_total", reason="ca") > failed0 else None)(
             scrape(metrics_port)
         ),
-        5,
+        30,
         "a ca failure in the metrics",
     )
     assert metric(after, "pyprivsep_handshakes_failed_total", reason="ca") == failed0 + 1
@@ -683,7 +683,7 @@ def test_metrics(pki: Pki, echo_backend: EchoServer, start_daemon: StartDaemon, 
     )
     # answered operations only in the latency histogram
     assert metric(after, "pyprivsep_keyop_latency_seconds_count") == metric(after, "pyprivsep_keyops_total", result="ok")
-    wait_until(lambda: handshake_from(port, name)[1], 5, "a handshake once the ca runs again")
+    wait_until(lambda: handshake_from(port, name)[1], 30, "a handshake once the ca runs again")
 
 
 # --------------------------------------------------------------------------
@@ -705,7 +705,7 @@ def test_connection_and_error_logs(
     )
 
     def logged(line: str) -> None:
-        wait_until(lambda: line in ops.stderr(), 5, lambda: f"log line {line!r}\n{ops.daemon.describe()}")
+        wait_until(lambda: line in ops.stderr(), 30, lambda: f"log line {line!r}\n{ops.daemon.describe()}")
 
     # a closed connection, with the bytes sent each way
     with tls_session(*relay_ports(www)) as (tls, local_port):
@@ -791,11 +791,11 @@ def test_log_verbose_survives_a_reload(
     old = relay_processes(ops.daemon)
     assert ops.ctl("log", "verbose").returncode == 0
     assert ops.ctl("reload").returncode == 0
-    wait_until(lambda: not relay_processes(ops.daemon) & old, 5, "the old relay to drain")
+    wait_until(lambda: not relay_processes(ops.daemon) & old, 30, "the old relay to drain")
     local_port, ok = handshake_from(*relay_ports(relay))
     assert ok
     closed = f"relay www: {LOCALHOST}:{local_port}: closed after"
-    wait_until(lambda: closed in ops.stderr(), 5, "the closed line")
+    wait_until(lambda: closed in ops.stderr(), 30, "the closed line")
     assert f"{LOCALHOST}:{local_port}: full handshake" in ops.stderr(), ops.stderr()
 
 
@@ -849,7 +849,7 @@ def test_a_frozen_relay_is_killed_and_restarted_and_the_parent_keeps_serving(
 
     # the parent reaps and restarts a killed ca meanwhile
     os.kill(cas[2], signal.SIGKILL)
-    wait_until(lambda: daemon.ca_pids().get(2) not in (None, cas[2]), 20, lambda: f"ca 2 restarted\n{daemon.describe()}")
+    wait_until(lambda: daemon.ca_pids().get(2) not in (None, cas[2]), 30, lambda: f"ca 2 restarted\n{daemon.describe()}")
 
     # heartbeat: killed and restarted within its deadline (plus one interval
     # and slack for a loaded machine); show summary answers all along
@@ -864,8 +864,8 @@ def test_a_frozen_relay_is_killed_and_restarted_and_the_parent_keeps_serving(
     assert "relay 1 did not answer the heartbeat" in ops.stderr(), ops.stderr()
     # it was SIGKILLed: thawed, it dies (until then it still shows as relay 1)
     freezer.thaw(frozen_pid)
-    wait_until(lambda: not pid_alive(frozen_pid), 10, "the frozen relay to die once thawed")
-    wait_until(lambda: daemon.relay_pids().get(1) not in (None, frozen_pid), 10, "the new relay 1 up")
+    wait_until(lambda: not pid_alive(frozen_pid), 30, "the frozen relay to die once thawed")
+    wait_until(lambda: daemon.relay_pids().get(1) not in (None, frozen_pid), 30, "the new relay 1 up")
     for _ in range(3):
         tls_handshake(*relay_ports(relay))
 
@@ -892,7 +892,7 @@ def test_a_frozen_relay_is_killed_and_restarted_and_the_parent_keeps_serving(
     wait_until(lambda: "reloaded: generation 2" in ops.stderr()[offset:], 30, lambda: f"the reload\n{daemon.describe()}")
     assert summary_answers(ops)["generation"] == 2
     freezer.thaw(second)
-    wait_until(lambda: not pid_alive(second), 10, "the second frozen relay to die once thawed")
+    wait_until(lambda: not pid_alive(second), 30, "the second frozen relay to die once thawed")
     daemon.wait_ready()
 
 
@@ -934,7 +934,7 @@ def test_metrics_idle_connections_cost_the_parent_no_thread(
         for s in idle:
             s.close()
     assert proc_status(pid)["Threads"] == "1", proc_status(pid)
-    wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= fds_before, 10, "the parent's descriptors back")
+    wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= fds_before, 30, "the parent's descriptors back")
     samples = scrape(metrics_port)
     assert metric(samples, "pyprivsep_handshakes_total", kind="full") == stat_sum(ops.summary(), "hs_full") >= 1
     assert metric(samples, "pyprivsep_connections_accepted_total", process="1", generation="1") >= 1

@@ -62,7 +62,7 @@ def wait_settled(daemon: Daemon) -> None:
             status_of(c.pid)["Uid"].split()[0] == str(uids[c.role])
             and status_of(c.pid)["Seccomp"] == "2" for c in kids)
 
-    wait_until(settled, 10.0, lambda: "relays and cas to drop privileges and install their filter: "
+    wait_until(settled, 30, lambda: "relays and cas to drop privileges and install their filter: "
                + str({c.pid: status_of(c.pid) for c in daemon.children()}) + "\n" + daemon.describe())
 
 
