@@ -190,7 +190,7 @@ pyprivsep demo: https://127.0.0.1:8443/ -> backend http://127.0.0.1:8080/
   curl --cacert demo/ca.crt -o /dev/null https://localhost:8443/bytes/10485760
   openssl s_time -connect 127.0.0.1:8443 -new -time 10
   openssl s_time -connect 127.0.0.1:8443 -reuse -time 10
-  ps -o pid,user,args -C python3 | grep pyprivsep   # parent, relays, cas
+  ps -eo pid,user:14,args | grep '[p]yprivsep:'     # parent, relays, cas
 Ctrl-C stops everything.
 """, flush=True)
     relay = subprocess.Popen([sys.executable, "-m", "pyprivsep", "-d", "-f", conf])
