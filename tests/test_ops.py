@@ -15,7 +15,6 @@ import socket
 import ssl
 import stat
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,8 +25,8 @@ from typing import Any
 import pytest
 
 from backends import EchoServer, HttpBackend
-from basics import LOCALHOST, REPO_ROOT, free_port, wait_until
-from daemonctl import Daemon, DaemonConfig, RelaySpec, StartDaemon, pyprivsep_env
+from basics import LOCALHOST, free_port, wait_until
+from daemonctl import Daemon, DaemonConfig, RelaySpec, StartDaemon, run_pyprivsep
 from keypairs import KeyPair, Pki, make_keypair
 from procs import Freezer, frozen, pid_alive, proc_status
 from pyprivsep.ctl import request as ctl_request
@@ -59,19 +58,8 @@ class Ops:
     sock: Path
 
     def ctl(self, *words: str, as_json: bool = False, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
-        args = [sys.executable, "-m", "pyprivsep", "ctl", "-s", str(self.sock)]
-        if as_json:
-            args.append("-j")
-        args += words
-        return subprocess.run(
-            args,
-            cwd=REPO_ROOT,
-            env=pyprivsep_env(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        flags = ["-j"] if as_json else []
+        return run_pyprivsep("ctl", "-s", str(self.sock), *flags, *words, timeout=timeout)
 
     def json(self, *words: str, expect_rc: int = 0) -> dict[str, Any]:
         proc = self.ctl(*words, as_json=True)

@@ -6,7 +6,6 @@ import os
 import pwd
 import signal
 import time
-from collections.abc import Iterator
 
 import pytest
 
