@@ -34,7 +34,8 @@ from basics import wait_until
 from cawire import (ERR_FRAME, ERR_NOKEY, ERR_OP, ERR_POLICY, ERR_VERSION, OK, OP_ECDSA_SIGN, OP_PING,
                     OP_RSA_PRIV_DEC, OP_RSA_PRIV_ENC, PAD_NONE, PAD_PKCS1, parse_reply, pss_block, raw_frame,
                     spki_keyid)
-from daemonctl import SANITIZED, Daemon, DaemonConfig, KeyServiceSpec, StartDaemon, run_pyprivsep
+from backends import HttpBackend
+from daemonctl import SANITIZED, Daemon, DaemonConfig, KeyServiceSpec, StartDaemon, run_pyprivsep, simple_relay
 from keypairs import KeyPair, Pki, found_components, key_patterns
 from memscan import scan_process_memory
 from procs import pid_alive, proc_status
@@ -315,20 +316,28 @@ def test_stopped_ca_is_replaced(start_daemon: StartDaemon, pki: Pki, sockdir: Pa
     signs(svc.socket, pki["p256"])
 
 
-def test_memory_keys_only_in_the_service_ca(start_daemon: StartDaemon, pki: Pki, sockdir: Path) -> None:
-    """The parent holds no prime or private scalar of the service's keys;
-    the service's ca holds them all."""
+def test_memory_keys_only_in_their_cas(start_daemon: StartDaemon, pki: Pki, sockdir: Path,
+                                       http_backend: HttpBackend) -> None:
+    """Beside a relay: the parent and the relay hold no prime or private
+    scalar; the service's ca holds its service's key and not the relay's,
+    the relay's ca the relay's and not the service's."""
     if SANITIZED:
         pytest.skip("memory scan skipped in an AddressSanitizer run")
-    keypairs = [pki["rsa2048"], pki["p256"]]
-    svc = service(sockdir, pki, prefork=1)
-    daemon = start(start_daemon, svc)
-    signs(svc.socket, pki["rsa2048"])
-    patterns = key_patterns(keypairs)
-    in_parent = scan_process_memory(daemon.parent_pid, patterns)
-    assert found_components(in_parent.found) == set(), in_parent
-    in_ca = scan_process_memory(daemon.keyservice_pids("web")[1], patterns)
-    assert found_components(in_ca.found) == {c for kp in keypairs for c in kp.components()}, in_ca
+    svc = service(sockdir, pki, keys=("p256",), prefork=1)
+    relay = simple_relay(pki, http_backend.port, key_names=("rsa2048",))
+    daemon = start_daemon(DaemonConfig([relay], prefork=1, keyservices=[svc]))
+    signs(svc.socket, pki["p256"])
+    patterns = key_patterns([pki["rsa2048"], pki["p256"]])
+    expected = {
+        daemon.parent_pid: set(),
+        daemon.relay_pids()[1]: set(),
+        daemon.ca_pids()[1]: pki["rsa2048"].components(),
+        daemon.keyservice_pids("web")[1]: pki["p256"].components(),
+    }
+    for pid, components in expected.items():
+        result = scan_process_memory(pid, patterns)
+        assert result.bytes_scanned > 4 * 1024 * 1024, result
+        assert found_components(result.found) == components, (pid, result)
 
 
 def test_processes_run_as_ca_user_under_the_filter(start_daemon: StartDaemon, pki: Pki, sockdir: Path) -> None:
@@ -363,6 +372,14 @@ def test_ctl_show_keys_lists_service_keys(start_daemon: StartDaemon, pki: Pki, s
     pids = set(daemon.keyservice_pids("web").values())
     for k in keys:  # type: ignore[union-attr]
         assert k["socket"] == str(svc.socket) and set(k["ca_pids"]) == pids  # type: ignore[index]
+    [ks] = ctl(daemon, "show", "summary")["keyservices"]  # type: ignore[misc]
+    assert (ks["name"], ks["socket"], ks["cas_up"], ks["restarts"]) == ("web", str(svc.socket), 2, 0)
+    assert {c["pid"] for c in ks["cas"]} == pids
+    # the metrics are rendered from the same records
+    from pyprivsep import metrics
+    text = metrics.render([], [ks]).decode()
+    assert 'pyprivsep_keyservice_cas_up{service="web"} 2.0' in text, text
+    assert 'pyprivsep_keyservice_ca_restarts_total{service="web"} 0.0' in text, text
 
 
 def test_reload_and_shutdown(start_daemon: StartDaemon, pki: Pki, sockdir: Path) -> None:
