@@ -13,6 +13,7 @@ SIGTERM does, in any state: the C loop takes it itself.
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import socket
 
@@ -80,6 +81,11 @@ def service_main(cfg: Config, ks: KeyService, index: int,
     signal.signal(signal.SIGTERM, signal.SIG_DFL)   # C takes it when serving
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)   # drain: C takes it too
     held = load_service_keys(ks)
+    # room for ca.c's 1024 clients (KS_MAX_CLIENTS) and a few more
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1024 + 64 if hard == resource.RLIM_INFINITY else min(hard, 1024 + 64)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     privsep.drop_privileges(cfg, "ca")
     log.debug("keyservice %s ca %d: serving %d keys on %s", ks.name, index,
               len(held), ks.socket)

@@ -74,10 +74,20 @@ def start(start_daemon: StartDaemon, *services: KeyServiceSpec) -> Daemon:
 
 
 def connect(path: Path, timeout: float = 10.0) -> socket.socket:
+    """A connection; a full backlog (EAGAIN: AF_UNIX does not wait even
+    with a timeout) is waited out, within the timeout."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.settimeout(timeout)
-    s.connect(str(path))
-    return s
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            s.connect(str(path))
+            return s
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                s.close()
+                raise
+            time.sleep(0.01)
 
 
 def exchange(s: socket.socket, frame: bytes) -> tuple[int, bytes]:
@@ -241,6 +251,44 @@ def test_many_clients_at_once(start_daemon: StartDaemon, pki: Pki, sockdir: Path
                 reply = parse_reply(s.recv(65536))
                 assert (reply.arg, reply.id) == (OK, n * 10 + round_)
                 verify(kp, reply.payload, MESSAGE + bytes([n]))
+    finally:
+        for s in conns:
+            s.close()
+
+
+def test_clients_beyond_the_bound_are_closed(start_daemon: StartDaemon, pki: Pki, sockdir: Path) -> None:
+    """A ca serves 1024 clients at once; the 1025th is accepted and closed
+    (logged); once one leaves, a new client is served again."""
+    svc = service(sockdir, pki, prefork=1)
+    daemon = start(start_daemon, svc)
+    ping = raw_frame(OP_PING, 0, 5, b"", b"")
+    conns: list[socket.socket] = []
+    try:
+        for _ in range(1024):
+            conns.append(connect(svc.socket, timeout=20.0))
+        for s in conns:
+            assert exchange(s, ping)[0] == OK
+        with connect(svc.socket) as extra:
+            try:
+                extra.send(ping)
+                assert extra.recv(65536) == b""
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+        assert "1024 clients already" in daemon.stderr_text(), daemon.describe()
+        conns.pop().close()
+
+        def served_again() -> bool:
+            # the ca may accept before it saw the hang-up: then this one
+            # is closed too, and the next is served
+            with connect(svc.socket) as again:
+                try:
+                    again.send(ping)
+                    data = again.recv(65536)
+                except (ConnectionResetError, BrokenPipeError):
+                    return False
+                return bool(data) and parse_reply(data).arg == OK
+        wait_until(served_again, 10.0, lambda: "a free place\n" + daemon.describe())
+        assert all(exchange(s, ping)[0] == OK for s in conns[:10])
     finally:
         for s in conns:
             s.close()

@@ -647,6 +647,7 @@ pps_ca_serve(struct pps_ca *ca, int fd)
 #define KS_STALL_MS	2000		/* a full socket this long: dropped */
 #define KS_READS	16		/* frames read from a client at once */
 #define KS_ACCEPTS	64		/* connections accepted at once */
+#define KS_PAUSE_MS	100		/* no descriptor left: accept later */
 
 struct ks_client {
 	int		 fd;
@@ -665,6 +666,8 @@ struct ks {
 	uint8_t		 req[PPS_FRAME_MAX + 1];
 	int		 nclients;
 	int		 lfd;
+	struct timespec	 paused;	/* out of descriptors: accept again */
+	int		 pause;		/* ... once KS_PAUSE_MS passed */
 	const uint32_t	*uids, *gids;
 	int		 nuids, ngids;
 };
@@ -716,6 +719,13 @@ ks_accept(struct pps_ca *ca, struct ks *ks)
 	for (i = 0; i < KS_ACCEPTS; i++) {
 		if ((fd = accept4(ks->lfd, NULL, NULL,
 		    SOCK_NONBLOCK | SOCK_CLOEXEC)) == -1) {
+			/* the waiting connection stays readable: polling it
+			 * again at once would spin */
+			if (errno == EMFILE || errno == ENFILE ||
+			    errno == ENOBUFS || errno == ENOMEM) {
+				ks->pause = 1;
+				clock_gettime(CLOCK_MONOTONIC, &ks->paused);
+			}
 			if (errno != EAGAIN && errno != EWOULDBLOCK &&
 			    errno != EINTR && errno != ECONNABORTED &&
 			    may_log(ca))
@@ -825,7 +835,10 @@ ks_loop(struct pps_ca *ca, struct ks *ks, struct ca_io *io)
 		}
 		if (ks->lfd == -1 && ks->nclients == 0)
 			return IO_STOP;
-		base = ks->lfd != -1;
+		if (ks->pause && ns_since(&ks->paused) >
+		    (int64_t)KS_PAUSE_MS * 1000000)
+			ks->pause = 0;
+		base = ks->lfd != -1 && !ks->pause;
 		n = 0;
 		if (base) {
 			ks->pfd[n].fd = ks->lfd;
@@ -840,7 +853,8 @@ ks_loop(struct pps_ca *ca, struct ks *ks, struct ca_io *io)
 		}
 		for (i = 0; i < n; i++)
 			ks->pfd[i].revents = 0;
-		timeout_ms = pending ? 100 : ca->suppressed > 0 ? 1000 : -1;
+		timeout_ms = pending || ks->pause ? 100 :
+		    ca->suppressed > 0 ? 1000 : -1;
 		tsp = NULL;
 		if (timeout_ms >= 0) {
 			ts.tv_sec = timeout_ms / 1000;
@@ -860,7 +874,7 @@ ks_loop(struct pps_ca *ca, struct ks *ks, struct ca_io *io)
 		if (r == 0 && ca->suppressed > 0)
 			log_summary(ca);
 		if (r <= 0 && !pending)
-			continue;
+			continue;		/* (a pause ends at the top) */
 		/* clients first: ks_accept() appends to the array */
 		for (i = 0; i < ks->nclients; i++) {
 			struct ks_client *c = &ks->clients[i];
