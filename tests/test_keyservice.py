@@ -136,7 +136,7 @@ def as_other_user(uid: int, gid: int, path: Path) -> str:
             os.setgroups([])
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
-            with connect(path, timeout=5.0) as s:
+            with connect(path, timeout=15.0) as s:
                 try:
                     s.send(raw_frame(OP_PING, 0, 7, b"", b""))
                     data = s.recv(65536)
@@ -406,6 +406,9 @@ def test_processes_run_as_ca_user_under_the_filter(start_daemon: StartDaemon, pk
         st = proc_status(pid)
         assert st["NoNewPrivs"] == "1"
         assert Path(f"/proc/{pid}/root").resolve() == daemon.chroot.resolve()
+        # not dumpable: the kernel gives its /proc files to root, not to its uid
+        assert os.stat(f"/proc/{pid}/mem").st_uid == 0
+        assert st["Groups"].split() == [str(pwd.getpwnam(CA_USER).pw_gid)]
     for _ in range(4):
         signs(svc.socket, pki["rsa2048"])
     assert daemon.seccomp_kills() == []
