@@ -190,7 +190,7 @@ class Pair:
 KEYSERVICE_DRAIN = 60.0
 
 
-@dataclass
+@dataclass(eq=False)               # identity: records, compared by `is`
 class Service:
     """A keyservice as the parent runs it: its listening socket (the cas
     inherit it) and its certificates (public), for ctl and metrics."""
@@ -206,7 +206,7 @@ class Service:
             unlink_socket(self.ks.socket)
 
 
-@dataclass
+@dataclass(eq=False)
 class ServiceCa:
     """Ca number `index` of a keyservice.  It has no relay partner: the
     parent supervises it as it does a pair's ca (pids, backoff, restart),
@@ -272,9 +272,7 @@ def open_service_socket(ks: KeyService) -> socket.socket:
             raise fail("another process is listening on it")
         except (ConnectionRefusedError, FileNotFoundError):
             os.unlink(path)         # stale
-        except OSError as e:
-            if isinstance(e, ConfigError):
-                raise
+        except OSError as e:        # e.g. a full backlog: someone serves it
             raise fail(f"in use ({e.strerror or e})") from None
         finally:
             probe.close()

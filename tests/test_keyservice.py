@@ -38,7 +38,7 @@ from backends import HttpBackend
 from daemonctl import SANITIZED, Daemon, DaemonConfig, KeyServiceSpec, StartDaemon, run_pyprivsep, simple_relay
 from keypairs import KeyPair, Pki, found_components, key_patterns
 from memscan import scan_process_memory
-from procs import pid_alive, proc_status
+from procs import open_fds, pid_alive, proc_status
 from pyprivsep.ctl import request as ctl_request
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="keyservice tests need root (users, SO_PEERCRED)")
@@ -442,7 +442,14 @@ def test_reload_and_shutdown(start_daemon: StartDaemon, pki: Pki, sockdir: Path)
     old = daemon.keyservice_pids("web")[1]
     kept = connect(svc.socket)
     assert exchange(kept, ec_sign_frame(pki["p256"], 1))[0] == OK
+
+    def sockets_of(pid: int) -> int:
+        return sum(1 for target in open_fds(pid).values() if target.startswith("socket:"))
+    before = sockets_of(old)                    # the listener and `kept`
     os.kill(daemon.parent_pid, signal.SIGHUP)
+    # the old ca closes its listener (stops accepting), keeps its client
+    wait_until(lambda: sockets_of(old) == before - 1, 15.0,
+               lambda: f"the old ca to stop accepting: {open_fds(old)}\n" + daemon.describe())
     wait_until(lambda: any(p != old for p in _all_service_pids(daemon)), 15.0,
                lambda: "the new generation\n" + daemon.describe())
     signs(svc.socket, pki["rsa2048"])           # the new ca
