@@ -643,12 +643,15 @@ class Parent:
         if self.reloading:
             self.reload_again.append(done or (lambda error: None))
             return
-        error = self.start_generation()
+        # waiting before it starts: without a live relay to wait for (a
+        # configuration of keyservices alone) the new generation is ready,
+        # and the waiters told, before start_generation() returns
         if done is not None:
-            if error is not None:
-                done(error)
-            else:
-                self.reload_waiters.append(done)
+            self.reload_waiters.append(done)
+        error = self.start_generation()
+        if error is not None and done is not None:
+            self.reload_waiters.remove(done)
+            done(error)
 
     def start_generation(self) -> str | None:
         old_sockets = sockets_of(self.setup)

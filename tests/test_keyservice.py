@@ -531,3 +531,26 @@ def test_check_mode_refuses_duplicates_and_accepts_a_good_block(pki: Pki, tmp_pa
                     f' tls certificate "{kp.cert_path}" key "{loose}"\n}}\n')
     proc = run_pyprivsep("-n", "-f", str(conf))
     assert proc.returncode != 0 and "chmod 600" in proc.stderr, proc.stderr
+
+
+def test_reload_adds_and_removes_services(start_daemon: StartDaemon, pki: Pki, sockdir: Path) -> None:
+    """A reload with another set of services: the new one's socket appears
+    and serves, the removed one's socket goes; a reload naming an unknown
+    user fails and keeps the running services."""
+    web = service(sockdir, pki, keys=("p256",), prefork=1)
+    daemon = start(start_daemon, web)
+    mail = service(sockdir, pki, keys=("rsa2048",), name="mail", prefork=1)
+    head = daemon.conf_path.read_text().split("keyservice", 1)[0]
+    daemon.conf_path.write_text(head + "\n".join(mail.render()) + "\n")
+    answer = ctl(daemon, "reload")
+    assert "ok" in answer, answer
+    wait_until(lambda: not web.socket.exists() and len(daemon.keyservice_pids("mail")) == 1, 15.0,
+               lambda: "the new service\n" + daemon.describe())
+    signs(mail.socket, pki["rsa2048"])
+    wait_until(lambda: not daemon.keyservice_pids("web"), 15.0, lambda: "web's ca to end\n" + daemon.describe())
+    bad = KeyServiceSpec("mail", mail.socket, mail.keypairs, users=("no-such-pps-user",))
+    daemon.conf_path.write_text(head + "\n".join(bad.render()) + "\n")
+    answer = ctl(daemon, "reload")
+    assert 'allow user "no-such-pps-user": no such user' in str(answer.get("error")), answer
+    signs(mail.socket, pki["rsa2048"])
+    assert [k["name"] for k in ctl(daemon, "show", "summary")["keyservices"]] == ["mail"]  # type: ignore[union-attr,index]
