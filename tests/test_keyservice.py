@@ -554,3 +554,31 @@ def test_reload_adds_and_removes_services(start_daemon: StartDaemon, pki: Pki, s
     assert 'allow user "no-such-pps-user": no such user' in str(answer.get("error")), answer
     signs(mail.socket, pki["rsa2048"])
     assert [k["name"] for k in ctl(daemon, "show", "summary")["keyservices"]] == ["mail"]  # type: ignore[union-attr,index]
+
+
+def test_sigterm_ends_a_ca_promptly(start_daemon: StartDaemon, pki: Pki, sockdir: Path) -> None:
+    """SIGTERM ends a service ca at once, idle or with clients connected and
+    one whose socket is full (a reply waiting); the parent restarts it."""
+    svc = service(sockdir, pki, prefork=1)
+    daemon = start(start_daemon, svc)
+    for busy in (False, True):
+        pid = daemon.keyservice_pids("web")[1]
+        conns = []
+        if busy:
+            conns = [connect(svc.socket) for _ in range(5)]
+            for s in conns:
+                assert exchange(s, raw_frame(OP_PING, 0, 1, b"", b""))[0] == OK
+            flood = conns[0]
+            flood.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    flood.send(raw_frame(OP_PING, 0, 2, b"", b""))
+        start_time = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not pid_alive(pid), 5.0, lambda: "the ca to end\n" + daemon.describe())
+        assert time.monotonic() - start_time < 1.5
+        wait_until(lambda: daemon.keyservice_pids("web").get(1) not in (None, pid), 15.0,
+                   lambda: "the ca to be restarted\n" + daemon.describe())
+        for s in conns:
+            s.close()
+    signs(svc.socket, pki["p256"])
