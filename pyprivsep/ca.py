@@ -13,11 +13,12 @@ SIGTERM does, in any state: the C loop takes it itself.
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import socket
 
 from pyprivsep import keys, native, privsep
-from pyprivsep.config import Config
+from pyprivsep.config import Config, KeyService
 from pyprivsep.native import CaCore, CaKey
 
 log = logging.getLogger("pyprivsep.ca")
@@ -56,6 +57,42 @@ def load_keys(cfg: Config) -> dict[bytes, HeldKey]:
             if cert.keyid not in held:
                 held[cert.keyid] = HeldKey(keys.load_key(cert), cert.describe())
     return held
+
+
+def load_service_keys(ks: KeyService) -> dict[bytes, HeldKey]:
+    """A keyservice's keypairs, loaded and checked: its cas hold these and
+    nothing else (a relay's ca holds no keyservice's key either)."""
+    held: dict[bytes, HeldKey] = {}
+    for kp in ks.keypairs:
+        cert = keys.load_cert(kp)
+        if cert.keyid not in held:
+            held[cert.keyid] = HeldKey(keys.load_key(cert), cert.describe())
+    return held
+
+
+def service_main(cfg: Config, ks: KeyService, index: int,
+                 sock: socket.socket, use_syslog: bool, verbose: bool) -> int:
+    """A keyservice ca's life: hardened exactly like a relay's ca (its
+    own keys only, chroot, `ca user`, not dumpable, sandboxed), then it
+    accepts the service's clients on the inherited listening socket."""
+    native.log_setup(f"keyservice {ks.name} ca {index}", use_syslog, verbose)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # C takes it when serving
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)   # drain: C takes it too
+    held = load_service_keys(ks)
+    # room for ca.c's 1024 clients (KS_MAX_CLIENTS) and a few more
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1024 + 64 if hard == resource.RLIM_INFINITY else min(hard, 1024 + 64)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    privsep.drop_privileges(cfg, "ca")
+    log.debug("keyservice %s ca %d: serving %d keys on %s", ks.name, index,
+              len(held), ks.socket)
+    core = Ca(index, held)
+    privsep.sandbox("keyservice")
+    core.core.serve_service(sock.fileno(), ks.uids, ks.gids)
+    return 0
 
 
 def main(cfg: Config, index: int, sock: socket.socket, use_syslog: bool,

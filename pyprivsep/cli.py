@@ -56,6 +56,9 @@ def check_config(cfg: Config) -> None:
     certs = [[keys.load_cert(kp) for kp in r.keypairs] for r in cfg.relays]
     for cert in (c for block in certs for c in block):
         keys.load_key(cert)
+    for ks in cfg.keyservices:        # the same rules for a keyservice's keys
+        for kp in ks.keypairs:
+            keys.load_key(keys.load_cert(kp))
     native.engine_init(id=0, ca_fd=-1, ctl_fd=-1,
                        max_conns=cfg.max_connections,
                        handshake_timeout=cfg.handshake_timeout,
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             daemonize()
             setup_logging(False, args.v)
         setup = parent.prepare(cfg, use_syslog=not args.d, verbose=bool(args.v))
+        services = parent.prepare_services(cfg)
         keyops = "async" if relay.keyops_async(cfg) else "blocking"
     except ConfigError as e:
         log.error("%s", e)
@@ -149,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("WARNING: keys inprocess: the private keys are loaded "
                     "into the relay processes; privilege separation is OFF. "
                     "For benchmarks only.")
-    log.info("pyprivsep %s starting: %d relay processes, %s, keyops %s",
-             __version__, cfg.prefork, native.library_version(), keyops)
-    daemon = parent.Parent(cfg, setup, macros)
+    log.info("pyprivsep %s starting: %d relay processes, %d keyservices, "
+             "%s, keyops %s", __version__, parent.relay_processes(cfg),
+             len(cfg.keyservices), native.library_version(), keyops)
+    daemon = parent.Parent(cfg, setup, macros, services)
     daemon.control = ctl_server
     if cfg.metrics is not None:
         try:
@@ -163,5 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                       e.strerror or e)
             if ctl_server is not None:
                 ctl_server.close()
+            for svc in services:
+                svc.close(unlink=True)
             return 1
     return daemon.run()

@@ -8,8 +8,10 @@ which is raised as a ConfigError naming the file and line.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
+import pwd
 import re
 from dataclasses import dataclass, field
 
@@ -22,14 +24,19 @@ PORT_RANGE = (1, 65535)
 MAX_CONNECTIONS_RANGE = (1, 1000000)
 HANDSHAKE_TIMEOUT_RANGE = (1, 3600)
 TICKET_LIFETIME_RANGE = (4, 604800)
+# A keyservice's cas (its `prefork`): two by default, so that while one is
+# restarted (or busy with a slow RSA-8192 signature) the other accepts and
+# serves, and two cores sign at once; more only for a busy service.
+KEYSERVICE_PREFORK_RANGE = (1, 64)
+KEYSERVICE_PREFORK = 2
 # The control socket when the configuration names none; `pyprivsep ctl`
 # looks there by default too.
 DEFAULT_SOCKET = "/var/run/pyprivsep.sock"
 
 KEYWORDS = frozenset({
     "ca", "certificate", "changes", "chroot", "ciphers", "connection", "connections",
-    "errors", "forward", "handshake", "include", "inprocess", "key", "keyop",
-    "keyops", "keypair", "keys", "lifetime", "listen", "log", "max", "metrics",
+    "allow", "errors", "forward", "group", "handshake", "include", "inprocess", "key", "keyop",
+    "keyops", "keypair", "keys", "keyservice", "lifetime", "listen", "log", "max", "metrics",
     "on", "port", "prefork", "relay", "session", "socket", "state", "ticket",
     "timeout", "tls", "to", "user",
 })
@@ -103,6 +110,22 @@ class Relay:
 
 
 @dataclass
+class KeyService:
+    """A key service: the cas of `prefork` serve programs we did not write
+    on a SOCK_SEQPACKET socket, to the peers `allow` admits."""
+
+    name: str
+    socket: str                   # absolute path; the parent creates it
+    allow_users: list[str]        # as written
+    allow_groups: list[str]
+    uids: list[int]               # admitted uids: allow user, group members
+    gids: list[int]               # admitted gids: allow group
+    keypairs: list[Keypair]
+    prefork: int
+    where: Where
+
+
+@dataclass
 class Config:
     path: str
     prefork: int = 3
@@ -125,6 +148,7 @@ class Config:
     metrics: Listen | None = None     # Prometheus endpoint, off by default
     log: set[str] = field(default_factory=set)
     relays: list[Relay] = field(default_factory=list)
+    keyservices: list[KeyService] = field(default_factory=list)
 
 
 def parse_config(path: str, macros: dict[str, str] | None = None) -> Config:
@@ -310,6 +334,51 @@ class _RelayBuilder:
         )
 
 
+@dataclass
+class _ServiceBuilder:
+    name: str
+    where: Where
+    socket: str | None = None
+    allow_users: list[str] = field(default_factory=list)
+    allow_groups: list[str] = field(default_factory=list)
+    uids: list[int] = field(default_factory=list)
+    gids: list[int] = field(default_factory=list)
+    keypairs: list[Keypair] = field(default_factory=list)
+    prefork: int = KEYSERVICE_PREFORK
+
+    def build(self) -> KeyService:
+        assert self.socket is not None
+        return KeyService(self.name, self.socket, self.allow_users,
+                          self.allow_groups, sorted(set(self.uids)),
+                          sorted(set(self.gids)), self.keypairs, self.prefork,
+                          self.where)
+
+
+def _lookup_user(name: str) -> int | None:
+    """A user's uid, by name or number; None if there is no such user."""
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return int(name) if _NUMBER.match(name) and len(name) < 11 else None
+
+
+def _lookup_group(name: str) -> tuple[int, list[int]] | None:
+    """A group's gid and its members' uids (the users it lists, and those
+    whose primary group it is), by name or number; None if there is none."""
+    try:
+        g = grp.getgrnam(name)
+    except KeyError:
+        if not (_NUMBER.match(name) and len(name) < 11):
+            return None
+        try:
+            g = grp.getgrgid(int(name))
+        except KeyError:
+            return int(name), []
+    members = [uid for uid in map(_lookup_user, g.gr_mem) if uid is not None]
+    members += [pw.pw_uid for pw in pwd.getpwall() if pw.pw_gid == g.gr_gid]
+    return g.gr_gid, members
+
+
 def _valid_host(host: str, allow_any: bool) -> bool:
     if host == "*":
         return allow_any
@@ -334,6 +403,8 @@ class _Parser:
         self.cli_macros = dict(macros)
         self.macros = dict(macros)
         self.relays: list[_RelayBuilder] = []
+        self.services: list[_ServiceBuilder] = []
+        self.sockets: dict[str, Where] = {}     # keyservice sockets
         self.listens: dict[tuple[str, int], Where] = {}
         self.active: list[str] = []  # real paths of files being parsed
         self.last_user_where: Where | None = None  # "user" or "ca user"
@@ -344,6 +415,12 @@ class _Parser:
         self._parse_file(self.config.path, None)
         self._check_users()
         self.config.relays = [r.build(self.config) for r in self.relays]
+        self.config.keyservices = [k.build() for k in self.services]
+        for k in self.config.keyservices:
+            if k.socket == self.config.socket:
+                raise ConfigError(k.where.file, k.where.line,
+                                  f'keyservice "{k.name}": socket {k.socket} '
+                                  "is the control socket")
         return self.config
 
     def _check_users(self) -> None:
@@ -391,26 +468,32 @@ class _Parser:
             self.file, self.lex = saved
 
     def _statements(self) -> None:
-        relay: _RelayBuilder | None = None
+        block: _RelayBuilder | _ServiceBuilder | None = None
         while True:
             tok = self.lex.next()
             if tok.kind == _EOF:
-                if relay is not None:
-                    raise self._err(tok.line, f'missing "}}" (relay "{relay.name}" '
-                                    f"opened at line {relay.where.line})")
+                if block is not None:
+                    what = "relay" if isinstance(block, _RelayBuilder) else "keyservice"
+                    raise self._err(tok.line, f'missing "}}" ({what} "{block.name}" '
+                                    f"opened at line {block.where.line})")
                 return
             if tok.kind == _NL:
                 continue
             if tok.kind == "}":
-                if relay is None:
+                if block is None:
                     raise self._err(tok.line, 'unexpected "}"')
-                self._close_relay(relay)
-                relay = None
+                if isinstance(block, _RelayBuilder):
+                    self._close_relay(block)
+                else:
+                    self._close_service(block)
+                block = None
                 self._eol("}")
-            elif relay is None:
-                relay = self._toplevel(tok)
+            elif block is None:
+                block = self._toplevel(tok)
+            elif isinstance(block, _RelayBuilder):
+                self._relay_option(block, tok)
             else:
-                self._relay_option(relay, tok)
+                self._service_option(block, tok)
 
     # token helpers
 
@@ -461,7 +544,7 @@ class _Parser:
 
     # top level
 
-    def _toplevel(self, tok: _Token) -> _RelayBuilder | None:
+    def _toplevel(self, tok: _Token) -> _RelayBuilder | _ServiceBuilder | None:
         if tok.kind == _WORD and self.lex.peek().kind == "=":
             self._macro(tok)
             return None
@@ -470,6 +553,10 @@ class _Parser:
         word = tok.value if tok.kind == _WORD else ""
         if word == "relay":
             return self._relay(tok)
+        if word == "keyservice":
+            return self._service(tok)
+        if word == "allow":
+            raise self._err(tok.line, '"allow" is only valid inside a keyservice block')
         if word == "prefork":
             self.config.prefork = self._number("prefork", tok, PREFORK_RANGE)
             self._eol("prefork")
@@ -628,8 +715,8 @@ class _Parser:
             self._expect("session", tok, "timeout")
             relay.session_timeout = self._number("session timeout", tok, TIMEOUT_RANGE)
             self._eol("session timeout")
-        elif word == "relay":
-            raise self._err(tok.line, "nested relay blocks are not allowed")
+        elif word in ("relay", "keyservice"):
+            raise self._err(tok.line, f"nested {word} blocks are not allowed")
         elif word in _GLOBAL_ONLY:
             raise self._err(tok.line, f'"{word}" is not allowed inside a relay block')
         else:
@@ -666,8 +753,8 @@ class _Parser:
         relay.forward = (host, self._number("port", tok, PORT_RANGE))
         self._eol("forward to")
 
-    def _relay_tls(self, relay: _RelayBuilder, tok: _Token) -> None:
-        sub = self._arg("tls", tok)
+    def _keypair(self, sub: _Token, tok: _Token) -> Keypair | None:
+        """`tls keypair NAME` or `tls certificate PATH key PATH`, or None."""
         where = Where(self.file, tok.line)
         if sub.is_word("keypair"):
             name = self._arg("tls keypair", tok)
@@ -676,13 +763,20 @@ class _Parser:
             self._eol("tls keypair")
             cert = os.path.join(SSL_DIR, f"{name.value}.crt")
             key = os.path.join(SSL_DIR, "private", f"{name.value}.key")
-            relay.keypairs.append(Keypair(cert, key, where))
-        elif sub.is_word("certificate"):
+            return Keypair(cert, key, where)
+        if sub.is_word("certificate"):
             cert = self._path(self._arg("tls certificate", tok))
             self._expect("tls certificate", tok, "key")
             key = self._path(self._arg("tls certificate key", tok))
             self._eol("tls certificate")
-            relay.keypairs.append(Keypair(cert, key, where))
+            return Keypair(cert, key, where)
+        return None
+
+    def _relay_tls(self, relay: _RelayBuilder, tok: _Token) -> None:
+        sub = self._arg("tls", tok)
+        kp = self._keypair(sub, tok)
+        if kp is not None:
+            relay.keypairs.append(kp)
         elif sub.is_word("ciphers"):
             ciphers = self._arg("tls ciphers", tok)
             if not ciphers.value:
@@ -703,3 +797,95 @@ class _Parser:
         # every listen is tls (see _listen), so every relay needs a keypair
         if not relay.keypairs:
             raise self._err(line, f'relay "{name}" listens with tls but has no keypair')
+
+    # keyservice blocks
+
+    def _service(self, tok: _Token) -> _ServiceBuilder:
+        name = self._arg("keyservice", tok)
+        if not name.value:
+            raise self._err(name.line, "empty keyservice name")
+        if any(k.name == name.value for k in self.services):
+            raise self._err(name.line, f'duplicate keyservice name "{name.value}"')
+        brace = self.lex.next()
+        while brace.kind == _NL:
+            brace = self.lex.next()
+        if brace.kind != "{":
+            raise self._err(brace.line, f'expected "{{" after keyservice '
+                            f'"{name.value}", got {brace.describe()}')
+        service = _ServiceBuilder(name.value, Where(self.file, tok.line))
+        self.services.append(service)
+        return service
+
+    def _service_option(self, service: _ServiceBuilder, tok: _Token) -> None:
+        if tok.kind == _WORD and self.lex.peek().kind == "=":
+            raise self._err(tok.line, "macros must be defined at top level")
+        if not tok.is_arg:
+            raise self._err(tok.line, f"unexpected {tok.describe()}")
+        word = tok.value if tok.kind == _WORD else ""
+        if word == "socket":
+            path = self._arg("socket", tok)
+            if not os.path.isabs(path.value):
+                raise self._err(path.line, f'socket "{path.value}" is not an absolute path')
+            if service.socket is not None:
+                raise self._err(tok.line, f'keyservice "{service.name}" has more '
+                                'than one "socket"')
+            real = os.path.normpath(path.value)
+            if real in self.sockets:
+                raise self._err(path.line, f"duplicate keyservice socket {path.value} "
+                                f"(already used at {self.sockets[real]})")
+            self.sockets[real] = Where(self.file, tok.line)
+            service.socket = real
+            self._eol("socket")
+        elif word == "allow":
+            self._allow(service, tok)
+        elif word == "prefork":
+            service.prefork = self._number("prefork", tok, KEYSERVICE_PREFORK_RANGE)
+            self._eol("prefork")
+        elif word == "tls":
+            sub = self._arg("tls", tok)
+            kp = self._keypair(sub, tok)
+            if kp is None:
+                raise self._err(tok.line, f'"tls {sub.value}" is not valid inside '
+                                'a keyservice block')
+            service.keypairs.append(kp)
+        elif word in ("relay", "keyservice"):
+            raise self._err(tok.line, f"nested {word} blocks are not allowed")
+        elif word in _GLOBAL_ONLY or word in _RELAY_ONLY:
+            raise self._err(tok.line, f'"{word}" is not allowed inside a keyservice block')
+        else:
+            raise self._err(tok.line, f'unknown directive "{tok.value}"')
+
+    def _allow(self, service: _ServiceBuilder, tok: _Token) -> None:
+        """Names are resolved here, so that `pyprivsep -n` and a reload
+        refuse one that does not exist; the cas are given the numbers."""
+        sub = self._arg("allow", tok)
+        if sub.is_word("user"):
+            name = self._arg("allow user", tok)
+            uid = _lookup_user(name.value)
+            if uid is None:
+                raise self._err(name.line, f'allow user "{name.value}": no such user')
+            service.allow_users.append(name.value)
+            service.uids.append(uid)
+            self._eol("allow user")
+        elif sub.is_word("group"):
+            name = self._arg("allow group", tok)
+            found = _lookup_group(name.value)
+            if found is None:
+                raise self._err(name.line, f'allow group "{name.value}": no such group')
+            service.allow_groups.append(name.value)
+            service.gids.append(found[0])
+            service.uids += found[1]
+            self._eol("allow group")
+        else:
+            raise self._err(sub.line, f'"allow {sub.value}": expected "allow user" '
+                            'or "allow group"')
+
+    def _close_service(self, service: _ServiceBuilder) -> None:
+        line, name = service.where.line, service.name
+        if service.socket is None:
+            raise self._err(line, f'keyservice "{name}" has no "socket"')
+        if not service.allow_users and not service.allow_groups:
+            raise self._err(line, f'keyservice "{name}" allows nobody: it needs '
+                            '"allow user" or "allow group"')
+        if not service.keypairs:
+            raise self._err(line, f'keyservice "{name}" has no keypair')

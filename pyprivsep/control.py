@@ -53,7 +53,29 @@ def summary(parent: "Parent", relays: list[dict[str, Any]]) -> Answer:
         "listeners": [{"relay": r.name, "listen": f"{ln.host}:{ln.port}",
                        "forward": f"{r.forward_host}:{r.forward_port}"}
                       for r in parent.cfg.relays for ln in r.listens],
+        "keyservices": keyservices(parent),
     }
+
+
+def keyservices(parent: "Parent") -> list[dict[str, Any]]:
+    """Each keyservice: its socket, who it admits, its cas (the current
+    generation's and those still draining) and how often they restarted.
+    From the parent's own records: a ca has no control channel to ask."""
+    out = []
+    for svc in parent.services:
+        ks = svc.ks
+        cas = [{"ca": c.index, "generation": c.generation,
+                "pid": c.pids.get("ca"), "draining": c.draining}
+               for c in parent.kscas + parent.draining
+               if getattr(c, "service", None) is not None
+               and c.service.ks.name == ks.name]
+        out.append({"name": ks.name, "socket": ks.socket,
+                    "allow_users": ks.allow_users,
+                    "allow_groups": ks.allow_groups, "prefork": ks.prefork,
+                    "cas_up": sum(1 for c in cas if c["pid"] is not None
+                                  and not c["draining"]),
+                    "restarts": svc.restarts, "cas": cas})
+    return out
 
 
 def show_keys(parent: "Parent") -> dict[str, Any]:
@@ -65,7 +87,15 @@ def show_keys(parent: "Parent") -> dict[str, Any]:
          "not_after": c.not_after, "key_id": c.keyid.hex()[:16],
          "held_by": held_by}
         for r, certs in zip(parent.cfg.relays, parent.setup.certs)
-        for c in certs]}
+        for c in certs] + [
+        {"keyservice": svc.ks.name, "socket": svc.ks.socket,
+         "certificate": c.keypair.cert, "subject": c.subject,
+         "type": f"{c.kind.upper()}-{c.bits}", "not_after": c.not_after,
+         "key_id": c.keyid.hex()[:16],
+         "held_by": f"keyservice {svc.ks.name} ca 1-{svc.ks.prefork}",
+         "ca_pids": [sca.pids.get("ca") for sca in parent.kscas
+                     if sca.service is svc]}
+        for svc in parent.services for c in svc.certs]}
 
 
 def show_sessions(parent: "Parent", respond: Respond) -> None:

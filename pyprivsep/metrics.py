@@ -29,8 +29,10 @@ LABELS = ["process", "generation"]
 class Collector:
     """The counters of one scrape, gathered before formatting."""
 
-    def __init__(self, relays: list[dict[str, Any]]) -> None:
+    def __init__(self, relays: list[dict[str, Any]],
+                 services: list[dict[str, Any]] | None = None) -> None:
         self.relays = relays
+        self.services = services or []
 
     def collect(self) -> Iterator[Any]:
         from pyprivsep.parent import LATENCY_BOUNDS_US
@@ -80,11 +82,22 @@ class Collector:
             traffic.add_metric(lv + ["out"], s["bytes_out"])
         yield from (accepted, active, done, failed, backend, keyops, latency,
                     traffic)
+        up = GaugeMetricFamily(
+            "pyprivsep_keyservice_cas_up", "Keyservice cas running (current "
+            "generation)", labels=["service"])
+        restarts = CounterMetricFamily(
+            "pyprivsep_keyservice_ca_restarts", "Keyservice cas restarted",
+            labels=["service"])
+        for svc in self.services:
+            up.add_metric([svc["name"]], svc["cas_up"])
+            restarts.add_metric([svc["name"]], svc["restarts"])
+        yield from (up, restarts)
 
 
-def render(relays: list[dict[str, Any]]) -> bytes:
+def render(relays: list[dict[str, Any]],
+           services: list[dict[str, Any]] | None = None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Collector(relays))  # type: ignore[arg-type]
+    registry.register(Collector(relays, services))  # type: ignore[arg-type]
     return bytes(generate_latest(registry))
 
 
@@ -127,7 +140,8 @@ class Server(netserve.Server):
             return
 
         def answer(relays: list[dict[str, Any]]) -> None:
-            body = render(relays)
+            from pyprivsep.control import keyservices
+            body = render(relays, keyservices(self.parent))
             out = http("200 OK", body, CONTENT_TYPE_LATEST)
             reply(out[:len(out) - len(body)] if method == b"HEAD" else out)
         self.parent.relay_stats(answer)

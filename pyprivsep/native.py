@@ -31,7 +31,8 @@ def library_version() -> str:
 
 
 SANDBOX_ROLES: dict[str, int] = {"relay": lib.PPS_SANDBOX_RELAY,
-                                  "ca": lib.PPS_SANDBOX_CA}
+                                  "ca": lib.PPS_SANDBOX_CA,
+                                  "keyservice": lib.PPS_SANDBOX_KEYSERVICE}
 
 
 def sandbox(role: str) -> None:
@@ -111,6 +112,17 @@ class CaCore:
         """Answer until the channel closes or SIGTERM comes: the C loop
         takes SIGTERM itself, so it stops whatever it waits for."""
         _check(lib.pps_ca_serve(self._ptr, fd))
+
+    def serve_service(self, lfd: int, uids: list[int],
+                      gids: list[int]) -> None:
+        """A keyservice ca: accept clients on lfd, admit those whose
+        SO_PEERCRED uid is in uids or gid in gids, answer each like a
+        relay, until SIGTERM (SIGUSR1: stop accepting, end when the last
+        client is gone)."""
+        u = ffi.new("uint32_t[]", uids or [0])
+        g = ffi.new("uint32_t[]", gids or [0])
+        _check(lib.pps_ca_serve_service(self._ptr, lfd, u, len(uids),
+                                        g, len(gids)))
 
 
 def log_setup(prefix: str, use_syslog: bool, verbose: bool) -> None:

@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from typing import Any, Callable, Optional
 from pyprivsep import ca, keys, native, privsep, relay
 from pyprivsep.channel import (Answer, Channel, decode_sessions,
                                decode_stats)
-from pyprivsep.config import Config, ConfigError, Listen, Relay, parse_config
+from pyprivsep.config import (Config, ConfigError, KeyService, Listen, Relay,
+                              parse_config)
 from pyprivsep.native import Frame, P
 
 log = logging.getLogger("pyprivsep")
@@ -43,6 +45,12 @@ CTL_TIMEOUT = 2.0               # seconds a relay has to answer ctl/metrics
 READY_TIMEOUT = 8.0             # reload: seconds to wait for the new relays
 HEARTBEAT_INTERVAL = 3.0        # seconds between two heartbeats of a relay
 TICK = 1.0                      # the loop looks at its timers at least this often
+
+
+def relay_processes(cfg: Config) -> int:
+    """`prefork` relay processes, none without relay blocks (a configuration
+    of keyservices alone)."""
+    return cfg.prefork if cfg.relays else 0
 
 
 def heartbeat_deadline(cfg: Config) -> float:
@@ -175,19 +183,153 @@ class Pair:
             s.close()
 
 
+# A keyservice ca told to drain (a reload retired its generation) stops
+# accepting and ends with its last client; clients such as an nginx worker
+# may hold their connection for ever, so after this long it is stopped and
+# they reconnect to the new generation, as after a restart.
+KEYSERVICE_DRAIN = 60.0
+
+
+@dataclass(eq=False)               # identity: records, compared by `is`
+class Service:
+    """A keyservice as the parent runs it: its listening socket (the cas
+    inherit it) and its certificates (public), for ctl and metrics."""
+
+    ks: KeyService
+    sock: socket.socket
+    certs: list[keys.Cert]
+    restarts: int = 0               # cas restarted since the daemon started
+
+    def close(self, unlink: bool) -> None:
+        self.sock.close()
+        if unlink:
+            unlink_socket(self.ks.socket)
+
+
+@dataclass(eq=False)
+class ServiceCa:
+    """Ca number `index` of a keyservice.  It has no relay partner: the
+    parent supervises it as it does a pair's ca (pids, backoff, restart),
+    and Parent.find/reap/gone treat it as a pair with one role, "ca"."""
+
+    service: Service
+    index: int
+    generation: int
+    pids: dict[str, int] = field(default_factory=dict)
+    started: dict[str, float] = field(default_factory=dict)
+    backoff: dict[str, float] = field(default_factory=dict)
+    due: dict[str, float] = field(default_factory=dict)
+    draining: bool = False
+    drain_until: float = 0.0
+    channel: Optional[Channel] = None   # none: nothing to ask a ca
+    heartbeat: bool = False
+
+    def close(self) -> None:
+        pass                        # the socket is the Service's
+
+
+def label(pair: "Pair | ServiceCa", role: str) -> str:
+    """How logs and the process title name a child."""
+    if isinstance(pair, ServiceCa):
+        return f"keyservice {pair.service.ks.name} ca {pair.index}"
+    return f"{role} {pair.index}"
+
+
+def unlink_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def open_service_socket(ks: KeyService) -> socket.socket:
+    """The keyservice's SOCK_SEQPACKET socket, made by the parent as root.
+    Its directory is created (0755) if missing; a stale socket is
+    replaced, one a process still listens on is refused (like the control
+    socket).  The file is mode 0666: anyone may connect, and each ca
+    decides who is served by the peer's SO_PEERCRED (ca.c), which a file
+    mode could not express (several users and groups)."""
+    path, w = ks.socket, ks.where
+
+    def fail(why: str) -> ConfigError:
+        return ConfigError(w.file, w.line, f'keyservice "{ks.name}": socket '
+                                           f"{path}: {why}")
+    directory = os.path.dirname(path)
+    try:
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o755)
+            os.chmod(directory, 0o755)
+    except OSError as e:
+        raise fail(f"cannot create {directory}: {e.strerror}") from None
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise fail("exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+            raise fail("another process is listening on it")
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)         # stale
+        except OSError as e:        # e.g. a full backlog: someone serves it
+            raise fail(f"in use ({e.strerror or e})") from None
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o666)
+        sock.listen(511)
+    except OSError as e:
+        sock.close()
+        raise fail(e.strerror or str(e)) from None
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return sock
+
+
+def prepare_services(cfg: Config, reuse: dict[str, socket.socket] | None = None
+                     ) -> list[Service]:
+    """Every keyservice's certificates and socket; on reload the socket of
+    `reuse` with the same path is kept, so no client is refused."""
+    certs = [[keys.load_cert(kp) for kp in ks.keypairs]
+             for ks in cfg.keyservices]
+    out: list[Service] = []
+    try:
+        for ks, c in zip(cfg.keyservices, certs):
+            sock = (reuse or {}).get(ks.socket)
+            out.append(Service(ks, sock if sock is not None
+                               else open_service_socket(ks), c))
+    except ConfigError:
+        for svc in out:
+            if svc.sock not in (reuse or {}).values():
+                svc.close(unlink=True)
+        raise
+    return out
+
+
+def service_cas(services: list[Service], generation: int) -> list[ServiceCa]:
+    return [ServiceCa(svc, i, generation) for svc in services
+            for i in range(1, svc.ks.prefork + 1)]
+
+
 Stats = list[dict[str, Any]]
 
 
 class Parent:
     def __init__(self, cfg: Config, setup: relay.RelaySetup,
-                 macros: dict[str, str]) -> None:
+                 macros: dict[str, str],
+                 services: list[Service] | None = None) -> None:
         self.cfg = cfg
         self.setup = setup
         self.macros = macros
         self.verbose = setup.verbose        # `ctl log verbose` changes it
         self.generation = 1
-        self.pairs = [Pair.new(i, 1) for i in range(1, cfg.prefork + 1)]
-        self.draining: list[Pair] = []      # old generations, finishing
+        self.pairs = [Pair.new(i, 1) for i in range(1, relay_processes(cfg) + 1)]
+        self.services = services or []
+        self.kscas = service_cas(self.services, 1)
+        self.draining: list[Any] = []       # old generations, finishing
         self.tickets = [new_ticket_key()]
         now = time.monotonic()
         self.next_rotation = now + self.rotation
@@ -220,25 +362,30 @@ class Parent:
             pair.pids[role] = pid
             pair.started[role] = time.monotonic()
             pair.due.pop(role, None)
-            log.debug("%s %d started, pid %d", role, pair.index, pid)
+            log.debug("%s started, pid %d", label(pair, role), pid)
             return
         status = 1
         try:
             signal.set_wakeup_fd(-1)
             for sig in SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
-            privsep.set_title(f"{role} {pair.index}")
+            privsep.set_title(label(pair, role))
             status = self.child(pair, role)
         except ConfigError as e:
-            log.error("%s %d: %s", role, pair.index, e)
+            log.error("%s: %s", label(pair, role), e)
             status = EX_CONFIG
         except BaseException:
-            log.error("%s %d: %s", role, pair.index, traceback.format_exc())
+            log.error("%s: %s", label(pair, role), traceback.format_exc())
         finally:
             native.leak_check()
             os._exit(status)
 
-    def child(self, pair: Pair, role: str) -> int:
+    def child(self, pair: Any, role: str) -> int:
+        if isinstance(pair, ServiceCa):
+            svc = pair.service
+            privsep.close_fds_except({svc.sock.fileno()} | log_fds())
+            return ca.service_main(self.cfg, svc.ks, pair.index, svc.sock,
+                                   self.setup.use_syslog, self.verbose)
         if role == "ca":
             privsep.close_fds_except({pair.ca_end.fileno()} | log_fds())
             return ca.main(self.cfg, pair.index, pair.ca_end,
@@ -255,10 +402,15 @@ class Parent:
                           pair.ctl_relay.fileno())
 
     def all_pairs(self) -> list[Pair]:
-        return self.pairs + self.draining
+        """The relay/ca pairs, current and draining (not keyservice cas)."""
+        return self.pairs + [p for p in self.draining if isinstance(p, Pair)]
 
-    def find(self, pid: int) -> tuple[Pair, str] | None:
-        for pair in self.all_pairs():
+    def everyone(self) -> list[Any]:
+        """Every supervised child's record: pairs and keyservice cas."""
+        return self.pairs + self.kscas + self.draining
+
+    def find(self, pid: int) -> tuple[Any, str] | None:
+        for pair in self.everyone():
             for role, p in pair.pids.items():
                 if p == pid:
                     return pair, role
@@ -294,7 +446,7 @@ class Parent:
         pid = pair.pids.pop(role, None)
         if pid is None:
             return
-        log.warning("%s %d %s: killing it", role, pair.index, why)
+        log.warning("%s %s: killing it", label(pair, role), why)
         kill(pid, signal.SIGKILL)
         self.gone(pair, role, None)
 
@@ -302,7 +454,7 @@ class Parent:
         code = os.waitstatus_to_exitcode(wstatus)
         if not self.stopping and not pair.draining:
             how = f"killed by signal {-code}" if code < 0 else f"exited {code}"
-            log.warning("%s %d %s", role, pair.index, how)
+            log.warning("%s %s", label(pair, role), how)
         self.gone(pair, role, code)
 
     def gone(self, pair: Pair, role: str, code: int | None) -> None:
@@ -316,11 +468,13 @@ class Parent:
             self.drained(pair, role)
             return
         if code == EX_CONFIG:
-            log.error("%s %d cannot use the configuration, stopping", role,
-                      pair.index)
+            log.error("%s cannot use the configuration, stopping",
+                      label(pair, role))
             self.status = 1
             self.stop()
             return
+        if isinstance(pair, ServiceCa):
+            pair.service.restarts += 1
         now = time.monotonic()
         lived = now - pair.started.get(role, now)
         backoff = 0.0 if lived > MAX_BACKOFF else \
@@ -330,7 +484,7 @@ class Parent:
 
     def drained(self, pair: Pair, role: str) -> None:
         """An old generation's relay finished its sessions: its ca goes too."""
-        if role == "relay":
+        if role == "relay" and isinstance(pair, Pair):
             log.info("relay %d of generation %d drained", pair.index,
                      pair.generation)
             if "ca" in pair.pids:
@@ -489,30 +643,47 @@ class Parent:
         if self.reloading:
             self.reload_again.append(done or (lambda error: None))
             return
-        error = self.start_generation()
+        # waiting before it starts: without a live relay to wait for (a
+        # configuration of keyservices alone) the new generation is ready,
+        # and the waiters told, before start_generation() returns
         if done is not None:
-            if error is not None:
-                done(error)
-            else:
-                self.reload_waiters.append(done)
+            self.reload_waiters.append(done)
+        error = self.start_generation()
+        if error is not None and done is not None:
+            self.reload_waiters.remove(done)
+            done(error)
 
     def start_generation(self) -> str | None:
         old_sockets = sockets_of(self.setup)
         old_fds = {s.fileno() for socks in old_sockets.values() for s in socks}
+        old_services = {svc.ks.socket: svc.sock for svc in self.services}
+        services: list[Service] = []
         try:
             cfg = parse_config(self.cfg.path, self.macros)
             privsep.check_users(cfg)
             setup = prepare(cfg, self.setup.use_syslog, self.verbose,
                             reuse=old_sockets)
+            try:
+                services = prepare_services(cfg, reuse=old_services)
+            except ConfigError:
+                for socks in setup.listeners:
+                    for s in socks:
+                        if s.fileno() not in old_fds:
+                            s.close()
+                raise
         except ConfigError as e:
             log.error("reload failed, keeping the running configuration: %s", e)
             return str(e)
-        error = None if cfg.keys_inprocess else check_keys(cfg)
+        error = None if cfg.keys_inprocess and not cfg.keyservices \
+            else check_keys(cfg)
         if error is not None:
             for socks in setup.listeners:
                 for s in socks:
                     if s.fileno() not in old_fds:
                         s.close()
+            for svc in services:
+                if svc.sock not in old_services.values():
+                    svc.close(unlink=True)
             log.error("reload failed, keeping the running configuration: %s",
                       error)
             return error
@@ -523,14 +694,24 @@ class Parent:
                     s.close()           # old relays still hold their copy
         self.generation += 1
         old = self.pairs
+        old_kscas, old_svcs = self.kscas, self.services
         self.cfg, self.setup = cfg, setup
         self.pairs = [Pair.new(i, self.generation)
-                      for i in range(1, cfg.prefork + 1)]
+                      for i in range(1, relay_processes(cfg) + 1)]
+        self.services = services
+        self.kscas = service_cas(services, self.generation)
         for pair in self.pairs:
             for role in self.roles():
                 self.spawn(pair, role)
+        for sca in self.kscas:
+            self.spawn(sca, "ca")
+        for svc in old_svcs:            # restarts: counted per service name
+            for new in services:
+                if new.ks.name == svc.ks.name:
+                    new.restarts += svc.restarts
         self.reloading = True
-        self.wait_ready(self.pairs, lambda: self.retire(old))
+        self.wait_ready(self.pairs,
+                        lambda: self.retire(old, old_kscas, old_svcs))
         return None
 
     def wait_ready(self, pairs: list[Pair], then: Callable[[], None]) -> None:
@@ -539,8 +720,26 @@ class Parent:
         passed.  The old generation keeps accepting meanwhile."""
         self.gather(pairs, P.PPS_CTL_STATS, READY_TIMEOUT, lambda _: then())
 
-    def retire(self, old: list[Pair]) -> None:
-        """The new generation serves: the old one drains."""
+    def retire(self, old: list[Pair], old_kscas: list[ServiceCa] | None = None,
+               old_svcs: list[Service] | None = None) -> None:
+        """The new generation serves: the old one drains.  Old keyservice
+        cas stop accepting (SIGUSR1) and end with their last client, or
+        after KEYSERVICE_DRAIN; a socket no service names any more goes."""
+        now = time.monotonic()
+        for sca in old_kscas or []:
+            sca.draining = True
+            sca.due.clear()
+            sca.drain_until = now + KEYSERVICE_DRAIN
+            self.draining.append(sca)
+            if "ca" in sca.pids:
+                kill(sca.pids["ca"], signal.SIGUSR1)
+            else:
+                self.drained(sca, "ca")
+        current = {svc.sock for svc in self.services}
+        for svc in old_svcs or []:
+            if svc.sock not in current:
+                svc.close(unlink=svc.ks.socket not in
+                          {n.ks.socket for n in self.services})
         for pair in old:
             pair.draining = True
             pair.due.clear()
@@ -549,8 +748,8 @@ class Parent:
                 self.tell(pair, P.PPS_CTL_DRAIN)
             else:
                 self.drained(pair, "relay")
-        log.info("reloaded: generation %d, %d relay processes",
-                 self.generation, self.cfg.prefork)
+        log.info("reloaded: generation %d, %d relay processes, %d keyservice "
+                 "cas", self.generation, len(self.pairs), len(self.kscas))
         self.reloading = False
         waiters, self.reload_waiters = self.reload_waiters, []
         for done in waiters:
@@ -581,7 +780,9 @@ class Parent:
         """When the loop must next look at its timers."""
         now = time.monotonic()
         times = [now + TICK, self.next_rotation, self.next_heartbeat]
-        times += [t for p in self.pairs for t in p.due.values()]
+        times += [t for p in self.pairs + self.kscas for t in p.due.values()]
+        times += [p.drain_until for p in self.draining
+                  if isinstance(p, ServiceCa) and "ca" in p.pids]
         for pair in self.all_pairs():
             if pair.channel is not None:
                 t = pair.channel.next_deadline()
@@ -615,6 +816,17 @@ class Parent:
             for role in self.roles():
                 if not self.stopping and pair.due.get(role, now + 1) <= now:
                     self.spawn(pair, role)
+        for sca in self.kscas:
+            if not self.stopping and sca.due.get("ca", now + 1) <= now:
+                self.spawn(sca, "ca")
+        for sca in self.draining:
+            if isinstance(sca, ServiceCa) and "ca" in sca.pids \
+                    and now >= sca.drain_until:
+                log.info("%s of generation %d: clients still connected "
+                         "after %g s of draining, stopping it",
+                         label(sca, "ca"), sca.generation, KEYSERVICE_DRAIN)
+                sca.drain_until = now + 3600
+                kill(sca.pids["ca"], signal.SIGTERM)
 
     def run(self) -> int:
         self.wakeup_w.setblocking(False)
@@ -630,6 +842,8 @@ class Parent:
         for pair in self.pairs:
             for role in self.roles():
                 self.spawn(pair, role)
+        for sca in self.kscas:
+            self.spawn(sca, "ca")
         while not self.stopping:
             wait = max(min(self.deadlines()) - time.monotonic(), 0.0)
             for key, mask in self.selector.select(wait):
@@ -644,7 +858,9 @@ class Parent:
             self.metrics.close()
         if self.control is not None:
             self.control.close()
-        pids = [p for pair in self.all_pairs() for p in pair.pids.values()]
+        for svc in self.services:
+            svc.close(unlink=True)          # no client connects any more
+        pids = [p for pair in self.everyone() for p in pair.pids.values()]
         for pid in pids:
             kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 5
@@ -709,7 +925,10 @@ def check_keys(cfg: Config) -> str | None:
         try:
             signal.set_wakeup_fd(-1)
             os.close(r)
-            ca.load_keys(cfg)
+            if not cfg.keys_inprocess:
+                ca.load_keys(cfg)
+            for ks in cfg.keyservices:
+                ca.load_service_keys(ks)
         except ConfigError as e:
             os.write(w, str(e).encode()[:4000])
         except BaseException as e:

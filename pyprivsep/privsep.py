@@ -50,8 +50,9 @@ USERADD = ("useradd --system --user-group --no-create-home "
 
 
 def role_user(cfg: Config, role: str) -> str:
-    """The user a role runs as: relays cfg.user, cas cfg.ca_user."""
-    return cfg.ca_user if role == "ca" else cfg.user
+    """The user a role runs as: relays cfg.user, cas (keyservice cas too)
+    cfg.ca_user."""
+    return cfg.ca_user if role in ("ca", "keyservice") else cfg.user
 
 
 def check_users(cfg: Config) -> None:

@@ -42,6 +42,35 @@ class RelaySpec:
 
 
 @dataclass(frozen=True)
+class KeyServiceSpec:
+    """A keyservice block: its socket, who it allows, its keypairs."""
+
+    name: str
+    socket: Path
+    keypairs: Sequence[KeyPair]
+    users: Sequence[str] = ("root",)
+    groups: Sequence[str] = ()
+    prefork: int | None = None  # None: the daemon's default
+
+    @property
+    def cas(self) -> int:
+        return 2 if self.prefork is None else self.prefork
+
+    def render(self) -> list[str]:
+        lines = [f'keyservice "{self.name}" {{', f'    socket "{self.socket}"']
+        lines += [f'    allow user "{u}"' for u in self.users]
+        lines += [f'    allow group "{g}"' for g in self.groups]
+        if self.prefork is not None:
+            lines.append(f"    prefork {self.prefork}")
+        lines += [f'    tls certificate "{kp.cert_path}" key "{kp.key_path}"' for kp in self.keypairs]
+        lines.append("}")
+        return lines
+
+
+KS_TITLE_RE = re.compile(r"^pyprivsep: keyservice (?P<name>\S+) ca (?P<index>\d+)(?=\s|$)")
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     relays: Sequence[RelaySpec]
     prefork: int = 2
@@ -50,6 +79,7 @@ class DaemonConfig:
     user: str | None = None  # the relays' (None: the default, _pyprivsep)
     ca_user: str | None = None  # the cas' (None: the default, _pyprivsep_ca)
     timeout: int | None = 600
+    keyservices: Sequence[KeyServiceSpec] = ()
 
     def render(self) -> str:
         lines = [f"prefork {self.prefork}"]
@@ -65,11 +95,18 @@ class DaemonConfig:
             lines.append("keys inprocess")
         for relay in self.relays:
             lines += ["", *relay.render()]
+        for service in self.keyservices:
+            lines += ["", *service.render()]
         return "\n".join(lines) + "\n"
 
     @property
+    def expected_relays(self) -> int:
+        """No relay blocks (keyservices alone): no relay processes."""
+        return self.prefork if self.relays else 0
+
+    @property
     def expected_cas(self) -> int:
-        return 0 if self.keys_inprocess else self.prefork
+        return 0 if self.keys_inprocess else self.expected_relays
 
     @property
     def probes(self) -> list[tuple[int, str]]:
@@ -177,10 +214,13 @@ class Daemon:
 
         def ready() -> bool:
             self._check_running()
-            if len(self.processes("relay")) != self.config.prefork:
+            if len(self.processes("relay")) != self.config.expected_relays:
                 return False
             if len(self.processes("ca")) != self.config.expected_cas:
                 return False
+            for service in self.config.keyservices:
+                if len(self.keyservice_pids(service.name)) != service.cas:
+                    return False
             return all(handshake_succeeds(port, name, timeout=2.0) for port, name in self.config.probes)
 
         wait_until(ready, timeout, lambda: f"daemon to become ready\n{self.describe()}", interval=0.1)
@@ -285,6 +325,16 @@ class Daemon:
 
     def processes(self, role: str) -> list[ChildProcess]:
         return [child for child in self.children() if child.role == role]
+
+    def keyservice_pids(self, name: str) -> dict[int, int]:
+        """index -> pid of the keyservice `name`'s cas."""
+        found = {}
+        for pid in child_pids(self.parent_pid):
+            self._seen_pids.add(pid)
+            match = KS_TITLE_RE.match(proc_title(pid) or "")
+            if match and match["name"] == name:
+                found[int(match["index"])] = pid
+        return found
 
     def relay_pids(self) -> dict[int, int]:
         """index -> pid of the relay processes."""

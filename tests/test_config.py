@@ -486,3 +486,74 @@ def test_default_socket_has_one_owner(tmp_path: Path) -> None:
 
     assert parse_text(tmp_path, "").socket == config.DEFAULT_SOCKET
     assert ctl.DEFAULT_SOCKET is config.DEFAULT_SOCKET
+
+
+# --- keyservice blocks ------------------------------------------------------
+
+KEYSERVICE = """keyservice "web" {
+    socket "/run/pyprivsep/web.sock"
+    allow user "root"
+    allow group "daemon"
+    tls keypair "web"
+    tls certificate "certs/web.crt" key "/abs/web.key"
+}
+"""
+
+
+def test_keyservice_block_and_defaults(tmp_path: Path) -> None:
+    """A configuration of a keyservice alone: no relays, the block's
+    directives, names resolved to numbers, prefork 2 by default."""
+    import grp
+    import pwd
+    cfg = parse_text(tmp_path, KEYSERVICE)
+    assert cfg.relays == []
+    [ks] = cfg.keyservices
+    assert (ks.name, ks.socket, ks.prefork) == ("web", "/run/pyprivsep/web.sock", config.KEYSERVICE_PREFORK)
+    assert config.KEYSERVICE_PREFORK == 2
+    assert ks.allow_users == ["root"] and ks.allow_groups == ["daemon"]
+    daemon = grp.getgrnam("daemon")
+    members = {pwd.getpwnam(n).pw_uid for n in daemon.gr_mem}
+    members |= {pw.pw_uid for pw in pwd.getpwall() if pw.pw_gid == daemon.gr_gid}
+    assert set(ks.uids) == {0} | members and ks.gids == [daemon.gr_gid]
+    assert [(kp.cert, kp.key) for kp in ks.keypairs] == [
+        ("/etc/ssl/web.crt", "/etc/ssl/private/web.key"),
+        (str(tmp_path / "certs/web.crt"), "/abs/web.key")]
+    assert ks.where == Where(str(tmp_path / "test.conf"), 1)
+
+
+def test_keyservice_with_relays_and_prefork(tmp_path: Path) -> None:
+    cfg = parse_text(tmp_path, PLAIN + KEYSERVICE.replace('allow group "daemon"', "prefork 5\n allow user 4242"))
+    assert len(cfg.relays) == 1
+    [ks] = cfg.keyservices
+    assert ks.prefork == 5 and ks.uids == [0, 4242] and ks.gids == []
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ('keyservice "a" {\n allow user root\n tls keypair a\n}\n', 1, 'keyservice "a" has no "socket"'),
+    ('keyservice "a" {\n socket "x.sock"\n}\n', 2, 'socket "x.sock" is not an absolute path'),
+    ('keyservice "a" {\n socket "/r/a"\n tls keypair a\n}\n', 1, "allows nobody"),
+    ('keyservice "a" {\n socket "/r/a"\n allow user root\n}\n', 1, 'keyservice "a" has no keypair'),
+    ('keyservice "a" {\n socket "/r/a"\n allow user "no-such-pps-user"\n}\n', 3,
+     'allow user "no-such-pps-user": no such user'),
+    ('keyservice "a" {\n socket "/r/a"\n allow group "no-such-pps-group"\n}\n', 3,
+     'allow group "no-such-pps-group": no such group'),
+    ('keyservice "a" {\n socket "/r/a"\n allow everyone\n}\n', 3, '"allow everyone": expected'),
+    ('keyservice "a" {\n socket "/r/a"\n socket "/r/b"\n}\n', 3, 'more than one "socket"'),
+    ('keyservice "a" {\n prefork 65\n}\n', 2, "prefork 65 out of range (1-64)"),
+    ('keyservice "a" {\n forward to 127.0.0.1 port 80\n}\n', 2, '"forward" is not allowed inside a keyservice'),
+    ('keyservice "a" {\n tls ciphers "HIGH"\n}\n', 2, '"tls ciphers" is not valid inside a keyservice'),
+    ('keyservice "a" {\n relay b {\n', 2, "nested relay blocks are not allowed"),
+    ('keyservice "a" {\n socket "/r/a"\n', 2, 'missing "}" (keyservice "a" opened at line 1)'),
+    ('allow user root\n', 1, '"allow" is only valid inside a keyservice block'),
+    ('keyservice "a" {\n socket "/r/a"\n allow user root\n tls keypair a\n}\n'
+     'keyservice "a" {\n', 6, 'duplicate keyservice name "a"'),
+    ('keyservice "a" {\n socket "/r/a"\n allow user root\n tls keypair a\n}\n'
+     'keyservice "b" {\n socket "/r/./a"\n', 7, "duplicate keyservice socket /r/./a (already used at"),
+    ('socket "/r/a"\nkeyservice "a" {\n socket "/r/a"\n allow user root\n tls keypair a\n}\n', 2,
+     "is the control socket"),
+])
+def test_keyservice_errors(tmp_path: Path, text: str, line: int, message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_text(tmp_path, text)
+    assert (exc.value.file, exc.value.line) == (str(tmp_path / "test.conf"), line)
+    assert message in exc.value.msg

@@ -188,6 +188,13 @@ def test_compromised_relay_cannot_touch_other_processes(daemon2: Daemon, nobody_
         ("relay", "socket_inet", 0): "ok",          # backends
         ("ca", "sigkill", other_relay): "SIGSYS",
         ("ca", "socket_inet", 0): "EACCES",         # a ca opens no socket at all
+        # a keyservice ca's filter adds accept4 and getsockopt, nothing else
+        ("keyservice", "sigkill", other_relay): "SIGSYS",
+        ("keyservice", "ptrace", ca): "SIGSYS",
+        ("keyservice", "execve", 0): "SIGSYS",
+        ("keyservice", "fork", 0): "SIGSYS",
+        ("keyservice", "socket_unix", 0): "EACCES",
+        ("keyservice", "socket_inet", 0): "EACCES",
     }
     got = {key: attack(daemon2, *key) for key in expected}
     print()

@@ -45,6 +45,10 @@ void		 pps_ca_free(struct pps_ca *);
 int		 pps_ca_add_key(struct pps_ca *, const uint8_t *keyid,
 		    struct pps_cakey *, const char *name);
 int		 pps_ca_serve(struct pps_ca *, int fd);
+/* A keyservice ca: accept on lfd, admit peers by SO_PEERCRED (ca.c). */
+int		 pps_ca_serve_service(struct pps_ca *, int lfd,
+		    const uint32_t *uids, int nuids, const uint32_t *gids,
+		    int ngids);
 void		 pps_log_setup(const char *prefix, int use_syslog, int verbose);
 
 int		 pps_reply_parse(const uint8_t *frame, size_t n,
@@ -54,10 +58,12 @@ int		 pps_reply_parse(const uint8_t *frame, size_t n,
  * The last step of a relay's or a ca's setup (sandbox.c): after keys,
  * chroot and setuid, before its loop.  Linux: no_new_privs and a seccomp
  * filter for the role; OpenBSD: pledge; a ca also loses core dumps and
- * dumpability.
+ * dumpability.  A keyservice ca is a ca that may also accept its clients
+ * and read their SO_PEERCRED.
  */
 #define PPS_SANDBOX_RELAY	1
 #define PPS_SANDBOX_CA		2
+#define PPS_SANDBOX_KEYSERVICE	3
 int		 pps_sandbox(int role);
 
 int		 pps_async_supported(void);

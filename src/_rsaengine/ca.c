@@ -51,6 +51,7 @@ struct pps_ca {
 	struct ca_key	 keys[PPS_CA_MAX_KEYS];
 	time_t		 second;		/* refusal log rate limit */
 	int		 logged, suppressed;
+	char		 who[64];		/* "relay 1", "client pid 7 uid 33" */
 };
 
 /* ---- the policy ---- */
@@ -227,6 +228,7 @@ pps_ca_new(int index)
 		return NULL;
 	}
 	ca->index = index;
+	snprintf(ca->who, sizeof(ca->who), "relay %d", index);
 	return ca;
 }
 
@@ -264,6 +266,10 @@ find_key(struct pps_ca *ca, const uint8_t *id)
 
 /* ---- requests ---- */
 
+/* The refusal log's rate limit: whether this refusal may be logged now. */
+static int
+may_log(struct pps_ca *ca);
+
 static void
 log_summary(struct pps_ca *ca)
 {
@@ -277,9 +283,21 @@ static void
 log_refusal(struct pps_ca *ca, uint32_t id, const struct ca_key *k,
     const uint8_t *keyid, const char *why)
 {
-	time_t now = time(NULL);
 	char hex[17];
 	int i;
+
+	if (!may_log(ca))
+		return;
+	for (i = 0; i < 8; i++)
+		snprintf(hex + 2 * i, 3, "%02x", keyid[i]);
+	pps_log(LOG_WARNING, "refused request %u from %s, key %s: %s", id,
+	    ca->who, k != NULL ? k->name : hex, why);
+}
+
+static int
+may_log(struct pps_ca *ca)
+{
+	time_t now = time(NULL);
 
 	if (now != ca->second) {
 		log_summary(ca);
@@ -288,13 +306,10 @@ log_refusal(struct pps_ca *ca, uint32_t id, const struct ca_key *k,
 	}
 	if (ca->logged == REFUSALS_LOGGED) {
 		ca->suppressed++;
-		return;
+		return 0;
 	}
 	ca->logged++;
-	for (i = 0; i < 8; i++)
-		snprintf(hex + 2 * i, 3, "%02x", keyid[i]);
-	pps_log(LOG_WARNING, "refused request %u from relay %d, key %s: %s", id,
-	    ca->index, k != NULL ? k->name : hex, why);
+	return 1;
 }
 
 /*
@@ -595,5 +610,350 @@ pps_ca_serve(struct pps_ca *ca, int fd)
 		return pps_seterr("sigaction: %s", strerror(errno));
 	r = serve(ca, &io);
 	sigaction(SIGTERM, &oldsa, NULL);
+	return r == IO_STOP ? 0 : -1;
+}
+
+/* ---- a key service: many clients on a listening socket ---- */
+
+/*
+ * A keyservice ca (pyprivsep.conf(5) "keyservice") serves programs we did
+ * not write.  Several cas share one listening SOCK_SEQPACKET socket, as
+ * relays share their listeners: each accepts (non-blocking; the kernel
+ * hands a connection to one of them) and serves its clients from one
+ * ppoll() loop, with the policy and the error replies a relay's requests
+ * get (ca_handle above, the same code).
+ *
+ * Who may connect (SO_PEERCRED, read once, at accept): the peer's uid is
+ * in `uids` (the "allow user" users and the members of the "allow group"
+ * groups, both resolved by the parent before we were forked), or the
+ * peer's gid (its effective gid when it connected) is in `gids` (the
+ * "allow group" groups).  The peer's supplementary groups are not looked
+ * at.  Anyone else is closed at once, and logged (rate-limited) with its
+ * uid, gid and pid.
+ *
+ * Bounds: KS_MAX_CLIENTS connections; one beyond is accepted and closed
+ * (and logged).  A client's replies go out with non-blocking sends; when
+ * its socket is full the one reply waits and its requests are not read
+ * until it went out; a client whose socket stays full KS_STALL_MS is
+ * dropped.  A client that hangs up is dropped.  SIGTERM ends the ca at
+ * once, whatever it does; SIGUSR1 (a reload retiring this generation)
+ * makes it stop accepting and end once its last client is gone.
+ */
+#if defined(__OpenBSD__)
+#define ucred		sockpeercred	/* uid, gid, pid: the same fields */
+#endif
+
+#define KS_MAX_CLIENTS	1024
+#define KS_STALL_MS	2000		/* a full socket this long: dropped */
+#define KS_READS	16		/* frames read from a client at once */
+#define KS_ACCEPTS	64		/* connections accepted at once */
+#define KS_PAUSE_MS	100		/* no descriptor left: accept later */
+
+struct ks_client {
+	int		 fd;
+	pid_t		 pid;
+	uid_t		 uid;
+	gid_t		 gid;
+	int		 pending;	/* reply waits for room */
+	size_t		 plen;
+	struct timespec	 since;		/* ... since */
+	uint8_t		 reply[PPS_FRAME_MAX];
+};
+
+struct ks {
+	struct ks_client clients[KS_MAX_CLIENTS];
+	struct pollfd	 pfd[KS_MAX_CLIENTS + 1];
+	uint8_t		 req[PPS_FRAME_MAX + 1];
+	int		 nclients;
+	int		 lfd;
+	struct timespec	 paused;	/* out of descriptors: accept again */
+	int		 pause;		/* ... once KS_PAUSE_MS passed */
+	const uint32_t	*uids, *gids;
+	int		 nuids, ngids;
+};
+
+static volatile sig_atomic_t ks_draining;
+
+static void
+ks_sigusr1(int signo)
+{
+	(void)signo;
+	ks_draining = 1;
+}
+
+static int
+ks_allowed(const struct ks *ks, uid_t uid, gid_t gid)
+{
+	int i;
+
+	for (i = 0; i < ks->nuids; i++)
+		if (ks->uids[i] == uid)
+			return 1;
+	for (i = 0; i < ks->ngids; i++)
+		if (ks->gids[i] == gid)
+			return 1;
+	return 0;
+}
+
+static void
+ks_drop(struct pps_ca *ca, struct ks_client *c, const char *why)
+{
+	if (why != NULL)
+		pps_log(LOG_INFO, "client pid %d uid %u: %s, dropped",
+		    (int)c->pid, (unsigned)c->uid, why);
+	else
+		pps_log(LOG_DEBUG, "client pid %d uid %u hung up", (int)c->pid,
+		    (unsigned)c->uid);
+	(void)ca;
+	close(c->fd);
+	c->fd = -1;
+}
+
+static void
+ks_accept(struct pps_ca *ca, struct ks *ks)
+{
+	struct ucred cred;
+	socklen_t len;
+	int i, fd;
+
+	for (i = 0; i < KS_ACCEPTS; i++) {
+		if ((fd = accept4(ks->lfd, NULL, NULL,
+		    SOCK_NONBLOCK | SOCK_CLOEXEC)) == -1) {
+			/* the waiting connection stays readable: polling it
+			 * again at once would spin */
+			if (errno == EMFILE || errno == ENFILE ||
+			    errno == ENOBUFS || errno == ENOMEM) {
+				ks->pause = 1;
+				clock_gettime(CLOCK_MONOTONIC, &ks->paused);
+			}
+			if (errno != EAGAIN && errno != EWOULDBLOCK &&
+			    errno != EINTR && errno != ECONNABORTED &&
+			    may_log(ca))
+				pps_log(LOG_WARNING, "accept: %s",
+				    strerror(errno));
+			return;
+		}
+		len = sizeof(cred);
+		if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) ==
+		    -1 || len != sizeof(cred)) {
+			if (may_log(ca))
+				pps_log(LOG_WARNING, "refused connection: no "
+				    "peer credentials: %s", strerror(errno));
+			close(fd);
+			continue;
+		}
+		if (!ks_allowed(ks, cred.uid, cred.gid)) {
+			if (may_log(ca))
+				pps_log(LOG_WARNING, "refused connection from "
+				    "uid %u gid %u pid %d: not allowed",
+				    (unsigned)cred.uid, (unsigned)cred.gid,
+				    (int)cred.pid);
+			close(fd);
+			continue;
+		}
+		if (ks->nclients == KS_MAX_CLIENTS) {
+			if (may_log(ca))
+				pps_log(LOG_WARNING, "refused connection from "
+				    "uid %u gid %u pid %d: %d clients already",
+				    (unsigned)cred.uid, (unsigned)cred.gid,
+				    (int)cred.pid, KS_MAX_CLIENTS);
+			close(fd);
+			continue;
+		}
+		ks->clients[ks->nclients].fd = fd;
+		ks->clients[ks->nclients].pid = cred.pid;
+		ks->clients[ks->nclients].uid = cred.uid;
+		ks->clients[ks->nclients].gid = cred.gid;
+		ks->clients[ks->nclients].pending = 0;
+		ks->nclients++;
+		pps_log(LOG_DEBUG, "client pid %d uid %u gid %u connected",
+		    (int)cred.pid, (unsigned)cred.uid, (unsigned)cred.gid);
+	}
+}
+
+/* Send c's waiting reply: 1 sent, 0 no room yet, -1 the client is gone. */
+static int
+ks_send(struct ks_client *c)
+{
+	if (send(c->fd, c->reply, c->plen, MSG_DONTWAIT | MSG_NOSIGNAL) !=
+	    -1) {
+		c->pending = 0;
+		return 1;
+	}
+	if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS ||
+	    errno == EINTR) {
+		if (!c->pending)
+			clock_gettime(CLOCK_MONOTONIC, &c->since);
+		c->pending = 1;
+		return 0;
+	}
+	return -1;
+}
+
+/* Read and answer what c sent, a few frames at most (fairness). */
+static void
+ks_serve_client(struct pps_ca *ca, struct ks *ks, struct ks_client *c)
+{
+	ssize_t n;
+	int i;
+
+	for (i = 0; i < KS_READS && !c->pending && !ca_stopping; i++) {
+		n = recv(c->fd, ks->req, sizeof(ks->req), MSG_DONTWAIT);
+		if (n == -1) {
+			if (errno != EAGAIN && errno != EWOULDBLOCK &&
+			    errno != EINTR)
+				ks_drop(ca, c, strerror(errno));
+			return;
+		}
+		/* no bytes: a malformed frame, unless the client hung up */
+		if (n == 0 && hung_up(c->fd)) {
+			ks_drop(ca, c, NULL);
+			return;
+		}
+		snprintf(ca->who, sizeof(ca->who), "client pid %d uid %u",
+		    (int)c->pid, (unsigned)c->uid);
+		c->plen = ca_handle(ca, ks->req, n, c->reply);
+		if (ks_send(c) == -1) {
+			ks_drop(ca, c, NULL);
+			return;
+		}
+	}
+}
+
+static int
+ks_loop(struct pps_ca *ca, struct ks *ks, struct ca_io *io)
+{
+	struct timespec ts, *tsp;
+	sigset_t mask;
+	int i, r, saved, n, base, timeout_ms, pending;
+
+	for (;;) {
+		if (ks_draining && ks->lfd != -1) {
+			close(ks->lfd);		/* the new generation accepts */
+			ks->lfd = -1;
+			pps_log(LOG_INFO, "draining: %d clients", ks->nclients);
+		}
+		if (ks->lfd == -1 && ks->nclients == 0)
+			return IO_STOP;
+		if (ks->pause && ns_since(&ks->paused) >
+		    (int64_t)KS_PAUSE_MS * 1000000)
+			ks->pause = 0;
+		base = ks->lfd != -1 && !ks->pause;
+		n = 0;
+		if (base) {
+			ks->pfd[n].fd = ks->lfd;
+			ks->pfd[n++].events = POLLIN;
+		}
+		pending = 0;
+		for (i = 0; i < ks->nclients; i++) {
+			ks->pfd[n].fd = ks->clients[i].fd;
+			ks->pfd[n++].events = ks->clients[i].pending ? POLLOUT :
+			    POLLIN;
+			pending |= ks->clients[i].pending;
+		}
+		for (i = 0; i < n; i++)
+			ks->pfd[i].revents = 0;
+		timeout_ms = pending || ks->pause ? 100 :
+		    ca->suppressed > 0 ? 1000 : -1;
+		tsp = NULL;
+		if (timeout_ms >= 0) {
+			ts.tv_sec = timeout_ms / 1000;
+			ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000;
+			tsp = &ts;
+		}
+		if (sigprocmask(SIG_BLOCK, &io->term, &mask) == -1)
+			return pps_seterr("sigprocmask: %s", strerror(errno));
+		r = ca_stopping || ks_draining != (ks->lfd == -1) ? 0 :
+		    ppoll(ks->pfd, n, tsp, &io->waitmask);
+		saved = errno;
+		sigprocmask(SIG_SETMASK, &mask, NULL);
+		if (ca_stopping)
+			return IO_STOP;
+		if (r == -1 && saved != EINTR)
+			return pps_seterr("ppoll: %s", strerror(saved));
+		if (r == 0 && ca->suppressed > 0)
+			log_summary(ca);
+		if (r <= 0 && !pending)
+			continue;		/* (a pause ends at the top) */
+		/* clients first: ks_accept() appends to the array */
+		for (i = 0; i < ks->nclients; i++) {
+			struct ks_client *c = &ks->clients[i];
+			short rev = r > 0 ? ks->pfd[base + i].revents : 0;
+
+			if (c->pending) {
+				if (rev & (POLLERR | POLLHUP | POLLNVAL))
+					ks_drop(ca, c, NULL);
+				else if ((rev & POLLOUT) && ks_send(c) == -1)
+					ks_drop(ca, c, NULL);
+				else if (c->pending && ns_since(&c->since) >
+				    (int64_t)KS_STALL_MS * 1000000)
+					ks_drop(ca, c, "does not read its "
+					    "replies");
+				continue;
+			}
+			if (rev & (POLLIN | POLLHUP | POLLERR))
+				ks_serve_client(ca, ks, c);
+			else if (rev & POLLNVAL)
+				ks_drop(ca, c, "invalid descriptor");
+		}
+		for (i = 0; i < ks->nclients; ) {	/* forget the dropped */
+			if (ks->clients[i].fd == -1)
+				ks->clients[i] = ks->clients[--ks->nclients];
+			else
+				i++;
+		}
+		if (ca_stopping)
+			return IO_STOP;
+		if (base && r > 0 && (ks->pfd[0].revents & POLLIN))
+			ks_accept(ca, ks);
+	}
+}
+
+/*
+ * Serve a key service's clients on the listening socket lfd until SIGTERM
+ * (0), or a failure (-1); see the comment above for who may connect.
+ */
+int
+pps_ca_serve_service(struct pps_ca *ca, int lfd, const uint32_t *uids,
+    int nuids, const uint32_t *gids, int ngids)
+{
+	static struct ca_io io;
+	static struct ks ks;		/* 1 MB of replies: not on the stack */
+	struct sigaction sa, oldterm, oldusr1;
+	sigset_t mask;
+	int r, i;
+
+	memset(&ks, 0, sizeof(ks));
+	ks.lfd = lfd;
+	ks.uids = uids;
+	ks.nuids = nuids;
+	ks.gids = gids;
+	ks.ngids = ngids;
+	sigemptyset(&io.term);
+	sigaddset(&io.term, SIGTERM);
+	sigaddset(&io.term, SIGUSR1);
+	if (sigprocmask(SIG_SETMASK, NULL, &mask) == -1)
+		return pps_seterr("sigprocmask: %s", strerror(errno));
+	io.waitmask = mask;
+	sigdelset(&io.waitmask, SIGTERM);
+	sigdelset(&io.waitmask, SIGUSR1);
+	memset(&sa, 0, sizeof(sa));
+	sigemptyset(&sa.sa_mask);
+	sa.sa_flags = 0;		/* no SA_RESTART: ppoll() must return */
+	ca_stopping = 0;
+	ks_draining = 0;
+	sa.sa_handler = ca_sigterm;
+	if (sigaction(SIGTERM, &sa, &oldterm) == -1)
+		return pps_seterr("sigaction: %s", strerror(errno));
+	sa.sa_handler = ks_sigusr1;
+	if (sigaction(SIGUSR1, &sa, &oldusr1) == -1) {
+		sigaction(SIGTERM, &oldterm, NULL);
+		return pps_seterr("sigaction: %s", strerror(errno));
+	}
+	r = ks_loop(ca, &ks, &io);
+	for (i = 0; i < ks.nclients; i++)
+		close(ks.clients[i].fd);
+	sigaction(SIGUSR1, &oldusr1, NULL);
+	sigaction(SIGTERM, &oldterm, NULL);
 	return r == IO_STOP ? 0 : -1;
 }

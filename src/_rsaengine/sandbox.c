@@ -15,9 +15,10 @@
  * (OpenSSL's configuration, glibc's time zone, Python's linecache for a
  * traceback) and must see an ordinary failure.
  *
- * OpenBSD: pledge(2), relay "stdio inet", ca "stdio".
+ * OpenBSD: pledge(2), relay "stdio inet", ca "stdio", keyservice ca
+ * "stdio unix" (accept, getsockopt SO_PEERCRED).
  *
- * Both: the ca also gets no core dumps and is not dumpable (no ptrace or
+ * Both: the ca (either kind) also gets no core dumps and is not dumpable (no ptrace or
  * /proc/PID/mem, even by its own uid).
  *
  * Call once, after keys are loaded, chroot and setuid (setuid resets the
@@ -161,6 +162,20 @@ static const int ca_calls[] = {
 	-1
 };
 
+/*
+ * A keyservice ca: a ca that accepts its clients on the listening socket
+ * it inherited and reads each one's SO_PEERCRED (ca.c).  getsockopt is
+ * not narrowed to SO_PEERCRED: every other option of a socket the ca
+ * already holds tells it nothing it could abuse.
+ */
+static const int keyservice_calls[] = {
+#ifdef __NR_accept
+	__NR_accept,
+#endif
+	__NR_accept4, __NR_getsockopt,
+	-1
+};
+
 /* Answered EACCES, not killed: probes by libraries, which cope. */
 static const int eacces_calls[] = {
 #ifdef __NR_open
@@ -225,7 +240,8 @@ build(struct prog *p, int role)
 	    SECCOMP_RET_KILL_PROCESS));
 #endif
 	emit_list(p, common_calls, SECCOMP_RET_ALLOW);
-	emit_list(p, role == PPS_SANDBOX_RELAY ? relay_calls : ca_calls,
+	emit_list(p, role == PPS_SANDBOX_RELAY ? relay_calls :
+	    role == PPS_SANDBOX_KEYSERVICE ? keyservice_calls : ca_calls,
 	    SECCOMP_RET_ALLOW);
 	emit_list(p, eacces_calls, RET_ERRNO(EACCES));
 	/*
@@ -296,9 +312,11 @@ pps_sandbox(int role)
 		name = "relay";
 	else if (role == PPS_SANDBOX_CA)
 		name = "ca";
+	else if (role == PPS_SANDBOX_KEYSERVICE)
+		name = "keyservice ca";
 	else
 		return pps_seterr("sandbox: unknown role %d", role);
-	if (role == PPS_SANDBOX_CA && no_core_dumps() == -1)
+	if (role != PPS_SANDBOX_RELAY && no_core_dumps() == -1)
 		return -1;
 #if defined(PPS_SANITIZED)
 	/* LeakSanitizer stops the process with ptrace to scan it */
@@ -308,7 +326,8 @@ pps_sandbox(int role)
 #elif defined(__linux__)
 	return seccomp_install(role, name);
 #elif defined(__OpenBSD__)
-	if (pledge(role == PPS_SANDBOX_RELAY ? "stdio inet" : "stdio",
+	if (pledge(role == PPS_SANDBOX_RELAY ? "stdio inet" :
+	    role == PPS_SANDBOX_KEYSERVICE ? "stdio unix" : "stdio",
 	    NULL) == -1)
 		return pps_seterr("%s: pledge: %s", name, strerror(errno));
 	return 0;
