@@ -76,7 +76,7 @@ pem2der_decode(void *vctx, OSSL_CORE_BIO *cin, int selection,
 	unsigned char *data = NULL;
 	long len = 0;
 	BIO *in;
-	OSSL_PARAM params[3];
+	OSSL_PARAM params[2];
 	int ok = 1;
 
 	(void)selection;
@@ -89,9 +89,7 @@ pem2der_decode(void *vctx, OSSL_CORE_BIO *cin, int selection,
 	    strcmp(name, PPS_REF_PEM_LABEL) == 0) {
 		params[0] = OSSL_PARAM_construct_octet_string(
 		    OSSL_OBJECT_PARAM_DATA, data, (size_t)len);
-		params[1] = OSSL_PARAM_construct_utf8_string(
-		    OSSL_OBJECT_PARAM_DATA_STRUCTURE, "pyprivsep", 0);
-		params[2] = OSSL_PARAM_construct_end();
+		params[1] = OSSL_PARAM_construct_end();
 		ok = data_cb(params, data_cbarg);
 	}
 	/* not ours (or not PEM): no error, let the others try */

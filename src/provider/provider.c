@@ -88,6 +88,15 @@ static const OSSL_ALGORITHM decoders[] = {
 	    "pyprivsep key reference to an RSA key" },
 	{ "EC:id-ecPublicKey", "input=der", pps_der2ec_decoder_functions,
 	    "pyprivsep key reference to an EC key" },
+	/* the same, for DER the decoder chain has labelled PrivateKeyInfo
+	 * (PEM "PRIVATE KEY"): the chain offers such DER only to decoders of
+	 * that structure; ours take the ones under our OID */
+	{ "RSA:rsaEncryption", "input=der,structure=PrivateKeyInfo",
+	    pps_der2rsa_decoder_functions,
+	    "pyprivsep PKCS#8 key reference to an RSA key" },
+	{ "EC:id-ecPublicKey", "input=der,structure=PrivateKeyInfo",
+	    pps_der2ec_decoder_functions,
+	    "pyprivsep PKCS#8 key reference to an EC key" },
 	{ NULL, NULL, NULL, NULL }
 };
 
