@@ -128,7 +128,7 @@ def _state(pid: int) -> str:
 @pytest.fixture(scope="module")
 def ca_config(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("provider-ca") / "pyprivsep.conf"
-    path.write_text(ca_config_text([pki[k] for k in KEYS]))
+    path.write_text(ca_config_text([pki[k] for k in (*KEYS, "rsa4096", "p384")]))
     return path
 
 
@@ -273,6 +273,9 @@ MATRIX = [
     ("rsa2048", ["-tls1_2", "-sigalgs", "RSA+SHA384"], "TLSv1.2", "RSA", "SHA384"),
     ("p256", ["-tls1_3"], "TLSv1.3", "ECDSA", "SHA256"),
     ("p256", ["-tls1_2", "-sigalgs", "ECDSA+SHA256"], "TLSv1.2", "ECDSA", "SHA256"),
+    ("rsa4096", ["-tls1_3"], "TLSv1.3", "RSA-PSS", "SHA256"),
+    ("rsa4096", ["-tls1_2", "-sigalgs", "RSA+SHA512"], "TLSv1.2", "RSA", "SHA512"),
+    ("p384", ["-tls1_3"], "TLSv1.3", "ECDSA", "SHA384"),
 ]
 
 
@@ -538,3 +541,58 @@ def test_pkcs8_form_through_ssl_ctx_use_privatekey_file(pki: Pki, ca: CaListener
     finally:
         proc.kill()
         _, err = proc.communicate(timeout=WAIT)
+
+
+THREADED_SERVER = r"""
+import socket, ssl, sys, threading
+cert, key, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(64)
+print(ls.getsockname()[1], flush=True)
+results = []
+
+def serve():
+    conn, _ = ls.accept()
+    try:
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            tls.sendall(b"ok\n")
+        results.append("ok")
+    except Exception as e:
+        results.append(repr(e))
+
+threads = [threading.Thread(target=serve) for _ in range(n)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(" ".join(results), flush=True)
+"""
+
+
+def test_threads_share_one_key(pki: Pki, ca: CaListener, openssl_conf: Path, tmp_path: Path) -> None:
+    """As haproxy: threads of one process sign with one key at once; the
+    connection's mutex keeps each reply with its request."""
+    n = 8
+    kp = pki["p256"]
+    proc = subprocess.Popen([sys.executable, "-c", THREADED_SERVER, str(kp.cert_path),
+                             str(write_ref(kp, ca.path, tmp_path)), str(n)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=provider_env(openssl_conf))
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        clients = [subprocess.Popen(
+            ["openssl", "s_client", "-connect", f"{LOCALHOST}:{port}", "-brief", "-tls1_3", "-ign_eof"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=client_env()) for _ in range(n)]
+        for client in clients:
+            out, err = client.communicate(timeout=WAIT)
+            assert "CONNECTION ESTABLISHED" in err and out == "ok\n", err
+        assert proc.stdout.readline().split() == ["ok"] * n
+        assert len(list(ca.log_dir.glob("ca*.log"))) == 1  # one connection, shared
+    finally:
+        proc.kill()
+        proc.communicate(timeout=WAIT)
