@@ -23,7 +23,7 @@ from typing import NoReturn
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from basics import LOCALHOST, free_port, wait_until
@@ -34,9 +34,23 @@ from memscan import scan_process_memory
 from procs import child_pids
 from pyprivsep import keyref, native
 
-pytestmark = pytest.mark.skipif(
-    not keyref.provider_path().exists(),
-    reason="no pyprivsep-provider.so (LibreSSL has no providers)")
+def _openssl_tool() -> str:
+    out = subprocess.run(["openssl", "version"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def _why_skip() -> str | None:
+    if not keyref.provider_path().exists():
+        return "no pyprivsep-provider.so (LibreSSL has no providers)"
+    # the provider must be loaded by the libcrypto it was built against;
+    # the clients here (openssl, Python's ssl) are the system's
+    ours, tool = native.library_version(), _openssl_tool()
+    if ours.split()[:2] != tool.split()[:2]:
+        return f"the provider is built against {ours}, the openssl tool is {tool}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_why_skip() is not None, reason=str(_why_skip()))
 
 KEYS = ("rsa2048", "p256")
 WAIT = 30.0  # seconds: generous, for a loaded machine
@@ -261,8 +275,7 @@ def served_cert_der(port: int) -> bytes:
         text=True, timeout=WAIT, env=client_env())
     pem = out.stdout[out.stdout.index("-----BEGIN CERTIFICATE-----"):]
     pem = pem[:pem.index("-----END CERTIFICATE-----") + 25]
-    return x509.load_pem_x509_certificate(pem.encode()).public_bytes(
-        __import__("cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.DER)
+    return x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)
 
 
 # (key, s_client arguments, expected protocol, signature type, digest)
@@ -534,13 +547,13 @@ def test_pkcs8_form_through_ssl_ctx_use_privatekey_file(pki: Pki, ca: CaListener
                             env=provider_env(openssl_conf))
     try:
         assert proc.stdout is not None
-        port = int(proc.stdout.readline() or 0), proc
-        out = s_client(port[0], "-tls1_2", "-ign_eof")
+        port = int(proc.stdout.readline())
+        out = s_client(port, "-tls1_2", "-ign_eof")
         assert "CONNECTION ESTABLISHED" in out.stderr, out.stderr
         assert "Signature type: ECDSA" in out.stderr
     finally:
         proc.kill()
-        _, err = proc.communicate(timeout=WAIT)
+        proc.communicate(timeout=WAIT)
 
 
 THREADED_SERVER = r"""
