@@ -11,6 +11,7 @@ configuration, privileges dropped, sandboxed) on the accepted socket.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -609,3 +610,29 @@ def test_threads_share_one_key(pki: Pki, ca: CaListener, openssl_conf: Path, tmp
     finally:
         proc.kill()
         proc.communicate(timeout=WAIT)
+
+
+def test_corrupt_reference_is_refused_with_a_reason(pki: Pki, openssl_conf: Path, s_server,
+                                                    tmp_path: Path) -> None:
+    """A reference whose key id is not its public key's (another
+    certificate's key id) does not load."""
+    kp, other = pki["rsa2048"], pki["p256"]
+    spki = kp.certificate.public_key().public_bytes(serialization.Encoding.DER,
+                                                    serialization.PublicFormat.SubjectPublicKeyInfo)
+    other_spki = other.certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    good = keyref.reference_der("/nonexistent/ca.sock", spki)
+    bad = good[:-len(spki) - 32] + hashlib.sha256(other_spki).digest() + spki
+    assert len(bad) == len(good) and bad != good
+    ref = tmp_path / "bad.ref.pem"
+    ref.write_text(keyref.pem(keyref.PEM_LABEL, bad))
+    out = subprocess.run(["openssl", "pkey", "-in", str(ref), "-pubout"], capture_output=True, text=True,
+                         timeout=WAIT, env=provider_env(openssl_conf))
+    # (the OSSL_STORE route keeps only its own error, "unsupported")
+    assert out.returncode != 0 and "BEGIN PUBLIC KEY" not in out.stdout
+    ref.write_text(keyref.pem(keyref.PEM_LABEL, good))  # the control: the same, intact, loads
+    out = subprocess.run(["openssl", "pkey", "-in", str(ref), "-pubout"], capture_output=True, text=True,
+                         timeout=WAIT, env=provider_env(openssl_conf))
+    assert out.returncode == 0, out.stderr
+    assert serialization.load_pem_public_key(out.stdout.encode()).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) == spki

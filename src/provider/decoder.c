@@ -84,16 +84,20 @@ pem2der_decode(void *vctx, OSSL_CORE_BIO *cin, int selection,
 	(void)pw_cbarg;
 	if ((in = BIO_new_from_core_bio(ctx->prov->libctx, cin)) == NULL)
 		return 0;
+	/* not PEM, or not ours: no error, let the others try */
 	ERR_set_mark();
-	if (PEM_read_bio(in, &name, &header, &data, &len) > 0 &&
-	    strcmp(name, PPS_REF_PEM_LABEL) == 0) {
+	if (PEM_read_bio(in, &name, &header, &data, &len) <= 0) {
+		ERR_pop_to_mark();
+		goto out;
+	}
+	ERR_clear_last_mark();
+	if (strcmp(name, PPS_REF_PEM_LABEL) == 0) {
 		params[0] = OSSL_PARAM_construct_octet_string(
 		    OSSL_OBJECT_PARAM_DATA, data, (size_t)len);
 		params[1] = OSSL_PARAM_construct_end();
 		ok = data_cb(params, data_cbarg);
 	}
-	/* not ours (or not PEM): no error, let the others try */
-	ERR_pop_to_mark();
+out:
 	OPENSSL_free(name);
 	OPENSSL_free(header);
 	OPENSSL_free(data);
@@ -124,13 +128,10 @@ der2key_decode(void *vctx, OSSL_CORE_BIO *cin, int selection,
 	while (len < PPS_DER_MAX && BIO_read_ex(in, buf + len, PPS_DER_MAX - len,
 	    &n) && n > 0)
 		len += n;
-	ERR_set_mark();
-	key = pps_key_from_der(ctx->prov, buf, len);
-	if (key == NULL) {
-		ERR_pop_to_mark();	/* not a reference: not ours */
+	/* not a reference: not ours, no error; a bad reference of ours
+	 * leaves its error (and the next decoders may still try) */
+	if ((key = pps_key_from_der(ctx->prov, buf, len)) == NULL)
 		goto out;
-	}
-	ERR_clear_last_mark();
 	if (key->type != ctx->type)
 		goto out;		/* the other decoder's */
 	params[0] = OSSL_PARAM_construct_int(OSSL_OBJECT_PARAM_TYPE, &objtype);

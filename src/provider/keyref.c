@@ -69,14 +69,14 @@ parse_reference(struct pps_provctx *prov, const unsigned char *der,
 	int type;
 
 	if (!tlv(&p, end, 0x30, &seq, &seqlen) || p != end)
-		return NULL;
+		goto malformed;
 	p = seq;
 	end = seq + seqlen;
 	if (!tlv(&p, end, 0x02, &v, &vlen) || vlen != 1 ||
 	    v[0] != PPS_REF_VERSION)
-		return NULL;
+		goto malformed;
 	if (!tlv(&p, end, 0x0c, &v, &vlen))
-		return NULL;
+		goto malformed;
 	if (vlen == 0 || vlen > PPS_SOCKPATH_MAX || memchr(v, 0, vlen) != NULL) {
 		pps_raise(PPS_R_BAD_REFERENCE, "bad socket path");
 		return NULL;
@@ -84,11 +84,11 @@ parse_reference(struct pps_provctx *prov, const unsigned char *der,
 	memcpy(path, v, vlen);
 	path[vlen] = '\0';
 	if (!tlv(&p, end, 0x04, &v, &vlen) || vlen != PPS_KEYID_LEN)
-		return NULL;
+		goto malformed;
 	memcpy(keyid, v, vlen);
 	spki = p;
 	if (!tlv(&p, end, 0x30, &v, &vlen) || p != end)
-		return NULL;
+		goto malformed;
 	spkilen = (size_t)(p - spki);
 
 	/* the key id names this public key, or the reference is corrupt */
@@ -128,6 +128,9 @@ out:
 	EVP_PKEY_free(pub);
 	EVP_MD_free(sha256);
 	return key;
+malformed:
+	pps_raise(PPS_R_BAD_REFERENCE, "malformed key reference");
+	return NULL;
 }
 
 struct pps_key *
@@ -138,10 +141,12 @@ pps_key_from_der(struct pps_provctx *prov, const unsigned char *der,
 	size_t seqlen, vlen, alglen;
 
 	if (derlen > 0 && der[0] == 0x30) {
-		/* bare: SEQUENCE { INTEGER 1, UTF8String ... } */
+		/* bare: SEQUENCE { INTEGER 1, UTF8String ... } (an EC private
+		 * key, RFC 5915, has an OCTET STRING after its INTEGER 1) */
 		p = der;
-		if (tlv(&p, end, 0x30, &seq, &seqlen) && seqlen > 3 &&
-		    seq[0] == 0x02 && seq[1] == 1 && seq[2] == PPS_REF_VERSION)
+		if (tlv(&p, end, 0x30, &seq, &seqlen) && seqlen > 4 &&
+		    seq[0] == 0x02 && seq[1] == 1 && seq[2] == PPS_REF_VERSION &&
+		    seq[3] == 0x0c)
 			return parse_reference(prov, der, derlen);
 	}
 	/* PrivateKeyInfo { INTEGER 0, SEQUENCE { OID ours }, OCTET STRING } */
