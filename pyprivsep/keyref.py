@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 PEM_LABEL = "PYPRIVSEP KEY REFERENCE"
 VERSION = 1
@@ -84,7 +85,11 @@ def certificate_spki(certfile: str) -> bytes:
     """The DER SubjectPublicKeyInfo of the first certificate in a PEM file."""
     data = Path(certfile).read_bytes()
     cert = x509.load_pem_x509_certificate(data)
-    return cert.public_key().public_bytes(
+    key = cert.public_key()
+    if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+        raise ValueError(f"{certfile}: the provider signs with RSA and EC "
+                         "keys only")
+    return key.public_bytes(
         serialization.Encoding.DER,
         serialization.PublicFormat.SubjectPublicKeyInfo)
 

@@ -636,3 +636,23 @@ def test_corrupt_reference_is_refused_with_a_reason(pki: Pki, openssl_conf: Path
     assert out.returncode == 0, out.stderr
     assert serialization.load_pem_public_key(out.stdout.encode()).public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) == spki
+
+
+def test_keyref_refuses_a_key_the_provider_cannot_sign_with(tmp_path: Path) -> None:
+    import datetime
+
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.x509.oid import NameOID
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ed.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(key.public_key()).serial_number(1)
+                   .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+                   .sign(key, None))
+    cert = tmp_path / "ed25519.crt"
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    out = pyprivsep_cli("keyref", "-s", "/run/ca.sock", str(cert))
+    assert out.returncode != 0 and not out.stdout
+    assert "RSA and EC keys only" in out.stderr
