@@ -209,11 +209,20 @@ km_export(void *keydata, int selection, OSSL_CALLBACK *cb, void *cbarg)
 	return EVP_PKEY_export(key->pub, selection, cb, cbarg);
 }
 
+/* A copy without the private key (selection) cannot reach the ca. */
 static void *
 km_dup(const void *keydata, int selection)
 {
-	(void)selection;
-	return pps_key_dup(keydata);
+	struct pps_key *key;
+
+	if ((key = pps_key_dup(keydata)) == NULL)
+		return NULL;
+	if ((selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) == 0 &&
+	    key->conn != NULL) {
+		pps_conn_free(key->conn);
+		key->conn = NULL;
+	}
+	return key;
 }
 
 static const char *
