@@ -258,7 +258,7 @@ def s_client(port: int, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def handshake(port: int, *args: str) -> dict[str, str]:
-    """s_client's -brief summary ("Protocol version", "Peer signature type"...)
+    """s_client's -brief summary ("Protocol version", "Signature type", "Hash used"...)
     of a handshake that must succeed."""
     out = s_client(port, *args)
     assert out.returncode == 0 and "CONNECTION ESTABLISHED" in out.stderr, out.stderr
