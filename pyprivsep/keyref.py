@@ -123,6 +123,8 @@ activate = 1
 [pyprivsep_provider]
 module = {module}
 activate = 1
+# how long one signature waits for the ca, in ms (1 to 60000; default 2000)
+# timeout = 2000
 
 [pyprivsep_algorithms]
 default_properties = ?provider=default

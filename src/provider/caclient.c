@@ -8,7 +8,8 @@
  *   pid is not the one that connected closes its copy and connects anew.
  * - A ca that closed the connection (it was restarted): the operation is
  *   tried once more on a fresh connection.
- * - Each attempt waits PPS_OP_TIMEOUT_MS at most (poll); then that
+ * - Each attempt waits the provider's timeout at most (poll; 2 s unless
+ *   the config section sets "timeout" in ms); then that
  *   operation fails with an error raised and the connection stays, its
  *   late reply dropped by request id when the next operation reads.
  * - Threads: one mutex per connection serialises its operations (a
@@ -32,11 +33,12 @@ struct pps_conn {
 	int		 fd;
 	pid_t		 pid;		/* the process that connected fd */
 	uint32_t	 next_id;
+	int		 timeout_ms;
 	char		 path[PPS_SOCKPATH_MAX + 1];
 };
 
 struct pps_conn *
-pps_conn_new(const char *path)
+pps_conn_new(const char *path, int timeout_ms)
 {
 	struct pps_conn *c;
 
@@ -48,6 +50,7 @@ pps_conn_new(const char *path)
 	}
 	c->refs = 1;
 	c->fd = -1;
+	c->timeout_ms = timeout_ms;
 	strcpy(c->path, path);
 	return c;
 }
@@ -134,7 +137,7 @@ attempt(struct pps_conn *c, const uint8_t *req, size_t reqlen, uint32_t id,
 	uint8_t buf[sizeof(struct pps_hdr) + PPS_MAX_PAYLOAD + 1];
 	struct pps_hdr h;
 	struct pollfd pfd;
-	int64_t deadline = now_ms() + PPS_OP_TIMEOUT_MS, left;
+	int64_t deadline = now_ms() + c->timeout_ms, left;
 	ssize_t n;
 
 	do
@@ -149,7 +152,7 @@ attempt(struct pps_conn *c, const uint8_t *req, size_t reqlen, uint32_t id,
 	for (;;) {
 		if ((left = deadline - now_ms()) <= 0) {
 			pps_raise(PPS_R_CA_TIMEOUT, "no reply from %s in %d ms",
-			    c->path, PPS_OP_TIMEOUT_MS);
+			    c->path, c->timeout_ms);
 			return FAILED;
 		}
 		pfd.fd = c->fd;

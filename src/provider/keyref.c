@@ -120,7 +120,7 @@ parse_reference(struct pps_provctx *prov, const unsigned char *der,
 	memcpy(key->keyid, keyid, PPS_KEYID_LEN);
 	key->pub = pub;
 	pub = NULL;
-	if ((key->conn = pps_conn_new(path)) == NULL) {
+	if ((key->conn = pps_conn_new(path, prov->timeout_ms)) == NULL) {
 		pps_key_free(key);
 		key = NULL;
 	}

@@ -181,16 +181,47 @@ __attribute__((visibility("default")))
 int OSSL_provider_init(const OSSL_CORE_HANDLE *, const OSSL_DISPATCH *,
     const OSSL_DISPATCH **, void **);
 
+/* "timeout" (milliseconds) from the provider's config section, if set */
+static int
+config_timeout(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in)
+{
+	OSSL_FUNC_core_get_params_fn *get_params = NULL;
+	char *value = NULL, *end;
+	OSSL_PARAM params[2];
+	long ms;
+
+	for (; in->function_id != 0; in++)
+		if (in->function_id == OSSL_FUNC_CORE_GET_PARAMS)
+			get_params = OSSL_FUNC_core_get_params(in);
+	if (get_params == NULL)
+		return PPS_OP_TIMEOUT_MS;
+	params[0] = OSSL_PARAM_construct_utf8_ptr("timeout", &value, 0);
+	params[1] = OSSL_PARAM_construct_end();
+	if (!get_params(handle, params) || value == NULL)
+		return PPS_OP_TIMEOUT_MS;
+	ms = strtol(value, &end, 10);
+	if (end == value || *end != '\0' || ms < 1 || ms > PPS_OP_TIMEOUT_MAX) {
+		pps_raise(PPS_R_INTERNAL, "timeout = %s: not 1 to %d ms", value,
+		    PPS_OP_TIMEOUT_MAX);
+		return -1;
+	}
+	return (int)ms;
+}
+
 int
 OSSL_provider_init(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in,
     const OSSL_DISPATCH **out, void **provctx)
 {
 	struct pps_provctx *ctx;
+	int timeout;
 
 	pps_errors_init(handle, in);
+	if ((timeout = config_timeout(handle, in)) < 0)
+		return 0;
 	if ((ctx = calloc(1, sizeof(*ctx))) == NULL)
 		return 0;
 	ctx->handle = handle;
+	ctx->timeout_ms = timeout;
 	/* a child library context: the application's providers (default)
 	 * for digests and public keys, and BIOs from the core */
 	if ((ctx->libctx = OSSL_LIB_CTX_new_child(handle, in)) == NULL) {

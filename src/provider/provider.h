@@ -30,7 +30,9 @@
 #define PPS_REF_PEM_LABEL	"PYPRIVSEP KEY REFERENCE"
 #define PPS_REF_VERSION		1
 #define PPS_SOCKPATH_MAX	107	/* sun_path less its NUL */
-#define PPS_OP_TIMEOUT_MS	2000	/* one key operation, each attempt */
+#define PPS_OP_TIMEOUT_MS	2000	/* one key operation, each attempt;
+					 * "timeout" in the config section */
+#define PPS_OP_TIMEOUT_MAX	60000
 
 /* The PKCS#8 algorithm OID: 2.25.230940282644351790577104895185602875045.1
  * (an OID made from a UUID, ITU-T X.667: no registration needed). */
@@ -54,6 +56,7 @@ enum {
 struct pps_provctx {
 	const OSSL_CORE_HANDLE	*handle;
 	OSSL_LIB_CTX		*libctx;	/* a child of the application's */
+	int			 timeout_ms;	/* per attempt of a key operation */
 };
 
 void pps_raise(int reason, const char *fmt, ...)
@@ -65,7 +68,7 @@ extern const OSSL_ITEM pps_reason_strings[];
  * decoded from the same reference (refcounted); a mutex serialises its
  * operations, so threads may share it. */
 struct pps_conn;
-struct pps_conn *pps_conn_new(const char *path);
+struct pps_conn *pps_conn_new(const char *path, int timeout_ms);
 void pps_conn_ref(struct pps_conn *);
 void pps_conn_free(struct pps_conn *);
 /* One request; 1 and the reply payload in out/outlen, or 0 with an error
