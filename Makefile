@@ -3,7 +3,8 @@ PYTHON  ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-SOURCES := setup.py pyproject.toml build_ffi.py $(wildcard src/_rsaengine/*.[ch])
+SOURCES := setup.py pyproject.toml build_ffi.py $(wildcard src/_rsaengine/*.[ch]) \
+           $(wildcard src/provider/*.[ch])
 CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -O2 -c -o /dev/null
 
 .PHONY: all build run test test-lib test-openssl4 bench asan fuzz warnings sysdeps users clean
@@ -63,12 +64,19 @@ endif
 bench: build $(ROOT_DEPS)
 	sh bench/bench.sh $(BENCH_ARGS)
 
-# The C sources must compile without a warning.
+# The C sources must compile without a warning: the extension's and the
+# OpenSSL provider's (src/provider, not built against LibreSSL).
 warnings:
-	@for f in src/_rsaengine/*.c; do \
-		cc $(CFLAGS_STRICT) $$(pkg-config --cflags openssl 2>/dev/null) \
-		    $$( [ -n "$$OPENSSL_PREFIX" ] && echo -I$$OPENSSL_PREFIX/include ) \
-		    -Isrc/_rsaengine $$f || exit 1; \
+	@inc="$$(pkg-config --cflags openssl 2>/dev/null) \
+	    $$( [ -n "$$OPENSSL_PREFIX" ] && echo -I$$OPENSSL_PREFIX/include )"; \
+	provider=src/provider/*.c; \
+	if ! printf '#include <openssl/core_dispatch.h>\n' | \
+	    cc -E $$inc -x c - >/dev/null 2>&1; then \
+		echo "no OpenSSL providers here (LibreSSL): src/provider skipped"; \
+		provider=""; \
+	fi; \
+	for f in src/_rsaengine/*.c $$provider; do \
+		cc $(CFLAGS_STRICT) $$inc -Isrc/_rsaengine -Isrc/provider $$f || exit 1; \
 	done; echo "no warnings"
 
 # The whole test suite with the extension built with AddressSanitizer, in a
@@ -127,7 +135,7 @@ test-openssl4:
 	$(MAKE) test-lib OPENSSL_PREFIX=/opt/openssl4
 
 clean:
-	rm -rf build $(VENV) pyprivsep/_rsaengine*.so pyprivsep/*.o *.egg-info
+	rm -rf build $(VENV) pyprivsep/_rsaengine*.so pyprivsep/pyprivsep-provider.so pyprivsep/*.o *.egg-info
 
 # A long fuzz run of the ca's frame handling and the relay's reply parser
 # (make test runs a short one): FUZZ_EXAMPLES hypothesis examples a target.

@@ -1,5 +1,59 @@
-"""pyprivsep: the C extension is built by build_ffi.py (cffi, API mode)."""
-from setuptools import setup
+"""pyprivsep: the C extension is built by build_ffi.py (cffi, API mode).
+
+Next to it, pyprivsep/pyprivsep-provider.so: an OpenSSL 3 provider module
+(src/provider/), a plain shared object loaded by libcrypto, not a Python
+module, so it is built with its own fixed file name.  LibreSSL has no
+providers: there it is not built.
+"""
+import glob
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from build_ffi import library_flags, library_version  # noqa: E402
+
+PROVIDER = "pyprivsep.pyprivsep-provider"
+PROVIDER_FILE = os.path.join("pyprivsep", "pyprivsep-provider.so")
+
+
+class BuildExt(build_ext):
+    """The provider keeps its plain name (no ABI tag, no PyInit_)."""
+
+    def get_ext_filename(self, fullname):
+        # called with the full name and with its last part alone
+        if fullname == PROVIDER:
+            return PROVIDER_FILE
+        if fullname == PROVIDER.rsplit(".", 1)[1]:
+            return os.path.basename(PROVIDER_FILE)
+        return super().get_ext_filename(fullname)
+
+    def get_export_symbols(self, ext):
+        if ext.name == PROVIDER:
+            return ["OSSL_provider_init"]
+        return super().get_export_symbols(ext)
+
+
+def provider_extensions():
+    flags, _ = library_flags()
+    if library_version(flags)[0] == "LibreSSL":
+        print("setup.py: LibreSSL has no providers: "
+              "pyprivsep-provider.so is not built", file=sys.stderr)
+        return []
+    return [Extension(
+        PROVIDER,
+        sources=sorted(glob.glob(os.path.join("src", "provider", "*.c"))),
+        include_dirs=[os.path.join("src", "provider"),
+                      os.path.join("src", "_rsaengine")] + flags["include_dirs"],
+        library_dirs=flags["library_dirs"],
+        libraries=["crypto"],
+        extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-O2",
+                            "-fvisibility=hidden", *flags["compile_args"]],
+        extra_link_args=[*flags["link_args"], "-pthread"],
+    )]
+
 
 setup(
     name="pyprivsep",
@@ -10,6 +64,8 @@ setup(
     packages=["pyprivsep"],
     setup_requires=["cffi>=1.15"],
     cffi_modules=["build_ffi.py:ffibuilder"],
+    ext_modules=provider_extensions(),
+    cmdclass={"build_ext": BuildExt},
     install_requires=["cffi>=1.15", "cryptography>=41", "setproctitle>=1.3",
                       "prometheus_client>=0.17"],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},

@@ -7,8 +7,8 @@ import logging.handlers
 import os
 import sys
 
-from pyprivsep import (__version__, control, ctl, environment, keys, metrics,
-                       native, parent, privsep, relay)
+from pyprivsep import (__version__, control, ctl, environment, keyref, keys,
+                       metrics, native, parent, privsep, relay)
 from pyprivsep.config import Config, ConfigError, parse_config, parse_macro_arg
 
 DEFAULT_CONF = "/etc/pyprivsep.conf"
@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["ctl"]:
         return ctl.main(argv[1:])
+    if argv[:1] == ["keyref"]:
+        return keyref.keyref_main(argv[1:])
+    if argv[:1] == ["openssl-conf"]:
+        return keyref.openssl_conf_main(argv[1:])
     args = parse_args(argv)
     if args.V:
         print(f"pyprivsep {__version__}, {native.library_version()}")
