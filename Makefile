@@ -27,7 +27,8 @@ sysdeps:
 
 # The servers tests/test_servers.py runs on loopback with our keys (and the
 # integration tests with key references): nginx, postfix, dovecot (imapd),
-# haproxy.  Installed only when missing, as root, by scripts/apt-install.sh:
+# haproxy, and gdb (to read a server process's environment).  Installed
+# only when missing, as root, by scripts/apt-install.sh:
 # none of their services starts (policy-rc.d), postfix gets "No
 # configuration".  Not root: a note, and those tests skip saying why.
 testdeps:
@@ -37,6 +38,7 @@ testdeps:
 	[ -x /usr/sbin/dovecot ] || missing="$$missing dovecot-core"; \
 	[ -x /usr/lib/dovecot/imap-login ] || missing="$$missing dovecot-imapd"; \
 	[ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
+	command -v gdb >/dev/null || missing="$$missing gdb"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then sh scripts/apt-install.sh $$missing; \
 		else echo "not root, not installing:$$missing (their tests will skip)" >&2; fi; \
