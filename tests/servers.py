@@ -47,10 +47,10 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Protocol, Self
 
 from basics import LOCALHOST, free_port, wait_until
 from procs import pid_alive
@@ -530,3 +530,36 @@ frontend fe
 SERVERS: dict[str, type[TlsServer]] = {
     cls.name: cls for cls in (NginxServer, PostfixServer, DovecotServer, HaproxyServer)
 }
+
+
+class StartServer(Protocol):
+    def __call__(
+        self, name: str, cert_path: Path, key_path: Path, env: Mapping[str, str] | None = None, **options: Any
+    ) -> TlsServer: ...
+
+
+@contextlib.contextmanager
+def start_servers() -> Iterator[StartServer]:
+    """A factory that starts servers by name (``SERVERS``) and stops them all
+    when the block ends (the ``start_server`` fixture of conftest.py).  A
+    server whose package is missing skips the test, saying which."""
+    started: list[TlsServer] = []
+
+    def start(
+        name: str, cert_path: Path, key_path: Path, env: Mapping[str, str] | None = None, **options: Any
+    ) -> TlsServer:
+        cls = SERVERS[name]
+        reason = missing_program(*cls.programs)
+        if reason is not None:
+            import pytest
+
+            pytest.skip(reason)
+        server = cls(cert_path, key_path, env, **options)
+        started.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in reversed(started):
+            server.stop()

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,9 @@ from memscan import scan_process_memory
 from procs import pid_alive
 from servers import (
     SERVERS,
+    StartServer,
     DovecotServer,
+    HaproxyServer,
     NginxServer,
     PostfixServer,
     TlsServer,
@@ -98,7 +98,7 @@ def test_handshakes_and_key_in_memory(name: str, key: str, pki: Pki) -> None:
             handshake(server, kp, version)
             if isinstance(server, DovecotServer):
                 handshake(server, kp, version, starttls=True)
-        if isinstance(server, (NginxServer, SERVERS["haproxy"])):
+        if isinstance(server, (NginxServer, HaproxyServer)):
             for version in VERSIONS:
                 got = curl(server.port, kp.dns_name, cacert=kp.cert_path, version=version, timeout=10)
                 assert got.returncode == 0 and got.stdout == b"ok\n", got
@@ -133,23 +133,24 @@ def test_postfix_chain_files(pki: Pki) -> None:
     smtpd_tls_cert_file/smtpd_tls_key_file."""
     kp = pki["rsa2048"]
     with start("postfix", kp, chain_files=True) as server:
+        assert isinstance(server, PostfixServer)
         assert "smtpd_tls_chain_files" in (server.config_dir / "main.cf").read_text()
         for version in VERSIONS:
             handshake(server, kp, version)
     assert server.stopped_cleanly
 
 
-def test_nginx_reload(pki: Pki) -> None:
-    """``nginx -s reload`` replaces both workers; the new ones serve."""
+def test_nginx_reload(pki: Pki, start_server: StartServer) -> None:
+    """``nginx -s reload`` replaces both workers; the new ones serve.
+    (Through the ``start_server`` fixture, which stops it at teardown.)"""
     kp = pki["p256"]
-    with start("nginx", kp) as server:
-        assert isinstance(server, NginxServer)
-        old = server.worker_pids()
-        master = server.pids()[0]
-        new = server.reload()
-        assert not set(old) & set(new) and server.pids()[0] == master
-        handshake(server, kp, "1.3")
-    assert server.stopped_cleanly
+    server = start_server("nginx", kp.cert_path, kp.key_path)
+    assert isinstance(server, NginxServer)
+    old = server.worker_pids()
+    master = server.pids()[0]
+    new = server.reload()
+    assert not set(old) & set(new) and server.pids()[0] == master
+    handshake(server, kp, "1.3")
 
 
 def test_postfix_leaves_system_instance_alone(pki: Pki) -> None:
