@@ -31,6 +31,14 @@ with gdb (``getenv``) on this Debian 12:
 - haproxy: the environment passes through unchanged; one process, 2
   threads, ``user haproxy`` after binding and reading the certificates.
 
+Where a key file's secrets end up in memory (the scanner, with RSA-2048 and
+P-256): nginx, master and both workers (the master loads the key before
+forking); postfix, smtpd only (master, tlsmgr, postlogd never read it);
+dovecot, only an imap-login that has served a TLS connection (it loads
+the key on its first), not the master or the config process (which holds
+the PEM text only); haproxy, its one process.  ``handshake_pids()`` names
+the processes doing handshakes; ``scan_processes()`` scans them all.
+
 Work directories are made with ``tempfile.mkdtemp`` under /tmp (mode 0755),
 not under pytest's tmp_path: postfix's and dovecot's unprivileged processes
 must reach them (pytest's base directory is 0700), and dovecot's UNIX socket
@@ -174,6 +182,11 @@ class TlsServer:
         self._seen.update(tree)
         return tree
 
+    def handshake_pids(self) -> list[int]:
+        """The processes that do the TLS handshakes, and so the private-key
+        operations (for the environment checks and memory scans)."""
+        return self.pids()
+
     def log_text(self) -> str:
         """The server's own logs, for failure messages."""
         texts = []
@@ -307,6 +320,9 @@ http {{
     def worker_pids(self) -> list[int]:
         return self.pids()[1:]
 
+    def handshake_pids(self) -> list[int]:
+        return self.worker_pids()
+
     def reload(self) -> list[int]:
         """``nginx -s reload``; waits until a new set of workers replaced the old
         ones and returns the new workers' pids."""
@@ -419,6 +435,11 @@ postlog   unix-dgram n  -       n       -       1       postlogd
     def _shutdown(self) -> None:
         self._postfix("stop")
 
+    def handshake_pids(self) -> list[int]:
+        """The smtpd processes alive now: master starts one per connection
+        (2 at most), which stays idle for max_idle (100 s) after it."""
+        return [p for p in self.pids() if _comm_title(p).startswith("smtpd")]
+
 
 class DovecotServer(TlsServer):
     """dovecot (``dovecot -c CONF -F``), IMAP only: implicit TLS on ``port``
@@ -480,8 +501,19 @@ service imap-login {{
     def login_pids(self) -> list[int]:
         return [p for p in self.pids() if "imap-login" in _comm_title(p)]
 
+    def handshake_pids(self) -> list[int]:
+        return self.login_pids()
+
     def _ready(self) -> bool:
         return super()._ready() and port_accepts(self.starttls_port) and len(self.login_pids()) >= 2
+
+
+def scan_processes(server: TlsServer, patterns: Mapping[str, bytes]) -> dict[int, frozenset[str]]:
+    """memscan.scan_process_memory over every process of ``server``: pid ->
+    names of the patterns found there."""
+    from memscan import scan_process_memory
+
+    return {pid: scan_process_memory(pid, patterns).found for pid in server.pids() if pid_alive(pid)}
 
 
 def _comm_title(pid: int) -> str:

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from keypairs import KeyPair, Pki, found_components, key_patterns
-from memscan import scan_process_memory
 from procs import pid_alive
 from servers import (
     SERVERS,
@@ -28,6 +27,7 @@ from servers import (
     TlsServer,
     missing_program,
     process_getenv,
+    scan_processes,
 )
 from tlsclients import SClientResult, TlsVersion, curl, s_client
 
@@ -75,17 +75,6 @@ def openssl_conf(tmp_path: Path) -> Path:
     return conf
 
 
-def key_holders(server: TlsServer) -> list[int]:
-    """The processes that do the handshakes (and so hold the key)."""
-    if isinstance(server, NginxServer):
-        return server.worker_pids()
-    if isinstance(server, DovecotServer):
-        return server.login_pids()
-    if isinstance(server, PostfixServer):
-        return [p for p in server.pids() if "smtpd" in Path(f"/proc/{p}/comm").read_text()]
-    return server.pids()
-
-
 @pytest.mark.parametrize("key", KEYS)
 @pytest.mark.parametrize("name", server_ids())
 def test_handshakes_and_key_in_memory(name: str, key: str, pki: Pki) -> None:
@@ -104,10 +93,12 @@ def test_handshakes_and_key_in_memory(name: str, key: str, pki: Pki) -> None:
                 assert got.returncode == 0 and got.stdout == b"ok\n", got
         # the scanner sees the key where the server has it
         patterns = key_patterns([kp])
-        found: set[str] = set()
-        for pid in server.pids():
-            found |= found_components(scan_process_memory(pid, patterns).found)
-        assert found == kp.components(), f"{name}: found {found} of {kp.components()} in {server.pids()}"
+        by_pid = scan_processes(server, patterns)
+        found = found_components(set().union(*by_pid.values()))
+        assert found == kp.components(), f"{name}: found {by_pid} of {kp.components()}"
+        # among them, in a process that did a handshake
+        in_holders = found_components(set().union(*(by_pid.get(p, frozenset()) for p in server.handshake_pids())))
+        assert in_holders == kp.components(), f"{name}: found {by_pid}, handshakes in {server.handshake_pids()}"
         all_pids = server.pids()
     assert server.stopped_cleanly, f"{name} left processes to kill"
     assert not [p for p in all_pids if pid_alive(p)]
@@ -122,7 +113,7 @@ def test_openssl_conf_reaches_key_holders(name: str, pki: Pki, openssl_conf: Pat
     kp = pki["p256"]
     with start(name, kp, env={"OPENSSL_CONF": str(openssl_conf)}) as server:
         handshake(server, kp, "1.3")
-        holders = key_holders(server)
+        holders = server.handshake_pids()
         assert holders, f"{name}: no process doing handshakes among {server.pids()}"
         for pid in holders:
             assert process_getenv(pid, "OPENSSL_CONF") == str(openssl_conf), f"{name} pid {pid}"
