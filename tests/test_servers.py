@@ -131,17 +131,21 @@ def test_postfix_chain_files(pki: Pki) -> None:
     assert server.stopped_cleanly
 
 
-def test_nginx_reload(pki: Pki, start_server: StartServer) -> None:
-    """``nginx -s reload`` replaces both workers; the new ones serve.
-    (Through the ``start_server`` fixture, which stops it at teardown.)"""
+def test_nginx_reload(pki: Pki, start_server: StartServer, openssl_conf: Path) -> None:
+    """``nginx -s reload`` replaces both workers; the new ones serve, with
+    OPENSSL_CONF.  (Through the ``start_server`` fixture, which stops it at
+    teardown.)"""
     kp = pki["p256"]
-    server = start_server("nginx", kp.cert_path, kp.key_path)
+    server = start_server("nginx", kp.cert_path, kp.key_path, {"OPENSSL_CONF": str(openssl_conf)})
     assert isinstance(server, NginxServer)
     old = server.worker_pids()
     master = server.pids()[0]
     new = server.reload()
     assert not set(old) & set(new) and server.pids()[0] == master
     handshake(server, kp, "1.3")
+    if shutil.which("gdb") is not None:
+        for pid in new:
+            assert process_getenv(pid, "OPENSSL_CONF") == str(openssl_conf), f"new worker {pid}"
 
 
 def test_postfix_leaves_system_instance_alone(pki: Pki) -> None:
