@@ -7,7 +7,7 @@ SOURCES := setup.py pyproject.toml build_ffi.py $(wildcard src/_rsaengine/*.[ch]
            $(wildcard src/provider/*.[ch])
 CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -O2 -c -o /dev/null
 
-.PHONY: all build run test test-lib test-openssl4 bench asan fuzz warnings sysdeps users clean
+.PHONY: all build run test test-lib test-openssl4 bench asan fuzz warnings sysdeps testdeps users clean
 
 all: build
 
@@ -24,6 +24,25 @@ sysdeps:
 		echo "installing:$$missing"; \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $$missing; \
 		else echo "please install:$$missing" >&2; exit 1; fi; \
+	fi
+
+# The servers tests/test_servers.py runs on loopback with our keys (and the
+# integration tests with key references): nginx, postfix, dovecot (imapd),
+# haproxy, and gdb (to read a server process's environment).  Installed
+# only when missing, as root, by scripts/apt-install.sh:
+# none of their services starts (policy-rc.d), postfix gets "No
+# configuration".  Not root: a note, and those tests skip saying why.
+testdeps:
+	@missing=""; \
+	[ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	[ -x /usr/sbin/postfix ] || missing="$$missing postfix"; \
+	[ -x /usr/sbin/dovecot ] || missing="$$missing dovecot-core"; \
+	[ -x /usr/lib/dovecot/imap-login ] || missing="$$missing dovecot-imapd"; \
+	[ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
+	command -v gdb >/dev/null || missing="$$missing gdb"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then sh scripts/apt-install.sh $$missing; \
+		else echo "not root, not installing:$$missing (their tests will skip)" >&2; fi; \
 	fi
 
 # The users the children run as (pyprivsep.conf(5) "user", "ca user"):
@@ -55,7 +74,7 @@ run: build $(ROOT_DEPS)
 	$(PY) -m pyprivsep.demo
 
 ifeq ($(strip $(OPENSSL_PREFIX)),)
-test: build $(ROOT_DEPS)
+test: build testdeps $(ROOT_DEPS)
 	$(PY) -m pytest -q
 else
 test: test-lib
@@ -90,7 +109,7 @@ warnings:
 # Any memory error, or a leak allocated by our C code, fails the target
 # (tests/asan_report.py).
 ASAN_DIR := build/asan
-asan: build
+asan: build testdeps
 	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)/reports
 	git ls-files -z | xargs -0 cp --parents -t $(ASAN_DIR)
 	cd $(ASAN_DIR) && CFLAGS="-fsanitize=address -fno-omit-frame-pointer -g -O1" \
@@ -115,7 +134,7 @@ endif
 LIB_DIR  := build/$(LIB_NAME)
 LIB_VENV := build/venv-$(LIB_NAME)
 LIB_PY   := $(CURDIR)/$(LIB_VENV)/bin/python
-test-lib: sysdeps $(ROOT_DEPS)
+test-lib: sysdeps testdeps $(ROOT_DEPS)
 	@if [ -z "$(LIB_NAME)" ]; then \
 		echo "usage: make test OPENSSL_PREFIX=/path/to/an/installed/library" >&2; exit 2; fi
 	@if [ ! -f "$(OPENSSL_PREFIX)/include/openssl/ssl.h" ]; then \

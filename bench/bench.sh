@@ -29,17 +29,9 @@ command -v hitch >/dev/null 2>&1 || missing="$missing hitch"
 command -v curl >/dev/null 2>&1 || missing="$missing curl"
 if [ -n "$missing" ]; then
 	if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-		echo "bench: installing:$missing"
 		# the packages' own services must not start (nginx would take port 80)
-		policy=""
-		if [ ! -e /usr/sbin/policy-rc.d ]; then
-			policy=/usr/sbin/policy-rc.d
-			printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
-		fi
-		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -q --no-install-recommends $missing >/dev/null; } ||
+		sh scripts/apt-install.sh $missing ||
 			echo "bench: could not install:$missing (their rows will be n/a)" >&2
-		[ -n "$policy" ] && rm -f "$policy"
 	else
 		echo "bench: not installed:$missing (run as root to install; their rows will be n/a)" >&2
 	fi

@@ -13,6 +13,7 @@ from backends import EchoServer, HttpBackend
 from daemonctl import Daemon, DaemonConfig, StartDaemon
 from keypairs import KeyPair, Pki, generate_pki, make_keypair
 from procs import Freezer
+from servers import StartServer, start_servers
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +77,13 @@ def freezer() -> Iterator[Freezer]:
     the cgroup v1 freezer is not available."""
     with Freezer() as f:
         yield f
+
+
+@pytest.fixture
+def start_server() -> Iterator[StartServer]:
+    """Factory: ``start_server(name, cert_path, key_path, env=None, **options)
+    -> TlsServer`` (started; name: nginx, postfix, dovecot, haproxy; see
+    tests/servers.py).  Every server started through it is stopped, and its
+    leftovers killed, at teardown."""
+    with start_servers() as start:
+        yield start
