@@ -449,14 +449,21 @@ class DovecotServer(TlsServer):
     name = "dovecot"
     programs = (DOVECOT, DOVECOT_IMAP_LOGIN)
 
-    def __init__(self, cert_path: Path, key_path: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, cert_path: Path, key_path: Path, env: Mapping[str, str] | None = None, *, login_chroot: bool = True
+    ) -> None:
         super().__init__(cert_path, key_path, env)
         self.starttls_port = free_port()
+        self.login_chroot = login_chroot
 
     def _configure(self) -> None:
         w = self.workdir
         (w / "state").mkdir()
         imported = " ".join(["TZ", *sorted(self.env)])
+        # imap-login chroots to base_dir/login by default; without it, it
+        # can reach a keyservice socket outside (the provider connects at
+        # the first signature, after the chroot)
+        chroot = "" if self.login_chroot else "  chroot =\n"
         self.conf = w / "dovecot.conf"
         self.conf.write_text(f"""\
 protocols = imap
@@ -481,7 +488,7 @@ userdb {{
   args = uid=nobody gid=nogroup home={w}/home
 }}
 service imap-login {{
-  service_count = 0
+{chroot}  service_count = 0
   process_min_avail = 2
   inet_listener imap {{
     address = {LOCALHOST}
