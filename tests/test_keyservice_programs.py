@@ -1,0 +1,297 @@
+"""End to end: programs we did not write keep their keys in pyprivsep's ca.
+
+The real daemon runs a ``keyservice`` block (its cas hold the keys); the
+real Debian nginx, postfix (smtpd), dovecot (imap-login) and haproxy
+(tests/servers.py) are given, instead of their key file, a key reference
+(``pyprivsep keyref``) and, as OPENSSL_CONF, ``pyprivsep openssl-conf``'s
+output, which loads the real provider (pyprivsep-provider.so).  Handshakes
+are made by the system's openssl s_client and curl, without the provider.
+
+Where things live: the keyservice socket, the OPENSSL_CONF file and the
+references are in a 0755 directory under /tmp, since the programs' own
+unprivileged users (nobody, postfix, dovenull, haproxy) connect to the ca
+and may read their configuration themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from basics import wait_until
+from daemonctl import SANITIZED, Daemon, DaemonConfig, KeyServiceSpec, StartDaemon
+from keypairs import KeyPair, Pki, found_components, key_patterns
+from memscan import scan_process_memory
+from procs import Freezer, pid_alive
+from pyprivsep import keyref, native
+from pyprivsep.ctl import request as ctl_request
+from servers import (
+    DovecotServer,
+    NginxServer,
+    PostfixServer,
+    StartServer,
+    TlsServer,
+    scan_processes,
+)
+from tlsclients import SClientResult, TlsVersion, curl, s_client
+
+
+def _why_skip() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (the programs' users, SO_PEERCRED, memory scans)"
+    if not keyref.provider_path().exists():
+        return "no pyprivsep-provider.so (LibreSSL has no providers)"
+    tool = subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout.strip()
+    ours = native.library_version()
+    if ours.split()[:2] != tool.split()[:2]:
+        return f"the provider is built against {ours}, the system's programs use {tool}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_why_skip() is not None, reason=str(_why_skip()))
+
+WAIT = 30.0  # seconds: generous, for a loaded machine
+KEYS = ("rsa2048", "p256")
+# the users that do the private-key operations, per program
+PROGRAM_USERS = {"nginx": "nobody", "postfix": "postfix", "dovecot": "dovenull", "haproxy": "haproxy"}
+
+
+# --------------------------------------------------------------------------
+# Fixtures and helpers
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """A directory every user can traverse, holding the keyservice socket
+    (the parent makes ``run/``), OPENSSL_CONF files and key references."""
+
+    top: Path
+
+    @property
+    def socket(self) -> Path:
+        return self.top / "run" / "keys.sock"
+
+    def openssl_conf(self, timeout_ms: int | None = None) -> Path:
+        """``pyprivsep openssl-conf``'s output, its timeout set if asked."""
+        out = pyprivsep_cli("openssl-conf")
+        text = out.stdout
+        name = "openssl.cnf"
+        if timeout_ms is not None:
+            assert "# timeout = 2000\n" in text
+            text = text.replace("# timeout = 2000\n", f"timeout = {timeout_ms}\n")
+            name = f"openssl-{timeout_ms}.cnf"
+        path = self.top / name
+        path.write_text(text)
+        path.chmod(0o644)
+        return path
+
+    def ref(self, kp: KeyPair, *, pkcs8: bool = False) -> Path:
+        """``pyprivsep keyref [-8] -s SOCKET CERT``, written beside the socket."""
+        out = pyprivsep_cli("keyref", *(["-8"] if pkcs8 else []), "-s", str(self.socket), str(kp.cert_path))
+        path = self.top / f"{kp.name}{'.p8' if pkcs8 else ''}.ref.pem"
+        path.write_text(out.stdout)
+        path.chmod(0o644)  # nothing secret in it
+        return path
+
+    def service(self, pki: Pki, users: Sequence[str], *, prefork: int | None = None) -> KeyServiceSpec:
+        return KeyServiceSpec("progs", self.socket, [pki[k] for k in KEYS], users=tuple(users), prefork=prefork)
+
+
+def pyprivsep_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run([sys.executable, "-m", "pyprivsep", *args], capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode == 0 and out.stdout, out.stderr
+    return out
+
+
+@pytest.fixture
+def setup() -> Iterator[Setup]:
+    top = Path(tempfile.mkdtemp(prefix="pps-kp-", dir="/tmp"))
+    top.chmod(0o755)
+    yield Setup(top)
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def start_keyservice(start_daemon: StartDaemon, svc: KeyServiceSpec) -> Daemon:
+    return start_daemon(DaemonConfig([], keyservices=[svc]))
+
+
+def ca_pids(daemon: Daemon) -> list[int]:
+    return sorted(daemon.keyservice_pids("progs").values())
+
+
+def client_env() -> dict[str, str]:
+    """The clients (s_client, curl) run without the provider."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENSSL")}
+    env["OPENSSL_CONF"] = "/dev/null"
+    return env
+
+
+def attempt(server: TlsServer, kp: KeyPair, version: TlsVersion = "1.3", *, sigalgs: str | None = None,
+            starttls: bool = False) -> SClientResult:
+    """One ``openssl s_client`` handshake (STARTTLS for postfix, and for
+    dovecot's imap port when asked); not checked."""
+    if isinstance(server, PostfixServer):
+        port, extra = server.port, ["-starttls", "smtp"]
+    elif isinstance(server, DovecotServer) and starttls:
+        port, extra = server.starttls_port, ["-starttls", "imap"]
+    else:
+        port, extra = server.port, []
+    if sigalgs is not None:
+        extra = [*extra, "-sigalgs", sigalgs]
+    return s_client(port, servername=kp.dns_name, version=version, extra=extra, timeout=WAIT)
+
+
+def handshake(server: TlsServer, kp: KeyPair, version: TlsVersion = "1.3", *, sigalgs: str | None = None,
+              starttls: bool = False, signature: str | None = None) -> SClientResult:
+    """A handshake that must succeed, with kp's certificate, at ``version``
+    (and with the peer signature type ``signature``, as s_client names it)."""
+    result = attempt(server, kp, version, sigalgs=sigalgs, starttls=starttls)
+    assert result.handshake_ok, f"{server.name}\n{result.describe()}\n{server.log_text()}"
+    assert result.protocol == f"TLSv{version}", result.describe()
+    assert result.peer_certificate == kp.certificate, result.describe()
+    if signature is not None:
+        assert result.peer_signature_type == signature, result.describe()
+    return result
+
+
+def succeeds(server: TlsServer, kp: KeyPair) -> bool:
+    return attempt(server, kp).handshake_ok
+
+
+def assert_no_secret_in(server: TlsServer, kps: Sequence[KeyPair]) -> dict[int, frozenset[str]]:
+    """Scan every process of the server: no prime, no private scalar."""
+    by_pid = scan_processes(server, key_patterns(kps))
+    assert by_pid, f"{server.name}: no process to scan"
+    assert all(not found for found in by_pid.values()), f"{server.name} holds secrets: {by_pid}"
+    return by_pid
+
+
+def assert_secrets_in_cas(daemon: Daemon, kps: Sequence[KeyPair]) -> None:
+    """The positive control: the same scan finds every secret in the service's cas."""
+    patterns = key_patterns(kps)
+    found: set[str] = set()
+    for pid in ca_pids(daemon):
+        found |= found_components(scan_process_memory(pid, patterns).found)
+    assert found == {c for kp in kps for c in kp.components()}, found
+
+
+
+def signing_digest(result: SClientResult) -> str | None:
+    m = re.search(r"^Peer signing digest: (\S+)$", result.stdout, re.M)
+    return None if m is None else m[1]
+
+
+def program_env(conf: Path) -> dict[str, str]:
+    return {"OPENSSL_CONF": str(conf)}
+
+
+def ctl(daemon: Daemon, *words: str) -> dict[str, object]:
+    return ctl_request(str(daemon.workdir / "ctl.sock"), list(words))
+
+
+# --------------------------------------------------------------------------
+# nginx
+# --------------------------------------------------------------------------
+
+# (s_client -sigalgs, expected peer signature type, digest): TLS 1.2, where
+# the client chooses the signature scheme
+NGINX_RSA_TLS12 = [
+    ("rsa_pss_rsae_sha256", "RSA-PSS", "SHA256"),
+    ("RSA+SHA256", "RSA", "SHA256"),
+    ("RSA+SHA384", "RSA", "SHA384"),
+]
+
+
+def test_nginx_signs_through_the_ca(pki: Pki, setup: Setup, start_daemon: StartDaemon, start_server: StartServer,
+                                    freezer: Freezer) -> None:
+    """nginx (workers as nobody) with references as ssl_certificate_key:
+    200 sequential curl requests over TLS 1.3, TLS 1.2 handshakes with
+    RSA-PSS and PKCS#1 SHA-256/384 and with ECDSA P-256; neither the master
+    nor a worker holds a prime or the EC scalar, the service's cas do; a
+    reload's new workers sign; a SIGKILL to the cas while a handshake waits
+    on them fails at most that one, and the next ones succeed."""
+    daemon = start_keyservice(start_daemon, setup.service(pki, ["nobody"]))
+    conf = setup.openssl_conf(timeout_ms=10000)
+    rsa, ec = pki["rsa2048"], pki["p256"]
+    server = start_server("nginx", rsa.cert_path, setup.ref(rsa), program_env(conf))
+    ec_server = start_server("nginx", ec.cert_path, setup.ref(ec), program_env(conf))
+    assert isinstance(server, NginxServer) and isinstance(ec_server, NginxServer)
+
+    for i in range(200):
+        got = curl(server.port, rsa.dns_name, cacert=rsa.cert_path, version="1.3", timeout=WAIT)
+        assert got.returncode == 0 and got.stdout == b"ok\n", (i, got, server.log_text())
+    handshake(server, rsa, "1.3", signature="RSA-PSS")
+    for sigalgs, sigtype, digest in NGINX_RSA_TLS12:
+        result = handshake(server, rsa, "1.2", sigalgs=sigalgs, signature=sigtype)
+        assert signing_digest(result) == digest, result.describe()
+    result = handshake(ec_server, ec, "1.2", sigalgs="ECDSA+SHA256", signature="ECDSA")
+    assert signing_digest(result) == "SHA256", result.describe()
+    handshake(ec_server, ec, "1.3", signature="ECDSA")
+    got = curl(ec_server.port, ec.dns_name, cacert=ec.cert_path, version="1.3", timeout=WAIT)
+    assert got.returncode == 0 and got.stdout == b"ok\n", got
+
+    # the keys: in the cas, nowhere in nginx
+    assert_no_secret_in(server, [rsa, ec])
+    assert_no_secret_in(ec_server, [rsa, ec])
+    assert_secrets_in_cas(daemon, [rsa, ec])
+
+    # nginx -s reload: new workers, same master, and they sign
+    old_workers = server.worker_pids()
+    new_workers = server.reload()
+    assert not set(old_workers) & set(new_workers)
+    for _ in range(10):
+        handshake(server, rsa, "1.3")
+    assert_no_secret_in(server, [rsa, ec])
+
+    # SIGKILL to the cas while a handshake waits on them (frozen, so that
+    # it does): that one may fail; once the parent restarted them, every
+    # handshake succeeds, on the workers' reconnections
+    old_cas = ca_pids(daemon)
+    for pid in old_cas:
+        freezer.freeze(pid)
+    waiting = subprocess.Popen(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{server.port}", "-tls1_3", "-servername", rsa.dns_name],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=client_env())
+    try:
+        wait_until(lambda: any(in_poll(pid) for pid in server.worker_pids()), WAIT,
+                   lambda: f"an nginx worker waiting for the ca\n{server.log_text()}")
+        for pid in old_cas:
+            os.kill(pid, signal.SIGKILL)
+        freezer.thaw()
+        waiting.communicate(timeout=WAIT)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.communicate()
+    new_cas = wait_until(lambda: (now := ca_pids(daemon)) and len(now) == 2 and not set(now) & set(old_cas) and now,
+                         WAIT, lambda: "the cas to be restarted\n" + daemon.describe())
+    assert all(pid_alive(p) for p in new_cas)
+    for _ in range(20):
+        handshake(server, rsa, "1.3")
+    handshake(ec_server, ec, "1.3")
+    assert server.worker_pids() == new_workers
+
+
+def in_poll(pid: int) -> bool:
+    """The process is blocked in poll(2): an nginx worker waiting for the
+    ca's reply in the provider (its own event loop waits in epoll_wait)."""
+    try:
+        call = Path(f"/proc/{pid}/syscall").read_text().split()[0]
+    except (OSError, IndexError):
+        return False
+    return call in POLL_SYSCALLS
+
+
+POLL_SYSCALLS = {"x86_64": ("7", "271"), "aarch64": ("73",)}.get(os.uname().machine, ("7", "271"))
