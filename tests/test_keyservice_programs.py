@@ -295,3 +295,76 @@ def in_poll(pid: int) -> bool:
 
 
 POLL_SYSCALLS = {"x86_64": ("7", "271"), "aarch64": ("73",)}.get(os.uname().machine, ("7", "271"))
+
+
+# --------------------------------------------------------------------------
+# postfix, dovecot, haproxy
+# --------------------------------------------------------------------------
+
+
+def test_postfix_signs_through_the_ca(pki: Pki, setup: Setup, start_daemon: StartDaemon,
+                                      start_server: StartServer) -> None:
+    """smtpd (as postfix) with smtpd_tls_cert_file and the reference as
+    smtpd_tls_key_file, then with smtpd_tls_chain_files and the PKCS#8 form:
+    STARTTLS completes TLS 1.3 and 1.2; no postfix process holds a prime."""
+    daemon = start_keyservice(start_daemon, setup.service(pki, ["postfix"]))
+    conf = setup.openssl_conf(timeout_ms=10000)
+    kp = pki["rsa2048"]
+    for key, chain_files in ((setup.ref(kp), False), (setup.ref(kp, pkcs8=True), True)):
+        server = start_server("postfix", kp.cert_path, key, program_env(conf), chain_files=chain_files)
+        assert isinstance(server, PostfixServer)
+        main_cf = (server.config_dir / "main.cf").read_text()
+        assert (f"smtpd_tls_chain_files = {key}" if chain_files else f"smtpd_tls_key_file = {key}") in main_cf
+        for version in ("1.3", "1.2"):
+            handshake(server, kp, version)
+        handshake(server, kp, "1.2", sigalgs="RSA+SHA256", signature="RSA")
+        assert server.handshake_pids(), f"no smtpd among {server.pids()}"
+        assert_no_secret_in(server, [kp])
+        server.stop()
+    assert_secrets_in_cas(daemon, [kp])
+
+
+def test_dovecot_signs_through_the_ca(pki: Pki, setup: Setup, start_daemon: StartDaemon,
+                                      start_server: StartServer) -> None:
+    """imap-login (as dovenull, its chroot off) with the reference as
+    ssl_key: imaps and STARTTLS complete TLS 1.3 and 1.2, with RSA and
+    ECDSA keys; no dovecot process holds a secret.  With imap-login's
+    default chroot (base_dir/login) the ca's socket is not there: its
+    handshakes fail, saying so."""
+    daemon = start_keyservice(start_daemon, setup.service(pki, ["dovenull"]))
+    conf = setup.openssl_conf(timeout_ms=10000)
+    rsa, ec = pki["rsa2048"], pki["p256"]
+    for kp in (rsa, ec):
+        server = start_server("dovecot", kp.cert_path, setup.ref(kp), program_env(conf), login_chroot=False)
+        for version in ("1.3", "1.2"):
+            handshake(server, kp, version)
+            handshake(server, kp, version, starttls=True)
+        assert_no_secret_in(server, [rsa, ec])
+        server.stop()
+    assert_secrets_in_cas(daemon, [rsa, ec])
+
+    chrooted = start_server("dovecot", rsa.cert_path, setup.ref(rsa), program_env(conf))
+    assert not attempt(chrooted, rsa).handshake_ok
+    wait_until(lambda: "pyprivsep ca unreachable" in chrooted.log_text(), WAIT, chrooted.log_text)
+    assert f"{setup.socket}: No such file or directory" in chrooted.log_text()
+
+
+def test_haproxy_signs_through_the_ca(pki: Pki, setup: Setup, start_daemon: StartDaemon,
+                                      start_server: StartServer) -> None:
+    """haproxy (2 threads, as haproxy) with ``crt site.pem`` and the
+    reference as site.pem.key beside it: TLS 1.3 and 1.2 with RSA and
+    ECDSA keys, curl gets its answer; haproxy holds no secret."""
+    daemon = start_keyservice(start_daemon, setup.service(pki, ["haproxy"]))
+    conf = setup.openssl_conf(timeout_ms=10000)
+    rsa, ec = pki["rsa2048"], pki["p256"]
+    for kp, tls12 in ((rsa, ("rsa_pss_rsae_sha256", "RSA-PSS")), (ec, ("ECDSA+SHA256", "ECDSA"))):
+        server = start_server("haproxy", kp.cert_path, setup.ref(kp), program_env(conf))
+        assert os.readlink(server.workdir / "site.pem.key") == str(setup.ref(kp))
+        handshake(server, kp, "1.3")
+        handshake(server, kp, "1.2", sigalgs=tls12[0], signature=tls12[1])
+        for version in ("1.3", "1.2"):
+            got = curl(server.port, kp.dns_name, cacert=kp.cert_path, version=version, timeout=WAIT)
+            assert got.returncode == 0 and got.stdout == b"ok\n", got
+        assert_no_secret_in(server, [rsa, ec])
+        server.stop()
+    assert_secrets_in_cas(daemon, [rsa, ec])
