@@ -368,3 +368,98 @@ def test_haproxy_signs_through_the_ca(pki: Pki, setup: Setup, start_daemon: Star
         assert_no_secret_in(server, [rsa, ec])
         server.stop()
     assert_secrets_in_cas(daemon, [rsa, ec])
+
+
+# --------------------------------------------------------------------------
+# Who may sign; the ca down
+# --------------------------------------------------------------------------
+
+
+def test_worker_user_not_allowed_is_refused_until_allowed(pki: Pki, setup: Setup, start_daemon: StartDaemon,
+                                                          start_server: StartServer) -> None:
+    """A keyservice allowing postfix, not nobody: nginx's workers are
+    refused (the ca logs their uid), their handshakes fail, nginx stays up;
+    after a reload allowing nobody, the same workers sign."""
+    svc = setup.service(pki, ["postfix"])
+    daemon = start_keyservice(start_daemon, svc)
+    conf = setup.openssl_conf(timeout_ms=10000)
+    kp = pki["rsa2048"]
+    server = start_server("nginx", kp.cert_path, setup.ref(kp), program_env(conf))
+    assert isinstance(server, NginxServer)
+    workers = server.worker_pids()
+    nobody = pwd.getpwnam("nobody")
+    for _ in range(3):
+        result = attempt(server, kp)
+        assert not result.handshake_ok, result.describe()
+    wait_until(lambda: f"refused connection from uid {nobody.pw_uid} gid {nobody.pw_gid}" in daemon.stderr_text(),
+               WAIT, lambda: "the refusal in the daemon's log\n" + daemon.describe())
+    wait_until(lambda: "pyprivsep ca unreachable" in server.log_text(), WAIT, server.log_text)
+    assert server.worker_pids() == workers
+
+    allowed = setup.service(pki, ["postfix", "nobody"])
+    head = daemon.conf_path.read_text().split("keyservice", 1)[0]
+    daemon.conf_path.write_text(head + "\n".join(allowed.render()) + "\n")
+    answer = ctl(daemon, "reload")
+    assert "ok" in answer, answer
+    # the new generation serves nobody; the old cas end (no clients)
+    wait_until(lambda: succeeds(server, kp), WAIT, lambda: "a handshake after the reload\n" + daemon.describe())
+    for _ in range(5):
+        handshake(server, kp, "1.3")
+    assert server.worker_pids() == workers
+
+
+def test_ca_frozen_then_thawed(pki: Pki, setup: Setup, start_daemon: StartDaemon, start_server: StartServer,
+                               freezer: Freezer) -> None:
+    """The service's cas up but not answering (frozen): nginx's handshakes
+    fail after the provider's default 2 s timeout, nginx stays up with the
+    same workers; thawed, the next handshake succeeds, nginx untouched."""
+    daemon = start_keyservice(start_daemon, setup.service(pki, ["nobody"]))
+    conf = setup.openssl_conf()  # the default timeout, 2000 ms
+    kp = pki["p256"]
+    server = start_server("nginx", kp.cert_path, setup.ref(kp), program_env(conf))
+    assert isinstance(server, NginxServer)
+    for _ in range(4):
+        handshake(server, kp)
+    pids = server.pids()
+    cas = ca_pids(daemon)
+    for pid in cas:
+        freezer.freeze(pid)
+    for _ in range(2):
+        result = attempt(server, kp)
+        assert not result.handshake_ok, result.describe()
+    wait_until(lambda: "pyprivsep ca did not answer in time" in server.log_text(), WAIT, server.log_text)
+    assert " in 2000 ms" in server.log_text()
+    assert server.pids() == pids and ca_pids(daemon) == cas
+    freezer.thaw()
+    # the late replies to the timed-out requests are dropped by their ids
+    for _ in range(10):
+        handshake(server, kp)
+    assert server.pids() == pids and ca_pids(daemon) == cas
+
+
+def test_daemon_stopped_then_started_again(pki: Pki, setup: Setup, start_daemon: StartDaemon,
+                                           start_server: StartServer) -> None:
+    """The whole daemon stopped (its socket removed): haproxy's and nginx's
+    handshakes fail, both stay up; a daemon started again on the same
+    socket serves their next handshakes, neither restarted."""
+    svc = setup.service(pki, ["nobody", "haproxy"])
+    daemon = start_keyservice(start_daemon, svc)
+    conf = setup.openssl_conf(timeout_ms=10000)
+    kp = pki["rsa2048"]
+    servers = [start_server(name, kp.cert_path, setup.ref(kp), program_env(conf)) for name in ("nginx", "haproxy")]
+    for server in servers:
+        handshake(server, kp)
+    pids = [server.pids() for server in servers]
+    assert daemon.stop() == 0
+    assert not setup.socket.exists()
+    for server in servers:
+        result = attempt(server, kp)
+        assert not result.handshake_ok, result.describe()
+    # (haproxy, with no log target, says nothing)
+    wait_until(lambda: "pyprivsep ca unreachable" in servers[0].log_text(), WAIT, servers[0].log_text)
+    assert [server.pids() for server in servers] == pids
+    start_keyservice(start_daemon, svc)
+    for server in servers:
+        for _ in range(5):
+            handshake(server, kp)
+    assert [server.pids() for server in servers] == pids
