@@ -349,10 +349,17 @@ class PostfixServer(TlsServer):
     programs = (POSTFIX,)
 
     def __init__(
-        self, cert_path: Path, key_path: Path, env: Mapping[str, str] | None = None, *, chain_files: bool = False
+        self,
+        cert_path: Path,
+        key_path: Path,
+        env: Mapping[str, str] | None = None,
+        *,
+        chain_files: bool = False,
+        smtpd_chroot: bool = False,
     ) -> None:
         super().__init__(cert_path, key_path, env)
         self.chain_files = chain_files
+        self.smtpd_chroot = smtpd_chroot
         self.master_pid: int | None = None
 
     @property
@@ -396,9 +403,12 @@ smtpd_tls_loglevel = 1
 {tls}
 import_environment = {imported}
 """)
-        # chroot n: smtpd sees the same files as root (the key, OPENSSL_CONF, ...)
+        # chroot n: smtpd sees the same files as root (the key, OPENSSL_CONF,
+        # a keyservice socket, ...); smtpd_chroot=True: y, as Debian's
+        # master.cf has it (chrooted to queue_directory)
+        chroot = "y" if self.smtpd_chroot else "n"
         (self.config_dir / "master.cf").write_text(f"""\
-{LOCALHOST}:{self.port} inet n - n - 2 smtpd
+{LOCALHOST}:{self.port} inet n - {chroot} - 2 smtpd
 tlsmgr    unix  -       -       n       1000?   1       tlsmgr
 anvil     unix  -       -       n       -       1       anvil
 proxymap  unix  -       -       n       -       -       proxymap

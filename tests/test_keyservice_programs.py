@@ -62,6 +62,10 @@ def _why_skip() -> str | None:
 pytestmark = pytest.mark.skipif(_why_skip() is not None, reason=str(_why_skip()))
 
 WAIT = 30.0  # seconds: generous, for a loaded machine
+# A chrooted program (Debian's smtpd, dovecot's imap-login) connects to the
+# ca after its chroot: the service's socket is made inside the chroot, and
+# the reference names it as seen from there.
+CHROOTED_SOCKET = Path("/pyprivsep/keys.sock")
 KEYS = ("rsa2048", "p256")
 
 
@@ -95,16 +99,19 @@ class Setup:
         path.chmod(0o644)
         return path
 
-    def ref(self, kp: KeyPair, *, pkcs8: bool = False) -> Path:
-        """``pyprivsep keyref [-8] -s SOCKET CERT``, written beside the socket."""
-        out = pyprivsep_cli("keyref", *(["-8"] if pkcs8 else []), "-s", str(self.socket), str(kp.cert_path))
-        path = self.top / f"{kp.name}{'.p8' if pkcs8 else ''}.ref.pem"
+    def ref(self, kp: KeyPair, *, pkcs8: bool = False, socket: Path | None = None) -> Path:
+        """``pyprivsep keyref [-8] -s SOCKET CERT`` (SOCKET: ours, unless
+        another path is given, e.g. as seen from inside a chroot)."""
+        sock = self.socket if socket is None else socket
+        out = pyprivsep_cli("keyref", *(["-8"] if pkcs8 else []), "-s", str(sock), str(kp.cert_path))
+        path = self.top / f"{kp.name}{'.p8' if pkcs8 else ''}{'' if socket is None else '.other'}.ref.pem"
         path.write_text(out.stdout)
         path.chmod(0o644)  # nothing secret in it
         return path
 
-    def service(self, pki: Pki, users: Sequence[str], *, prefork: int | None = None) -> KeyServiceSpec:
-        return KeyServiceSpec("progs", self.socket, [pki[k] for k in KEYS], users=tuple(users), prefork=prefork)
+    def service(self, pki: Pki, users: Sequence[str], *, socket: Path | None = None) -> KeyServiceSpec:
+        sock = self.socket if socket is None else socket
+        return KeyServiceSpec("progs", sock, [pki[k] for k in KEYS], users=tuple(users))
 
 
 def pyprivsep_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -308,8 +315,10 @@ POLL_SYSCALLS = {"x86_64": ("7", "271"), "aarch64": ("73",)}.get(os.uname().mach
 def test_postfix_signs_through_the_ca(pki: Pki, setup: Setup, start_daemon: StartDaemon,
                                       start_server: StartServer) -> None:
     """smtpd (as postfix) with smtpd_tls_cert_file and the reference as
-    smtpd_tls_key_file, then with smtpd_tls_chain_files and the PKCS#8 form:
-    STARTTLS completes TLS 1.3 and 1.2; no postfix process holds a prime."""
+    smtpd_tls_key_file, then with smtpd_tls_chain_files and the PKCS#8
+    form, then chrooted (Debian's master.cf) with the service's socket in
+    queue_directory: STARTTLS completes TLS 1.3 and 1.2; no postfix
+    process holds a prime, the cas do."""
     daemon = start_keyservice(start_daemon, setup.service(pki, ["postfix"]))
     conf = setup.openssl_conf(timeout_ms=10000)
     kp = pki["rsa2048"]
@@ -326,30 +335,54 @@ def test_postfix_signs_through_the_ca(pki: Pki, setup: Setup, start_daemon: Star
         server.stop()
     assert_secrets_in_cas(daemon, [kp])
 
+    server = start_server("postfix", kp.cert_path, setup.ref(kp, socket=CHROOTED_SOCKET), program_env(conf),
+                          smtpd_chroot=True)
+    queue = server.workdir / "queue"
+    chrooted = start_keyservice(start_daemon, setup.service(pki, ["postfix"],
+                                                            socket=queue / CHROOTED_SOCKET.relative_to("/")))
+    for version in ("1.3", "1.2"):
+        handshake(server, kp, version)
+    smtpds = server.handshake_pids()
+    assert smtpds and all(Path(f"/proc/{p}/root").resolve() == queue.resolve() for p in smtpds), smtpds
+    assert_no_secret_in(server, [kp])
+    assert_secrets_in_cas(chrooted, [kp])
+
 
 def test_dovecot_signs_through_the_ca(pki: Pki, setup: Setup, start_daemon: StartDaemon,
                                       start_server: StartServer) -> None:
-    """imap-login (as dovenull, its chroot off) with the reference as
-    ssl_key: imaps and STARTTLS complete TLS 1.3 and 1.2, with RSA and
-    ECDSA keys; no dovecot process holds a secret.  With imap-login's
-    default chroot (base_dir/login) the ca's socket is not there: its
-    handshakes fail, saying so."""
+    """imap-login (as dovenull) with the reference as ssl_key: imaps and
+    STARTTLS complete TLS 1.3 and 1.2.  imap-login chroots to
+    base_dir/login: either its chroot is off (``chroot =``), or the
+    service's socket is made inside that directory and the reference names
+    it as seen from there; before that socket exists, handshakes fail
+    saying so.  No dovecot process holds a secret, the cas do."""
     daemon = start_keyservice(start_daemon, setup.service(pki, ["dovenull"]))
     conf = setup.openssl_conf(timeout_ms=10000)
     rsa, ec = pki["rsa2048"], pki["p256"]
-    for kp in (rsa, ec):
-        server = start_server("dovecot", kp.cert_path, setup.ref(kp), program_env(conf), login_chroot=False)
-        for version in ("1.3", "1.2"):
-            handshake(server, kp, version)
-            handshake(server, kp, version, starttls=True)
-        assert_no_secret_in(server, [rsa, ec])
-        server.stop()
-    assert_secrets_in_cas(daemon, [rsa, ec])
+    server = start_server("dovecot", rsa.cert_path, setup.ref(rsa), program_env(conf), login_chroot=False)
+    for version in ("1.3", "1.2"):
+        handshake(server, rsa, version)
+        handshake(server, rsa, version, starttls=True)
+    assert_no_secret_in(server, [rsa, ec])
+    assert_secrets_in_cas(daemon, [rsa])
+    server.stop()
 
-    chrooted = start_server("dovecot", rsa.cert_path, setup.ref(rsa), program_env(conf))
-    assert not attempt(chrooted, rsa).handshake_ok
-    wait_until(lambda: "pyprivsep ca unreachable" in chrooted.log_text(), WAIT, chrooted.log_text)
-    assert f"{setup.socket}: No such file or directory" in chrooted.log_text()
+    server = start_server("dovecot", ec.cert_path, setup.ref(ec, socket=CHROOTED_SOCKET), program_env(conf))
+    assert isinstance(server, DovecotServer)
+    login_dir = server.workdir / "run" / "login"
+    logins = server.login_pids()
+    assert all(Path(f"/proc/{p}/root").resolve() == login_dir.resolve() for p in logins), logins
+    assert not attempt(server, ec).handshake_ok
+    wait_until(lambda: f"pyprivsep ca unreachable: {CHROOTED_SOCKET}: No such file" in server.log_text(), WAIT,
+               server.log_text)
+    chrooted = start_keyservice(start_daemon, setup.service(pki, ["dovenull"],
+                                                            socket=login_dir / CHROOTED_SOCKET.relative_to("/")))
+    for version in ("1.3", "1.2"):
+        handshake(server, ec, version)
+        handshake(server, ec, version, starttls=True)
+    assert server.login_pids() == logins
+    assert_no_secret_in(server, [rsa, ec])
+    assert_secrets_in_cas(chrooted, [ec])
 
 
 def test_haproxy_signs_through_the_ca(pki: Pki, setup: Setup, start_daemon: StartDaemon,
