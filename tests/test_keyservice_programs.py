@@ -194,7 +194,6 @@ def assert_secrets_in_cas(daemon: Daemon, kps: Sequence[KeyPair]) -> None:
     assert found == {c for kp in kps for c in kp.components()}, found
 
 
-
 def signing_digest(result: SClientResult) -> str | None:
     m = re.search(r"^Peer signing digest: (\S+)$", result.stdout, re.M)
     return None if m is None else m[1]
