@@ -7,8 +7,8 @@
 #   BENCH_DURATION=S     seconds per cell (default 3)
 #   BENCH_REPEATS=N      runs per cell, the median is shown (default 3)
 #   BENCH_CLIENTS=N      client processes in parallel (default 2)
-#   BENCH_RELAYS=a,b     pps-async,pps-blocking,pps-inprocess,nginx,haproxy,hitch,
-#                        pps-async-p1,pps-blocking-p1
+#   BENCH_RELAYS=a,b     pps-async,pps-blocking,pps-inprocess,nginx,nginx-keyservice,
+#                        haproxy,hitch,pps-async-p1,pps-blocking-p1
 #   BENCH_CERTS=a,b      rsa2048,p256
 #   BENCH_MEASURES=a,b   full,resumed,mib
 #   BENCH_TLS=1.2|1.3    client TLS version (default: the highest)

@@ -8,13 +8,17 @@ under test terminates TLS with the same certificate and two workers:
     pps-blocking   pyprivsep, prefork 2, ca processes, keyops blocking
     pps-inprocess  pyprivsep, prefork 2, keys inprocess (no privsep: baseline)
     nginx          nginx stream module with ssl, 2 workers, shared session cache
+    nginx-keyservice  the same nginx, its key a reference to a pyprivsep key
+                   service (pyprivsep's OpenSSL provider; the daemon with only
+                   a keyservice block, 2 cas, is counted with nginx)
     haproxy        haproxy mode tcp, nbthread 2
     hitch          hitch, 2 workers
     pps-async-p1, pps-blocking-p1   the same with prefork 1 (handshakes only)
 
 For each certificate (RSA-2048, ECDSA P-256) and relay, parallel clients
 load it for a fixed time per cell and the relay's whole process tree's CPU
-time (utime+stime of every process, from /proc) is read before and after:
+time (utime+stime of every process, from /proc; for nginx-keyservice also the
+key service daemon's tree: its cas do the signing) is read before and after:
 
     full      `openssl s_time -new -www /`      handshakes/s, server CPU us per handshake
     resumed   `openssl s_time -reuse -www /`    the same, resumed (the 'r's are counted)
@@ -38,6 +42,7 @@ import datetime
 import json
 import os
 import platform
+import pwd
 import re
 import shutil
 import signal
@@ -59,6 +64,9 @@ PYTHON = sys.executable
 MIB = 1 << 20
 TICK = os.sysconf("SC_CLK_TCK")
 STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+# nginx's workers' user when it runs as root (no `user` directive): Debian's
+# nginx is built without --user, so nginx's default
+NGINX_USER = "nobody"
 
 CERTS = {"rsa2048": "RSA-2048", "p256": "ECDSA P-256"}
 PPS_RELAYS = {
@@ -69,8 +77,10 @@ PPS_RELAYS = {
     "pps-async-p1": (1, "async", False),
     "pps-blocking-p1": (1, "blocking", False),
 }
-ALL_RELAYS = ["pps-async", "pps-blocking", "pps-inprocess", "nginx", "haproxy",
-              "hitch", "pps-async-p1", "pps-blocking-p1"]
+ALL_RELAYS = ["pps-async", "pps-blocking", "pps-inprocess", "nginx", "nginx-keyservice",
+              "haproxy", "hitch", "pps-async-p1", "pps-blocking-p1"]
+# nginx-keyservice: the key service's cas, one per nginx worker
+KEYSERVICE_CAS = 2
 MEASURES = ["full", "resumed", "mib"]
 # the prefork-1 rows compare the two ways of waiting for the ca: handshakes
 MEASURES_P1 = ["full", "resumed"]
@@ -93,14 +103,14 @@ def _stat(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2:].split()
 
 
-def process_tree(root: int) -> list[int]:
+def process_tree(*roots: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             fields = _stat(int(entry))
             if fields:
                 children.setdefault(int(fields[1]), []).append(int(entry))
-    tree, todo = [], [root]
+    tree, todo = [], list(roots)
     while todo:
         pid = todo.pop()
         tree.append(pid)
@@ -116,19 +126,20 @@ def role(pid: int) -> str:
             errors="replace").strip()
     except OSError:
         return "?"
-    m = re.match(r"pyprivsep: (\w+)", title)
+    # a key service's ca: "pyprivsep: keyservice NAME ca N"
+    m = re.match(r"pyprivsep: (?:keyservice \S+ )?(\w+)", title)
     if m:
         return m.group(1)
     m = re.match(r"nginx: (\w+)", title)
     return m.group(1) if m else os.path.basename(title.split(" ", 1)[0]) or "?"
 
 
-def tree_cpu(root: int) -> tuple[float, dict[str, float]]:
-    """CPU seconds used by root and every descendant: utime+stime of the live
-    processes plus cutime+cstime (the children they have reaped); in all
+def tree_cpu(*roots: int) -> tuple[float, dict[str, float]]:
+    """CPU seconds used by the roots and every descendant: utime+stime of the
+    live processes plus cutime+cstime (the children they have reaped); in all
     and by role."""
     total, by_role = 0, {}
-    for pid in process_tree(root):
+    for pid in process_tree(*roots):
         fields = _stat(pid)
         if fields:
             # after the command: state ppid ... utime(11) stime(12) cutime(13) cstime(14)
@@ -357,6 +368,10 @@ class Relay(Server):
     def launch(self) -> None:
         raise NotImplementedError
 
+    def cpu_roots(self) -> list[int]:
+        """The processes whose trees' CPU time is the relay's."""
+        return [self.pid]
+
 
 class PyprivsepRelay(Relay):
     def launch(self) -> None:
@@ -392,12 +407,18 @@ class PyprivsepRelay(Relay):
 
 class NginxRelay(Relay):
     def launch(self) -> None:
+        self.popen_nginx(self.write_conf(self.cert["key"]))
+
+    def write_conf(self, key: Path, main: str = "") -> Path:
+        """nginx's configuration, with `key` as ssl_certificate_key and `main`
+        added to the main context."""
         if not os.path.exists(STREAM_MODULE):
             raise RuntimeError(f"{STREAM_MODULE} missing (libnginx-mod-stream)")
         w = self.workdir
         conf = w / "nginx-stream.conf"
         conf.write_text(f"""
 load_module {STREAM_MODULE};
+{main}
 worker_processes 2;
 pid {w}/nginx-stream.pid;
 error_log {w}/nginx-stream.err warn;
@@ -408,14 +429,96 @@ stream {{
         # nginx before 1.23.4 leaves TLS 1.3 off unless told
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_certificate {self.cert["crt"]};
-        ssl_certificate_key {self.cert["key"]};
+        ssl_certificate_key {key};
         ssl_session_cache shared:bench:10m;
         proxy_pass 127.0.0.1:{self.backend_port};
     }}
 }}
 """)
+        return conf
+
+    def popen_nginx(self, conf: Path, **kw: object) -> None:
+        w = self.workdir
         self.popen(["nginx", "-p", str(w), "-e", str(w / "nginx-stream.err"),
-                    "-c", str(conf), "-g", "daemon off;"])
+                    "-c", str(conf), "-g", "daemon off;"], **kw)
+
+
+class KeyserviceDaemon(Server):
+    """pyprivsep with only a keyservice block: KEYSERVICE_CAS cas serving the
+    certificate's key on workdir/run/bench.sock to `allow_user`."""
+
+    name = "keyservice"
+
+    def __init__(self, workdir: Path, cert: dict[str, Path], allow_user: str) -> None:
+        super().__init__(workdir)
+        self.cert = cert
+        self.allow_user = allow_user
+        # the parent makes run/ (0755) in the relay's 0755 work dir: nginx's
+        # workers can reach the socket
+        self.socket = workdir / "run" / "bench.sock"
+
+    def start(self) -> None:
+        empty = self.workdir / "empty"
+        empty.mkdir(mode=0o755, exist_ok=True)
+        conf = self.workdir / "keyservice.conf"
+        conf.write_text("\n".join([
+            f'chroot "{empty}"',
+            f'socket "{self.workdir / "control.sock"}"',
+            'keyservice "bench" {',
+            f'    socket "{self.socket}"',
+            f'    allow user "{self.allow_user}"',
+            f"    prefork {KEYSERVICE_CAS}",
+            f'    tls certificate "{self.cert["crt"]}" key "{self.cert["key"]}"',
+            "}",
+        ]) + "\n")
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.popen([PYTHON, "-m", "pyprivsep", "-d", "-f", str(conf)], cwd=REPO, env=env)
+        try:
+            wait_until(lambda: self.socket.is_socket()
+                       and len(process_tree(self.pid)) >= 1 + KEYSERVICE_CAS,
+                       15, f"key service: socket and {KEYSERVICE_CAS} cas", self.alive)
+        except RuntimeError as e:
+            tail = self.log_tail().splitlines()
+            raise RuntimeError(f"{e}" + (f" ({tail[-1]})" if tail else "")) from None
+
+    def pyprivsep(self, *args: str) -> str:
+        """The output of `pyprivsep ARGS` (keyref, openssl-conf)."""
+        return subprocess.run([PYTHON, "-m", "pyprivsep", *args], cwd=REPO, check=True,
+                              capture_output=True, text=True, timeout=30,
+                              env=dict(os.environ, PYTHONPATH=str(REPO))).stdout
+
+
+class NginxKeyserviceRelay(NginxRelay):
+    """nginx as above, its key file replaced by a key reference to a
+    pyprivsep key service (the OpenSSL provider signs through the cas); the
+    key service daemon's CPU is counted with nginx's."""
+
+    keyservice: KeyserviceDaemon | None = None
+
+    def launch(self) -> None:
+        w = self.workdir
+        self.keyservice = KeyserviceDaemon(w, self.cert, nginx_worker_user())
+        self.keyservice.start()
+        ref = w / "key.ref.pem"
+        ref.write_text(self.keyservice.pyprivsep("keyref", "-s", str(self.keyservice.socket),
+                                                 str(self.cert["crt"])))
+        cnf = w / "openssl.cnf"
+        cnf.write_text(self.keyservice.pyprivsep("openssl-conf"))
+        # the master loads the provider from OPENSSL_CONF; `env` keeps it
+        # in the workers' environment, which nginx otherwise clears
+        self.popen_nginx(self.write_conf(ref, main="env OPENSSL_CONF;"),
+                         env=dict(os.environ, OPENSSL_CONF=str(cnf)))
+
+    def cpu_roots(self) -> list[int]:
+        return [self.pid] + ([self.keyservice.pid] if self.keyservice else [])
+
+    def alive(self) -> bool:
+        return super().alive() and (self.keyservice is None or self.keyservice.alive())
+
+    def stop(self) -> None:
+        super().stop()
+        if self.keyservice:
+            self.keyservice.stop()
 
 
 class HaproxyRelay(Relay):
@@ -457,16 +560,27 @@ ocsp-dir = "{self.workdir}"
 def make_relay(name: str, workdir: Path, cert: dict[str, Path], backend_port: int) -> Relay:
     if name in PPS_RELAYS:
         return PyprivsepRelay(name, workdir, cert, backend_port)
-    cls = {"nginx": NginxRelay, "haproxy": HaproxyRelay, "hitch": HitchRelay}[name]
+    cls = {"nginx": NginxRelay, "nginx-keyservice": NginxKeyserviceRelay,
+           "haproxy": HaproxyRelay, "hitch": HitchRelay}[name]
     return cls(name, workdir, cert, backend_port)
 
 
+def nginx_worker_user() -> str:
+    """Who nginx's workers run as: NGINX_USER when started as root, else us."""
+    return NGINX_USER if os.getuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
+
+
 def missing_tool(name: str) -> str | None:
-    tool = {"nginx": "nginx", "haproxy": "haproxy", "hitch": "hitch"}.get(name)
+    tool = {"nginx": "nginx", "nginx-keyservice": "nginx", "haproxy": "haproxy",
+            "hitch": "hitch"}.get(name)
     if tool and not shutil.which(tool):
         return f"{tool} not installed"
-    if name == "nginx" and not os.path.exists(STREAM_MODULE):
+    if tool == "nginx" and not os.path.exists(STREAM_MODULE):
         return "libnginx-mod-stream not installed"
+    if name == "nginx-keyservice":
+        from pyprivsep.keyref import provider_path
+        if not provider_path().exists():
+            return f"{provider_path().name} not built (make build)"
     return None
 
 
@@ -497,7 +611,7 @@ def run_cell(relay: Relay, measure: str, duration: float, clients: int,
                "--max-time", str(int(duration) + 30), "-o", "/dev/null",
                "-w", "%{stderr}%{size_download}\n", *curl_tls(tls_args), url]
     busy0, total0 = machine_cpu()
-    cpu0, roles0 = tree_cpu(relay.pid)
+    cpu0, roles0 = tree_cpu(*relay.cpu_roots())
     t0 = time.monotonic()
     files = [open(o, "w") for o in outs]
     try:
@@ -523,7 +637,7 @@ def run_cell(relay: Relay, measure: str, duration: float, clients: int,
         for f in files:
             f.close()
     wall = time.monotonic() - t0
-    cpu1, roles1 = tree_cpu(relay.pid)
+    cpu1, roles1 = tree_cpu(*relay.cpu_roots())
     busy1, total1 = machine_cpu()
     cell = {"wall_s": wall, "server_cpu_s": cpu1 - cpu0,
             "cpu_s_by_role": {r: v - roles0.get(r, 0) for r, v in roles1.items()},
@@ -628,19 +742,26 @@ def markdown_table(results: dict, relays: list[str], certs: list[str]) -> str:
 
 
 def roles_table(results: dict, relays: list[str], certs: list[str]) -> str:
-    """pyprivsep's CPU per full handshake, split between its processes."""
+    """pyprivsep's CPU per full handshake, split between its processes; for
+    nginx-keyservice (and nginx, to compare) nginx's master and workers are
+    the relay processes, the key service's cas and parent the others."""
+    split = set(PPS_RELAYS) | ({"nginx", "nginx-keyservice"} if "nginx-keyservice" in relays
+                               else set())
     lines = ["| cert | relay | relay processes µs | ca processes µs | parent µs | all µs |",
              "|---|---|---:|---:|---:|---:|"]
     for cert in certs:
         for relay in relays:
             r = results[cert][relay]
-            full = {} if r.get("na") or relay not in PPS_RELAYS else r["summary"].get("full")
+            full = {} if r.get("na") or relay not in split else r["summary"].get("full")
             if not full:
                 continue
             by = full.get("cpu_us_per_op_by_role", {})
-            lines.append(f"| {CERTS[cert]} | {relay} | {fmt(by.get('relay'))} | "
+            own = (by.get("relay") if relay in PPS_RELAYS
+                   else sum(v for k, v in by.items() if k not in ("ca", "parent")))
+            lines.append(f"| {CERTS[cert]} | {relay} | {fmt(own)} | "
                          f"{fmt(by.get('ca')) if 'ca' in by else '–'} | "
-                         f"{fmt(by.get('parent'))} | {fmt(full.get('cpu_us_per_op'))} |")
+                         f"{fmt(by.get('parent')) if 'parent' in by else '–'} | "
+                         f"{fmt(full.get('cpu_us_per_op'))} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -675,6 +796,17 @@ def targets(results: dict, certs: list[str]) -> tuple[str, dict]:
                 data[f"pps_async_vs_nginx_{measure}_{cert}"] = ratio
                 out.append(f"| pps-async CPU per {label} / nginx's, {CERTS[cert]} | "
                            f"{ratio:.2f}× | ≈ 1× |")
+    # the key service's cost to nginx: its workers' provider and round trips
+    # plus the cas' signing, against nginx signing in its workers
+    ks_limits = {"rsa2048": "≤ +5%", "p256": "reported"}
+    for cert in certs:
+        ng = cpu(cert, "nginx", "full")
+        v = cpu(cert, "nginx-keyservice", "full")
+        if v is not None and ng:
+            pct = (v / ng - 1) * 100
+            data[f"nginx_keyservice_vs_nginx_full_{cert}_pct"] = pct
+            out.append(f"| nginx-keyservice / nginx CPU per full handshake, {CERTS[cert]} | "
+                       f"{v / ng:.2f}× ({pct:+.1f}%) | {ks_limits[cert]} |")
     return "\n".join(out), data
 
 
@@ -938,13 +1070,15 @@ def main(argv: list[str]) -> int:
     print()
     split = roles_table(results, a.relays, a.certs)
     if split:
-        print("pyprivsep's CPU per full handshake by process (medians):")
+        print("pyprivsep's CPU per full handshake by process (medians; for nginx, its "
+              "master and workers are the relay processes):")
         print()
         print(split)
         print()
     if busy is not None:
         print(f"(machine busy during the cells: median {busy:.0%} of all CPUs; "
-              "CPU µs are the relay's own processes only)")
+              "CPU µs are the relay's own processes only, and nginx-keyservice's key "
+              "service)")
     micro = None
     if a.micro_json and Path(a.micro_json).exists():
         micro = micro_summary(Path(a.micro_json))
