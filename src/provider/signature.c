@@ -438,20 +438,21 @@ get_ctx_params(void *vctx, OSSL_PARAM params[])
 	return 1;
 }
 
+/* The parameters a context has, to get and to set alike. */
+static const OSSL_PARAM ctx_params[] = {
+	OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_DIGEST, NULL, 0),
+	OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PAD_MODE, NULL, 0),
+	OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PSS_SALTLEN, NULL, 0),
+	OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_MGF1_DIGEST, NULL, 0),
+	OSSL_PARAM_END
+};
+
 static const OSSL_PARAM *
 gettable_ctx_params(void *vctx, void *provctx)
 {
-	static const OSSL_PARAM params[] = {
-		OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_DIGEST, NULL, 0),
-		OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PAD_MODE, NULL, 0),
-		OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PSS_SALTLEN, NULL, 0),
-		OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_MGF1_DIGEST, NULL, 0),
-		OSSL_PARAM_END
-	};
-
 	(void)vctx;
 	(void)provctx;
-	return params;
+	return ctx_params;
 }
 
 static int
@@ -520,17 +521,9 @@ set_ctx_params(void *vctx, const OSSL_PARAM params[])
 static const OSSL_PARAM *
 settable_ctx_params(void *vctx, void *provctx)
 {
-	static const OSSL_PARAM params[] = {
-		OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_DIGEST, NULL, 0),
-		OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PAD_MODE, NULL, 0),
-		OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_PSS_SALTLEN, NULL, 0),
-		OSSL_PARAM_utf8_string(OSSL_SIGNATURE_PARAM_MGF1_DIGEST, NULL, 0),
-		OSSL_PARAM_END
-	};
-
 	(void)vctx;
 	(void)provctx;
-	return params;
+	return ctx_params;
 }
 
 #define SIG_COMMON \
