@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -69,6 +69,9 @@ STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 NGINX_USER = "nobody"
 
 CERTS = {"rsa2048": "RSA-2048", "p256": "ECDSA P-256"}
+# the latency cell's flood: full handshakes against an RSA-4096 certificate
+LATENCY_CERT = "rsa4096"
+CERT_LABELS = {**CERTS, LATENCY_CERT: "RSA-4096"}
 PPS_RELAYS = {
     # name: (prefork, keyops, inprocess)
     "pps-async": (2, "async", False),
@@ -78,7 +81,13 @@ PPS_RELAYS = {
     "pps-blocking-p1": (1, "blocking", False),
 }
 ALL_RELAYS = ["pps-async", "pps-blocking", "pps-inprocess", "nginx", "nginx-keyservice",
-              "haproxy", "hitch", "pps-async-p1", "pps-blocking-p1"]
+              "haproxy", "hitch", "h2o", "pps-async-p1", "pps-blocking-p1"]
+# the programs pyprivsep is compared with ("the best peer": the lowest CPU
+# per operation among them)
+PEERS = ["nginx", "haproxy", "hitch", "h2o"]
+# the latency cell: one process doing TLS each, pyprivsep's relay with its
+# ca against nginx's single worker
+LATENCY_RELAYS = ["pps-async-p1", "nginx-1w"]
 # nginx-keyservice: the key service's cas, one per nginx worker
 KEYSERVICE_CAS = 2
 MEASURES = ["full", "resumed", "mib"]
@@ -88,6 +97,52 @@ MEASURES_P1 = ["full", "resumed"]
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# pinning: the server under test on one CPU, everything else on another
+# ---------------------------------------------------------------------------
+
+SERVER_CPU, CLIENT_CPU = 1, 0
+
+
+class Pinning:
+    """With 2 CPUs or more, every process of the relay under test runs on
+    SERVER_CPU (`taskset -c` at its start, inherited by what it forks), and
+    this script, the clients and the backend on CLIENT_CPU; on one CPU,
+    nothing is pinned."""
+
+    on = False
+
+    @classmethod
+    def setup(cls) -> str:
+        if (os.cpu_count() or 1) < 2 or not {SERVER_CPU, CLIENT_CPU} <= os.sched_getaffinity(0):
+            return "no pinning (fewer than 2 CPUs available): clients and servers share the CPU"
+        if not shutil.which("taskset"):
+            return "no pinning (taskset not installed)"
+        cls.on = True
+        os.sched_setaffinity(0, {CLIENT_CPU})       # the clients and the backend inherit it
+        return (f"pinned: the relay under test on CPU {SERVER_CPU}, the clients and the "
+                f"backend on CPU {CLIENT_CPU}")
+
+    @classmethod
+    def prefix(cls, cpu: int) -> list[str]:
+        return ["taskset", "-c", str(cpu)] if cls.on else []
+
+
+def affinity(roots: list[int], cpu: int) -> dict:
+    """The CPUs every thread of the roots' process trees may run on: how
+    many processes and threads, and those not pinned to `cpu`."""
+    pids, threads, off = process_tree(*roots), 0, []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    cpus = os.sched_getaffinity(int(tid))
+                    threads += 1
+                    if cpus != {cpu}:
+                        off.append(f"{role(pid)} {pid}/{tid}: CPUs {sorted(cpus)}")
+    return {"cpu": cpu, "processes": len(pids), "threads": threads, "off": off}
 
 
 # ---------------------------------------------------------------------------
@@ -131,7 +186,14 @@ def role(pid: int) -> str:
     if m:
         return m.group(1)
     m = re.match(r"nginx: (\w+)", title)
-    return m.group(1) if m else os.path.basename(title.split(" ", 1)[0]) or "?"
+    if m:
+        return m.group(1)
+    name = os.path.basename(title.split(" ", 1)[0]) or "?"
+    # h2o's neverbleed, which holds its keys: an h2o forked by h2o
+    fields = _stat(pid)
+    if name == "h2o" and fields and role(int(fields[1])) in ("h2o", "neverbleed"):
+        return "neverbleed"
+    return name
 
 
 def tree_cpu(*roots: int) -> tuple[float, dict[str, float]]:
@@ -183,12 +245,21 @@ def wait_until(pred: Callable[[], bool], timeout: float, what: str,
 TLS_MAX = {"default": None, "1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
-def tls_probe(port: int, cafile: Path, tls: str = "default") -> str | None:
-    """One HTTPS request through the relay, the certificate checked;
-    returns the protocol and cipher negotiated, or None."""
+def tls_context(cafile: Path, tls: str) -> ssl.SSLContext:
+    """A client context trusting cafile; "1.3" asks for TLS 1.3 only, "1.2"
+    for at most 1.2."""
     ctx = ssl.create_default_context(cafile=str(cafile))
     if TLS_MAX[tls]:
         ctx.maximum_version = TLS_MAX[tls]
+    if tls == "1.3":
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
+def tls_probe(port: int, cafile: Path, tls: str = "default") -> str | None:
+    """One HTTPS request through the relay, the certificate checked;
+    returns the protocol and cipher negotiated, or None."""
+    ctx = tls_context(cafile, tls)
     with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
         with ctx.wrap_socket(raw, server_hostname="localhost") as s:
             s.sendall(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
@@ -218,10 +289,10 @@ def tool_version(cmd: list[str]) -> str | None:
 # certificates
 # ---------------------------------------------------------------------------
 
-def make_certs() -> dict[str, dict[str, Path]]:
-    """RSA-2048 and P-256 server certificates for localhost and 127.0.0.1,
-    each with the throwaway CA that signed it (the clients trust that, NAME-ca.crt),
-    made once into bench/results/certs."""
+def make_certs(names: list[str]) -> dict[str, dict[str, Path]]:
+    """Server certificates (RSA-2048, P-256, RSA-4096) for localhost and
+    127.0.0.1, each with the throwaway CA that signed it (the clients trust
+    that, NAME-ca.crt), made once into bench/results/certs."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -229,14 +300,14 @@ def make_certs() -> dict[str, dict[str, Path]]:
 
     CERT_DIR.mkdir(parents=True, exist_ok=True)
     out = {}
-    for name in CERTS:
+    for name in names:
         crt, key, pem, ca = (CERT_DIR / f"{name}.crt", CERT_DIR / f"{name}.key",
                              CERT_DIR / f"{name}.pem", CERT_DIR / f"{name}-ca.crt")
         # no NAME-ca.crt: made by an older run as a self-signed CA, which
         # pyprivsep refuses as a server certificate
         if not (crt.exists() and key.exists() and pem.exists() and ca.exists()):
-            if name == "rsa2048":
-                priv = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            if name.startswith("rsa"):
+                priv = rsa.generate_private_key(public_exponent=65537, key_size=int(name[3:]))
             else:
                 priv = ec.generate_private_key(ec.SECP256R1())
             leaf, ca_cert = leaf_certificate(priv, days=3650)
@@ -259,6 +330,7 @@ class Server:
     """A process (tree) started in its own session, stopped with SIGTERM."""
 
     name = "server"
+    cpu = CLIENT_CPU                    # where Pinning puts it
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -269,7 +341,8 @@ class Server:
     def popen(self, cmd: list[str], **kw: object) -> None:
         self.errlog = self.workdir / f"{self.name}.log"
         with open(self.errlog, "wb") as err:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err,
+            self.proc = subprocess.Popen(Pinning.prefix(self.cpu) + cmd,
+                                         stdin=subprocess.DEVNULL, stdout=err,
                                          stderr=err, start_new_session=True,
                                          **kw)  # type: ignore[arg-type]
 
@@ -350,7 +423,10 @@ class DemoBackend(Server):
 
 
 class Relay(Server):
-    """A TLS relay in front of the backend, listening on self.port."""
+    """A TLS relay in front of the backend, listening on self.port; the
+    server under test, pinned with all its processes to SERVER_CPU."""
+
+    cpu = SERVER_CPU
 
     def __init__(self, name: str, workdir: Path, cert: dict[str, Path],
                  backend_port: int) -> None:
@@ -406,6 +482,8 @@ class PyprivsepRelay(Relay):
 
 
 class NginxRelay(Relay):
+    workers = 2
+
     def launch(self) -> None:
         self.popen_nginx(self.write_conf(self.cert["key"]))
 
@@ -419,7 +497,7 @@ class NginxRelay(Relay):
         conf.write_text(f"""
 load_module {STREAM_MODULE};
 {main}
-worker_processes 2;
+worker_processes {self.workers};
 pid {w}/nginx-stream.pid;
 error_log {w}/nginx-stream.err warn;
 events {{ worker_connections 8192; }}
@@ -443,11 +521,18 @@ stream {{
                     "-c", str(conf), "-g", "daemon off;"], **kw)
 
 
+class NginxOneWorkerRelay(NginxRelay):
+    """nginx with a single worker: the latency cell's peer."""
+
+    workers = 1
+
+
 class KeyserviceDaemon(Server):
     """pyprivsep with only a keyservice block: KEYSERVICE_CAS cas serving the
     certificate's key on workdir/run/bench.sock to `allow_user`."""
 
     name = "keyservice"
+    cpu = SERVER_CPU                    # counted with nginx: pinned with it
 
     def __init__(self, workdir: Path, cert: dict[str, Path], allow_user: str) -> None:
         super().__init__(workdir)
@@ -534,7 +619,7 @@ defaults
     timeout client 60s
     timeout server 60s
 frontend fe
-    bind 127.0.0.1:{self.port} ssl crt {self.cert["pem"]}
+    bind 127.0.0.1:{self.port} ssl crt {self.cert["pem"]} ssl-min-ver TLSv1.2 ssl-max-ver TLSv1.3
     default_backend be
 backend be
     server s1 127.0.0.1:{self.backend_port}
@@ -549,6 +634,7 @@ class HitchRelay(Relay):
 frontend = "[127.0.0.1]:{self.port}"
 backend = "[127.0.0.1]:{self.backend_port}"
 pem-file = "{self.cert["pem"]}"
+tls-protos = TLSv1.2 TLSv1.3
 workers = 2
 daemon = off
 {'user = "nobody"' if os.getuid() == 0 else ""}
@@ -557,11 +643,41 @@ ocsp-dir = "{self.workdir}"
         self.popen(["hitch", f"--config={conf}"])
 
 
+class H2oRelay(Relay):
+    """h2o, an HTTP reverse proxy (it has no TCP proxy) to the same
+    backend, num-threads 2; its key lives in its neverbleed process, a
+    child of h2o's, counted with it."""
+
+    def launch(self) -> None:
+        conf = self.workdir / "h2o.conf"
+        # as root h2o wants a user to run as (neverbleed too)
+        user = f"user: {NGINX_USER}\n" if os.getuid() == 0 else ""
+        conf.write_text(f"""{user}num-threads: 2
+listen:
+  host: 127.0.0.1
+  port: {self.port}
+  ssl:
+    certificate-file: {self.cert["crt"]}
+    key-file: {self.cert["key"]}
+    minimum-version: TLSv1.2
+    max-version: TLSv1.3
+    ocsp-update-interval: 0
+    neverbleed: ON
+hosts:
+  default:
+    paths:
+      "/":
+        proxy.reverse.url: http://127.0.0.1:{self.backend_port}/
+""")
+        self.popen(["h2o", "-c", str(conf)])
+
+
 def make_relay(name: str, workdir: Path, cert: dict[str, Path], backend_port: int) -> Relay:
     if name in PPS_RELAYS:
         return PyprivsepRelay(name, workdir, cert, backend_port)
     cls = {"nginx": NginxRelay, "nginx-keyservice": NginxKeyserviceRelay,
-           "haproxy": HaproxyRelay, "hitch": HitchRelay}[name]
+           "nginx-1w": NginxOneWorkerRelay, "haproxy": HaproxyRelay, "hitch": HitchRelay,
+           "h2o": H2oRelay}[name]
     return cls(name, workdir, cert, backend_port)
 
 
@@ -571,8 +687,8 @@ def nginx_worker_user() -> str:
 
 
 def missing_tool(name: str) -> str | None:
-    tool = {"nginx": "nginx", "nginx-keyservice": "nginx", "haproxy": "haproxy",
-            "hitch": "hitch"}.get(name)
+    tool = {"nginx": "nginx", "nginx-keyservice": "nginx", "nginx-1w": "nginx",
+            "haproxy": "haproxy", "hitch": "hitch", "h2o": "h2o"}.get(name)
     if tool and not shutil.which(tool):
         return f"{tool} not installed"
     if tool == "nginx" and not os.path.exists(STREAM_MODULE):
@@ -591,44 +707,34 @@ def missing_tool(name: str) -> str | None:
 S_TIME_LINE = re.compile(r"(\d+) connections in (\d+) real seconds")
 
 
-def run_cell(relay: Relay, measure: str, duration: float, clients: int,
-             tls_args: list[str], workdir: Path) -> dict:
-    """One measurement: `clients` loaders for `duration` seconds against the
-    relay; its process tree's CPU time before and after."""
+def client_cmd(relay: Relay, measure: str, duration: float, tls_args: list[str]) -> list[str]:
+    """One loader: s_time for handshakes, curl for MiB downloads."""
     port = relay.port
-    procs: list[subprocess.Popen[str]] = []
-    outs = [workdir / f"client{i}.out" for i in range(clients)]
     if measure in ("full", "resumed"):
-        cmd = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}",
-               "-new" if measure == "full" else "-reuse",
-               "-time", str(max(1, round(duration))), "-www", "/", *tls_args]
-    else:
-        # the same URL again and again over one connection: the glob is in
-        # the fragment, which curl does not send
-        url = f"https://127.0.0.1:{port}/bytes/{MIB}#[1-1000000]"
-        # -w to stderr, which is unbuffered: curl is stopped by a signal
-        cmd = ["curl", "-sS", "--http1.1", "--cacert", str(relay.cert["ca"]),
-               "--max-time", str(int(duration) + 30), "-o", "/dev/null",
-               "-w", "%{stderr}%{size_download}\n", *curl_tls(tls_args), url]
-    busy0, total0 = machine_cpu()
-    cpu0, roles0 = tree_cpu(*relay.cpu_roots())
-    t0 = time.monotonic()
+        return ["openssl", "s_time", "-connect", f"127.0.0.1:{port}",
+                "-new" if measure == "full" else "-reuse",
+                "-time", str(max(1, round(duration))), "-www", "/", *tls_args]
+    # the same URL again and again over one connection: the glob is in
+    # the fragment, which curl does not send
+    url = f"https://127.0.0.1:{port}/bytes/{MIB}#[1-1000000]"
+    # -w to stderr, which is unbuffered: curl is stopped by a signal
+    return ["curl", "-sS", "--http1.1", "--cacert", str(relay.cert["ca"]),
+            "--max-time", str(int(duration) + 30), "-o", "/dev/null",
+            "-w", "%{stderr}%{size_download}\n", *curl_tls(tls_args), url]
+
+
+@contextlib.contextmanager
+def clients(cmd: list[str], outs: list[Path]) -> Iterator[list[subprocess.Popen[str]]]:
+    """len(outs) copies of cmd on CLIENT_CPU, each writing to its file; none
+    outlives the block."""
+    procs: list[subprocess.Popen[str]] = []
     files = [open(o, "w") for o in outs]
     try:
         for f in files:
-            procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f,
+            procs.append(subprocess.Popen(Pinning.prefix(CLIENT_CPU) + cmd,
+                                          stdin=subprocess.DEVNULL, stdout=f,
                                           stderr=subprocess.STDOUT, text=True))
-        if measure == "mib":
-            time.sleep(duration)
-            for p in procs:
-                p.terminate()
-        deadline = time.monotonic() + duration + 30
-        for p in procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        yield procs
     finally:
         for p in procs:                     # interrupted: no client outlives the cell
             if p.poll() is None:
@@ -636,6 +742,49 @@ def run_cell(relay: Relay, measure: str, duration: float, clients: int,
                 p.wait()
         for f in files:
             f.close()
+
+
+def wait_clients(procs: list[subprocess.Popen[str]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def s_time_counts(texts: list[str], measure: str) -> tuple[int, int, int]:
+    """Connections, resumed ones and errors in s_time outputs."""
+    conns, reused, errors = 0, 0, 0
+    for t in texts:
+        found = S_TIME_LINE.findall(t)
+        if found:
+            conns += int(found[-1][0])
+        errors += t.count("ERROR") + t.count("error")
+        if measure == "resumed":
+            # one progress character per connection: 'r' when resumed
+            marks = "".join(line for line in t.splitlines()
+                            if re.fullmatch(r"[r*0-9tse]+", line or "-"))
+            reused += marks.count("r")
+    return conns, reused, errors
+
+
+def run_cell(relay: Relay, measure: str, duration: float, clients_n: int,
+             tls_args: list[str], workdir: Path) -> dict:
+    """One measurement: `clients_n` loaders for `duration` seconds against the
+    relay; its process tree's CPU time before and after."""
+    outs = [workdir / f"client{i}.out" for i in range(clients_n)]
+    cmd = client_cmd(relay, measure, duration, tls_args)
+    busy0, total0 = machine_cpu()
+    cpu0, roles0 = tree_cpu(*relay.cpu_roots())
+    t0 = time.monotonic()
+    with clients(cmd, outs) as procs:
+        if measure == "mib":
+            time.sleep(duration)
+            for p in procs:
+                p.terminate()
+        wait_clients(procs, duration + 30)
     wall = time.monotonic() - t0
     cpu1, roles1 = tree_cpu(*relay.cpu_roots())
     busy1, total1 = machine_cpu()
@@ -652,17 +801,7 @@ def run_cell(relay: Relay, measure: str, duration: float, clients: int,
         cell["cpu_us_per_op"] = cell["server_cpu_s"] * 1e6 / done if done else None
         cell["rate"] = cell["mb_per_s"]
     else:
-        conns, reused, errors = 0, 0, 0
-        for t in texts:
-            found = S_TIME_LINE.findall(t)
-            if found:
-                conns += int(found[-1][0])
-            errors += t.count("ERROR") + t.count("error")
-            if measure == "resumed":
-                # one progress character per connection: 'r' when resumed
-                marks = "".join(line for line in t.splitlines()
-                                if re.fullmatch(r"[r*0-9tse]+", line or "-"))
-                reused += marks.count("r")
+        conns, reused, errors = s_time_counts(texts, measure)
         cell.update(ops=conns, errors=errors)
         cell["rate"] = conns / wall
         cell["cpu_us_per_op"] = cell["server_cpu_s"] * 1e6 / conns if conns else None
@@ -677,6 +816,146 @@ def run_cell(relay: Relay, measure: str, duration: float, clients: int,
 def curl_tls(tls_args: list[str]) -> list[str]:
     return {"-tls1_2": ["--tlsv1.2", "--tls-max", "1.2"],
             "-tls1_3": ["--tlsv1.3"]}.get(tls_args[0], []) if tls_args else []
+
+
+# ---------------------------------------------------------------------------
+# the latency cell: round trips on an established session during a flood
+# ---------------------------------------------------------------------------
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
+# the pause between two round trips, s
+LATENCY_GAP = 0.002
+
+
+def read_response(f: BinaryIO) -> None:
+    """One HTTP/1.1 response with a Content-Length, read to its end."""
+    length = None
+    status = f.readline()
+    if not status.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"backend answered {status[:40]!r}")
+    while True:
+        line = f.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    if length is None:
+        raise RuntimeError("response without Content-Length")
+    if len(f.read(length)) != length:
+        raise RuntimeError("response cut short")
+
+
+def round_trips(port: int, cafile: Path, tls: str, seconds: float,
+                count: int) -> tuple[list[float], str | None]:
+    """Small requests on one TLS session, one at a time, LATENCY_GAP
+    apart, until `count` or `seconds`: each round trip in µs, and the error
+    that stopped them, if one did."""
+    rtts: list[float] = []
+    deadline = time.monotonic() + seconds
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                tls_context(cafile, tls).wrap_socket(raw, server_hostname="localhost") as s, \
+                s.makefile("rb") as f:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while len(rtts) < count and time.monotonic() < deadline:
+                t0 = time.perf_counter()
+                s.sendall(REQUEST)
+                read_response(f)
+                rtts.append((time.perf_counter() - t0) * 1e6)
+                time.sleep(LATENCY_GAP)
+    except (OSError, RuntimeError, ValueError) as e:
+        return rtts, f"{type(e).__name__}: {e}"
+    return rtts, None
+
+
+def latency_cell(relay: Relay, seconds: float, count: int, flooders: int, tls: str,
+                 tls_args: list[str], workdir: Path) -> dict:
+    """Round trips on an established session while `flooders` s_time -new
+    clients make full handshakes against the relay (its certificate: RSA-4096)."""
+    outs = [workdir / f"flood{i}.out" for i in range(flooders)]
+    # the flood outlasts the round trips: it starts first, and ends by itself
+    cmd = client_cmd(relay, "full", seconds + 1.5, tls_args)
+    cpu0, _ = tree_cpu(*relay.cpu_roots())
+    with clients(cmd, outs) as procs:
+        time.sleep(0.5)
+        rtts, error = round_trips(relay.port, relay.cert["ca"], tls, seconds, count)
+        wait_clients(procs, seconds + 30)
+    cpu1, _ = tree_cpu(*relay.cpu_roots())
+    conns, _, _ = s_time_counts([o.read_text(errors="replace") for o in outs], "full")
+    return {"rtt_us": rtts, "error": error, "flood_handshakes": conns,
+            "server_cpu_s": cpu1 - cpu0}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The nearest-rank q-th percentile."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def summarize_latency(cells: list[dict]) -> dict:
+    rtts = [v for c in cells for v in c["rtt_us"]]
+    return {"round_trips": len(rtts), "p50_us": percentile(rtts, 50),
+            "p99_us": percentile(rtts, 99), "max_us": max(rtts, default=None),
+            "p50_us_by_round": [percentile(c["rtt_us"], 50) for c in cells],
+            "p99_us_by_round": [percentile(c["rtt_us"], 99) for c in cells],
+            "flood_handshakes": sum(c["flood_handshakes"] for c in cells),
+            "errors": [c["error"] for c in cells if c["error"]]}
+
+
+# ---------------------------------------------------------------------------
+# system calls per connection: strace -c -f on the relay's processes
+# ---------------------------------------------------------------------------
+
+def traced(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("TracerPid:"):
+                return line.split()[1] != "0"
+    return True                                 # gone: nothing to wait for
+
+
+def parse_strace_counts(text: str) -> dict[str, int]:
+    """`strace -c -U name,calls` output: calls per system call (and 'total')."""
+    calls = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            calls[parts[0]] = int(parts[1])
+    return calls
+
+
+def syscall_cell(relay: Relay, seconds: float, clients_n: int, tls_args: list[str],
+                 workdir: Path) -> dict:
+    """strace -c -f attached to every process of the relay (every thread:
+    -f) while s_time makes full, then resumed connections for `seconds`
+    each: system calls per connection."""
+    pids = process_tree(*relay.cpu_roots())
+    out = workdir / f"strace-{relay.name}.txt"
+    cmd = ["strace", "-c", "-f", "-U", "name,calls", "-o", str(out)]
+    for pid in pids:
+        cmd += ["-p", str(pid)]
+    with open(workdir / f"strace-{relay.name}.err", "w") as err:
+        tracer = subprocess.Popen(Pinning.prefix(CLIENT_CPU) + cmd, stdin=subprocess.DEVNULL,
+                                  stdout=err, stderr=err)
+    try:
+        wait_until(lambda: all(traced(p) for p in pids), 15, "strace attaching",
+                   lambda: tracer.poll() is None)
+        conns = {m: run_cell(relay, m, seconds, clients_n, tls_args, workdir)["ops"]
+                 for m in ("full", "resumed")}
+    finally:
+        tracer.send_signal(signal.SIGINT)           # detaches, writes the summary
+        try:
+            tracer.wait(30)
+        except subprocess.TimeoutExpired:
+            tracer.kill()
+            tracer.wait()
+    total = sum(conns.values())
+    calls = parse_strace_counts(out.read_text(errors="replace")) if out.exists() else {}
+    return {"processes": len(pids), "connections": conns, "calls": calls,
+            "per_connection": {k: v / total for k, v in calls.items()} if total else {}}
 
 
 # ---------------------------------------------------------------------------
@@ -717,14 +996,14 @@ def fmt(v: float | None, spec: str = ".0f") -> str:
 
 
 def markdown_table(results: dict, relays: list[str], certs: list[str]) -> str:
-    head = ("| cert | relay | full hs/s | CPU µs/full | resumed hs/s | CPU µs/resumed "
+    head = ("| cert | relay | TLS | full hs/s | CPU µs/full | resumed hs/s | CPU µs/resumed "
             "| resumed | MB/s | CPU µs/MiB |")
-    lines = [head, "|------|-------|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|------|-------|---|---:|---:|---:|---:|---:|---:|---:|"]
     for cert in certs:
         for relay in relays:
             r = results[cert][relay]
             if r.get("na"):
-                lines.append(f"| {CERTS[cert]} | {relay} | n/a: {r['na']} |||||||")
+                lines.append(f"| {CERTS[cert]} | {relay} | n/a: {r['na']} ||||||||")
                 continue
             m = r["summary"]
 
@@ -733,8 +1012,10 @@ def markdown_table(results: dict, relays: list[str], certs: list[str]) -> str:
                     return "–"                      # not measured
                 return fmt(m[measure].get(key), spec)
 
+            # the version the probe negotiated ("TLSv1.3 TLS_AES_...")
+            tls = (r.get("negotiated") or "?").split(" ", 1)[0]
             lines.append(
-                f"| {CERTS[cert]} | {relay} | {cell('full', 'rate')} | "
+                f"| {CERTS[cert]} | {relay} | {tls} | {cell('full', 'rate')} | "
                 f"{cell('full', 'cpu_us_per_op')} | {cell('resumed', 'rate')} | "
                 f"{cell('resumed', 'cpu_us_per_op')} | {cell('resumed', 'reused_fraction', '.0%')} | "
                 f"{cell('mib', 'rate')} | {cell('mib', 'cpu_us_per_op')} |")
@@ -745,9 +1026,9 @@ def roles_table(results: dict, relays: list[str], certs: list[str]) -> str:
     """pyprivsep's CPU per full handshake, split between its processes; for
     nginx-keyservice (and nginx, to compare) nginx's master and workers are
     the relay processes, the key service's cas and parent the others."""
-    split = set(PPS_RELAYS) | ({"nginx", "nginx-keyservice"} if "nginx-keyservice" in relays
-                               else set())
-    lines = ["| cert | relay | relay processes µs | ca processes µs | parent µs | all µs |",
+    split = set(PPS_RELAYS) | {"h2o"} | ({"nginx", "nginx-keyservice"}
+                                         if "nginx-keyservice" in relays else set())
+    lines = ["| cert | relay | relay processes µs | ca (h2o: neverbleed) µs | parent µs | all µs |",
              "|---|---|---:|---:|---:|---:|"]
     for cert in certs:
         for relay in relays:
@@ -755,7 +1036,9 @@ def roles_table(results: dict, relays: list[str], certs: list[str]) -> str:
             full = {} if r.get("na") or relay not in split else r["summary"].get("full")
             if not full:
                 continue
-            by = full.get("cpu_us_per_op_by_role", {})
+            by = dict(full.get("cpu_us_per_op_by_role", {}))
+            if "neverbleed" in by:                  # h2o's key holder, its "ca"
+                by["ca"] = by.pop("neverbleed")
             own = (by.get("relay") if relay in PPS_RELAYS
                    else sum(v for k, v in by.items() if k not in ("ca", "parent")))
             lines.append(f"| {CERTS[cert]} | {relay} | {fmt(own)} | "
@@ -763,6 +1046,68 @@ def roles_table(results: dict, relays: list[str], certs: list[str]) -> str:
                          f"{fmt(by.get('parent')) if 'parent' in by else '–'} | "
                          f"{fmt(full.get('cpu_us_per_op'))} |")
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def best_peer_table(results: dict, relays: list[str], certs: list[str]) -> str:
+    """Each relay's CPU per operation divided by the best peer's (the
+    lowest among PEERS measured) for that certificate and measure."""
+    measures = [("full", "full"), ("resumed", "resumed"), ("mib", "MiB")]
+    lines = ["| cert | relay | " + " | ".join(f"{label} / best peer" for _, label in measures)
+             + " |", "|---|---|" + "---:|" * len(measures)]
+    for cert in certs:
+        def cpu(relay: str, measure: str) -> float | None:
+            r = results[cert].get(relay)
+            return None if not r or r.get("na") else \
+                r["summary"].get(measure, {}).get("cpu_us_per_op")
+
+        best = {m: min(((cpu(p, m), p) for p in PEERS if cpu(p, m)), default=None)
+                for m, _ in measures}
+        lines.append(f"| {CERTS[cert]} | (best peer) | " + " | ".join(
+            f"{b[1]} {b[0]:.0f} µs" if b else "n/a" for b in best.values()) + " |")
+        for relay in relays:
+            cells = []
+            for m, _ in measures:
+                v, b = cpu(relay, m), best[m]
+                cells.append(f"{v / b[0]:.2f}×" if v and b else "–")
+            lines.append(f"| {CERTS[cert]} | {relay} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def latency_table(latency: dict) -> str:
+    lines = ["| relay (RSA-4096, 2 clients flooding full handshakes) | round trips "
+             "| p50 µs | p99 µs | max µs | flood handshakes/s | note |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for name, r in latency.get("relays", {}).items():
+        if r.get("na"):
+            lines.append(f"| {name} | n/a: {r['na']} ||||||")
+            continue
+        s = r["summary"]
+        rate = s["flood_handshakes"] / max(1e-9, r["flood_seconds"])
+        lines.append(f"| {name} | {s['round_trips']} | {fmt(s['p50_us'])} | {fmt(s['p99_us'])} "
+                     f"| {fmt(s['max_us'])} | {rate:.0f} | {'; '.join(s['errors'])[:120]} |")
+    return "\n".join(lines)
+
+
+def syscall_table(syscalls: dict, relays: list[str], top: int = 14) -> str:
+    """System calls per connection: a column per relay, the `top` calls
+    most frequent in any relay, and the total."""
+    tables = []
+    for cert, by_relay in syscalls.items():
+        cols = [r for r in relays if r in by_relay]
+        per = {r: by_relay[r].get("per_connection", {}) for r in cols}
+        names = sorted({k for d in per.values() for k in d if k != "total"},
+                       key=lambda k: -max(d.get(k, 0) for d in per.values()))[:top]
+        lines = [f"| {CERTS[cert]}: calls per connection | " + " | ".join(cols) + " |",
+                 "|---|" + "---:|" * len(cols),
+                 "| connections (full + resumed) | " + " | ".join(
+                     "n/a" if by_relay[r].get("na") else
+                     "+".join(str(n) for n in by_relay[r]["connections"].values())
+                     for r in cols) + " |"]
+        for k in names + ["total"]:
+            lines.append(f"| {k} | " + " | ".join(
+                f"{per[r][k]:.1f}" if k in per[r] else "–" for r in cols) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def targets(results: dict, certs: list[str]) -> tuple[str, dict]:
@@ -811,7 +1156,7 @@ def targets(results: dict, certs: list[str]) -> tuple[str, dict]:
 
 
 def draw_chart(results: dict, relays: list[str], certs: list[str], png: Path,
-               title: str) -> None:
+               title: str, latency: dict | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -819,7 +1164,10 @@ def draw_chart(results: dict, relays: list[str], certs: list[str], png: Path,
     panels = [("full", "server CPU µs per full handshake"),
               ("resumed", "server CPU µs per resumed handshake"),
               ("mib", "server CPU µs per MiB downloaded")]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(9, 1.3 * len(relays) + 2), 12))
+    lat = {n: r["summary"] for n, r in (latency or {}).get("relays", {}).items()
+           if not r.get("na")}
+    fig, axes = plt.subplots(len(panels) + bool(lat), 1,
+                             figsize=(max(9, 1.3 * len(relays) + 2), 12 + 4 * bool(lat)))
     width = 0.8 / max(1, len(certs))
     colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52"]
     for ax, (measure, title_) in zip(axes, panels):
@@ -852,10 +1200,33 @@ def draw_chart(results: dict, relays: list[str], certs: list[str], png: Path,
         ax.margins(y=0.12)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
+    if lat:
+        draw_latency(axes[-1], lat)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def draw_latency(ax: object, lat: dict[str, dict]) -> None:
+    """The latency cell: p50 and p99 round trip per relay, in ms."""
+    names = list(lat)
+    for j, (key, label, color) in enumerate((("p50_us", "p50", "#4C72B0"),
+                                             ("p99_us", "p99", "#C44E52"))):
+        vals = [(lat[n][key] or 0) / 1000 for n in names]
+        bars = ax.bar([x + (j - 0.5) * 0.35 for x in range(len(names))], vals, 0.35,
+                      label=label, color=color)
+        for b, v in zip(bars, vals):
+            ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center",
+                        va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(list(range(len(names))))
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_ylabel("ms")
+    ax.set_title("round trip on an established session while 2 clients flood full "
+                 "RSA-4096 handshakes (lower is better)", fontsize=10)
+    ax.margins(y=0.12)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 # ---------------------------------------------------------------------------
@@ -883,8 +1254,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="comma-separated, from: rsa2048,p256 (env BENCH_CERTS)")
     p.add_argument("--measures", default=env_default("BENCH_MEASURES", ",".join(MEASURES)),
                    help="comma-separated, from: full,resumed,mib (env BENCH_MEASURES)")
-    p.add_argument("--tls", default=env_default("BENCH_TLS", "default"),
-                   choices=["default", "1.2", "1.3"], help="client TLS version (env BENCH_TLS)")
+    p.add_argument("--tls", default=env_default("BENCH_TLS", "1.3"),
+                   choices=["default", "1.2", "1.3"],
+                   help="client TLS version: 1.3 (default), 1.2, or default: the "
+                        "clients' highest (env BENCH_TLS)")
+    p.add_argument("--latency-time", type=float, default=None,
+                   help="seconds of round trips per relay and round in the latency cell, "
+                        "0 skips it (env BENCH_LATENCY_TIME; default 5, quick 2)")
+    p.add_argument("--latency-requests", type=int,
+                   default=int(env_default("BENCH_LATENCY_REQUESTS", "2000")),
+                   help="at most this many round trips per relay and round "
+                        "(env BENCH_LATENCY_REQUESTS; default 2000)")
+    p.add_argument("--syscall-time", type=float,
+                   default=float(env_default("BENCH_SYSCALL_TIME", "1")),
+                   help="seconds of full, then of resumed connections under strace -c -f per "
+                        "relay, 0 skips the system call table (env BENCH_SYSCALL_TIME; default 1)")
     p.add_argument("--backend", default=env_default("BENCH_BACKEND", "auto"),
                    choices=["auto", "nginx", "demo"], help="plain-HTTP backend (env BENCH_BACKEND)")
     p.add_argument("--micro-json", default=None,
@@ -897,6 +1281,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         a.duration = float(env_default("BENCH_DURATION", "1" if a.quick else "3"))
     if a.repeats is None:
         a.repeats = int(env_default("BENCH_REPEATS", "1" if a.quick else "3"))
+    if a.latency_time is None:
+        a.latency_time = float(env_default("BENCH_LATENCY_TIME", "2" if a.quick else "5"))
     a.relays = [r for r in a.relays.split(",") if r]
     a.certs = [c for c in a.certs.split(",") if c]
     a.measures = [m for m in a.measures.split(",") if m]
@@ -931,15 +1317,119 @@ def start_backend(kind: str, workdir: Path) -> Server:
 def redraw(path: Path) -> int:
     doc = json.loads(path.read_text())
     meta, results = doc["meta"], doc["results"]
-    for key in ("table", "targets_table", "roles_table"):
+    for key in ("table", "best_peer_table", "targets_table", "roles_table", "latency_table",
+                "syscall_table"):
         if doc.get(key):
             print(doc[key], end="\n\n")
     png = path.with_suffix(".png")
     draw_chart(results, meta["relays"], meta["certs"], png,
                f"pyprivsep benchmark {meta['time']}\n{doc.get('header', '')}\n"
-               "(bars: median; whiskers: min and max of the repeats; lower is better)")
+               "(bars: median; whiskers: min and max of the repeats; lower is better)",
+               doc.get("latency"))
     print(f"chart: {png}")
     return 0
+
+
+def start_relay(name: str, cert: dict[str, Path], backend: Server, workdir: Path,
+                tls: str, tls_args: list[str], res: dict) -> Relay | None:
+    """The relay started, probed, its pinning checked and warmed up; None,
+    with res["na"] saying why, when it cannot run."""
+    why = missing_tool(name)
+    if why:
+        res["na"] = why
+        log(f"{name}: n/a: {why}")
+        return None
+    rdir = workdir / f"{cert['crt'].stem}-{name}"
+    rdir.mkdir()
+    rdir.chmod(0o755)
+    relay = make_relay(name, rdir, cert, backend.port)
+    try:
+        relay.start()
+    except Exception as e:              # noqa: BLE001
+        tail = relay.log_tail()
+        res["na"] = f"could not start: {e}" + (f" ({tail.splitlines()[-1]})" if tail else "")
+        log(f"{name}: n/a: {res['na']}")
+        relay.stop()
+        return None
+    res["port"] = relay.port
+    res["negotiated"] = tls_probe(relay.port, relay.cert["ca"], tls)
+    # warm up: the first connections (imports, caches) are not measured
+    run_cell(relay, "full", 1, 1, tls_args, workdir / "cells")
+    if Pinning.on:
+        aff = res["affinity"] = affinity(relay.cpu_roots(), SERVER_CPU)
+        log(f"{name}: {aff['processes']} processes, {aff['threads']} threads"
+            + (f"; NOT on CPU {SERVER_CPU}: {', '.join(aff['off'])}" if aff["off"]
+               else f", all on CPU {SERVER_CPU}"))
+    return relay
+
+
+def measure_rounds(running: dict[str, Relay], cert: str, a: argparse.Namespace,
+                   tls_args: list[str], results: dict, cells_dir: Path) -> None:
+    """a.repeats rounds, each measuring every relay in turn (interleaved)."""
+    for rep in range(a.repeats):
+        for name, relay in running.items():
+            measures = a.measures if name not in ("pps-async-p1", "pps-blocking-p1") \
+                else [m for m in a.measures if m in MEASURES_P1]
+            for measure in measures:
+                if not relay.alive():
+                    results[name]["na"] = "relay exited: " + relay.log_tail(200)
+                    break
+                cell = run_cell(relay, measure, a.duration, a.clients, tls_args, cells_dir)
+                cell.update(measure=measure, repeat=rep)
+                results[name]["cells"].append(cell)
+                extra = (f", {cell.get('reused_fraction', 0):.0%} resumed"
+                         if measure == "resumed" else "")
+                unit = "MB/s" if measure == "mib" else "hs/s"
+                log(f"  {CERTS[cert]:11s} {name:16s} {measure:7s} #{rep + 1}: "
+                    f"{cell['rate']:8.1f} {unit}, "
+                    f"{fmt(cell['cpu_us_per_op'], '.0f'):>6s} µs CPU/op{extra}"
+                    f"  (machine {cell['machine_busy']:.0%} busy)")
+                time.sleep(0.2)
+
+
+def measure_syscalls(running: dict[str, Relay], cert: str, a: argparse.Namespace,
+                     tls_args: list[str], cells_dir: Path) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for name, relay in running.items():
+        try:
+            out[name] = syscall_cell(relay, a.syscall_time, a.clients, tls_args, cells_dir)
+        except Exception as e:                      # noqa: BLE001
+            out[name] = {"na": str(e)}
+        per = out[name].get("per_connection", {})
+        log(f"  {CERTS[cert]:11s} {name:16s} strace: {fmt(per.get('total'), '.1f')} "
+            f"system calls per connection ({out[name].get('connections', out[name].get('na'))})")
+    return out
+
+
+def measure_latency(a: argparse.Namespace, cert: dict[str, Path], backend: Server,
+                    workdir: Path, tls_args: list[str], servers: list[Server]) -> dict:
+    """The latency cell, LATENCY_RELAYS with an RSA-4096 certificate,
+    a.repeats interleaved rounds, round trips pooled."""
+    lat: dict = {"relays": {n: {"cells": []} for n in LATENCY_RELAYS},
+                 "flooders": 2, "seconds": a.latency_time, "max_requests": a.latency_requests}
+    running: dict[str, Relay] = {}
+    for name in LATENCY_RELAYS:
+        relay = start_relay(name, cert, backend, workdir, a.tls, tls_args, lat["relays"][name])
+        if relay:
+            servers.append(relay)
+            running[name] = relay
+    for rep in range(a.repeats):
+        for name, relay in running.items():
+            cell = latency_cell(relay, a.latency_time, a.latency_requests, lat["flooders"],
+                                a.tls, tls_args, workdir / "cells")
+            lat["relays"][name]["cells"].append(cell)
+            log(f"  latency {name:14s} #{rep + 1}: {len(cell['rtt_us'])} round trips, p50 "
+                f"{fmt(percentile(cell['rtt_us'], 50))} µs, p99 "
+                f"{fmt(percentile(cell['rtt_us'], 99))} µs; {cell['flood_handshakes']} "
+                f"RSA-4096 handshakes{'; ' + cell['error'] if cell['error'] else ''}")
+    for name, relay in running.items():
+        relay.stop()
+        servers.remove(relay)
+        r = lat["relays"][name]
+        r["summary"] = summarize_latency(r["cells"])
+        # s_time's own count covers seconds + 1.5 per round (client_cmd rounds it)
+        r["flood_seconds"] = len(r["cells"]) * max(1, round(a.latency_time + 1.5))
+    return lat
 
 
 def main(argv: list[str]) -> int:
@@ -952,7 +1442,9 @@ def main(argv: list[str]) -> int:
     out_json = Path(a.out) if a.out else RESULTS / f"{stamp}.json"
     stamp = out_json.stem
     png = out_json.with_suffix(".png")
-    certs = make_certs()
+    pinning = Pinning.setup()
+    certs = make_certs(a.certs + ([LATENCY_CERT] if a.latency_time > 0 else []))
+    strace_ok = a.syscall_time > 0 and shutil.which("strace") is not None
     # readable by the unprivileged workers of nginx (they run as nobody)
     workdir = Path(tempfile.mkdtemp(prefix="pyprivsep-bench-"))
     workdir.chmod(0o755)
@@ -963,11 +1455,15 @@ def main(argv: list[str]) -> int:
         "kernel": platform.release(), "python": platform.python_version(),
         "duration_s": a.duration, "repeats": a.repeats, "clients": a.clients,
         "tls": a.tls, "relays": a.relays, "certs": a.certs, "measures": a.measures,
+        "pinning": pinning, "latency_time_s": a.latency_time,
+        "latency_requests": a.latency_requests, "syscall_time_s": a.syscall_time,
         "versions": {
             "openssl": tool_version(["openssl", "version"]),
             "nginx": tool_version(["nginx", "-v"]),
             "haproxy": tool_version(["haproxy", "-v"]),
             "hitch": tool_version(["hitch", "--version"]),
+            "h2o": tool_version(["h2o", "--version"]),
+            "strace": tool_version(["strace", "-V"]),
             "curl": tool_version(["curl", "--version"]),
             "pyprivsep": tool_version([PYTHON, "-m", "pyprivsep", "-V"]),
         },
@@ -978,7 +1474,12 @@ def main(argv: list[str]) -> int:
                   for r in a.relays) * a.repeats * len(a.certs)
     log(f"bench: {len(a.relays)} relays x {len(a.certs)} certs, {n_cells} cells of "
         f"{a.duration:g} s, {a.clients} clients; work dir {workdir}")
+    log(f"bench: {pinning}")
+    if a.syscall_time > 0 and not strace_ok:
+        log("bench: strace not installed: no system call table")
     results: dict[str, dict[str, dict]] = {c: {} for c in a.certs}
+    syscalls: dict[str, dict[str, dict]] = {}
+    latency: dict = {}
     servers: list[Server] = []
 
     def stop_all(*_: object) -> None:
@@ -991,60 +1492,29 @@ def main(argv: list[str]) -> int:
         backend = start_backend(a.backend, workdir)
         servers.append(backend)
         meta["backend"] = backend.name
+        if Pinning.on:
+            meta["backend_affinity"] = affinity([backend.pid], CLIENT_CPU)
         log(f"backend: {backend.name} on 127.0.0.1:{backend.port}")
         for cert in a.certs:
             running: dict[str, Relay] = {}
             for name in a.relays:
                 res = results[cert][name] = {"cells": []}
-                why = missing_tool(name)
-                if why:
-                    res["na"] = why
-                    log(f"{name}: n/a: {why}")
-                    continue
-                rdir = workdir / f"{cert}-{name}"
-                rdir.mkdir()
-                rdir.chmod(0o755)
-                relay = make_relay(name, rdir, certs[cert], backend.port)
-                servers.append(relay)
-                try:
-                    relay.start()
-                except Exception as e:              # noqa: BLE001
-                    tail = relay.log_tail()
-                    res["na"] = f"could not start: {e}" + (f" ({tail.splitlines()[-1]})" if tail else "")
-                    log(f"{name}: n/a: {res['na']}")
-                    relay.stop()
-                    continue
-                running[name] = relay
-                res["port"] = relay.port
-                res["negotiated"] = tls_probe(relay.port, relay.cert["ca"], a.tls)
-                # warm up: the first connections (imports, caches) are not measured
-                run_cell(relay, "full", 1, 1, tls_args, cells_dir)
+                relay = start_relay(name, certs[cert], backend, workdir, a.tls, tls_args, res)
+                if relay:
+                    servers.append(relay)
+                    running[name] = relay
             log(f"{CERTS[cert]}: running {', '.join(f'{n}:{r.port}' for n, r in running.items())}")
-            for rep in range(a.repeats):
-                for name, relay in running.items():
-                    measures = a.measures if name not in ("pps-async-p1", "pps-blocking-p1") \
-                        else [m for m in a.measures if m in MEASURES_P1]
-                    for measure in measures:
-                        if not relay.alive():
-                            results[cert][name]["na"] = "relay exited: " + relay.log_tail(200)
-                            break
-                        cell = run_cell(relay, measure, a.duration, a.clients, tls_args, cells_dir)
-                        cell.update(measure=measure, repeat=rep)
-                        results[cert][name]["cells"].append(cell)
-                        extra = (f", {cell.get('reused_fraction', 0):.0%} resumed"
-                                 if measure == "resumed" else "")
-                        unit = "MB/s" if measure == "mib" else "hs/s"
-                        log(f"  {CERTS[cert]:11s} {name:15s} {measure:7s} #{rep + 1}: "
-                            f"{cell['rate']:8.1f} {unit}, "
-                            f"{fmt(cell['cpu_us_per_op'], '.0f'):>6s} µs CPU/op{extra}"
-                            f"  (machine {cell['machine_busy']:.0%} busy)")
-                        time.sleep(0.2)
+            measure_rounds(running, cert, a, tls_args, results[cert], cells_dir)
+            if strace_ok:
+                syscalls[cert] = measure_syscalls(running, cert, a, tls_args, cells_dir)
             for name, relay in running.items():
                 relay.stop()
                 servers.remove(relay)
                 text = relay.log_tail(4000)
                 if "Traceback" in text or "ERROR" in text:
                     results[cert][name]["log_tail"] = text[-1500:]
+        if a.latency_time > 0:
+            latency = measure_latency(a, certs[LATENCY_CERT], backend, workdir, tls_args, servers)
     finally:
         stop_all()
 
@@ -1055,25 +1525,50 @@ def main(argv: list[str]) -> int:
             if not r.get("na") and not r["cells"]:
                 r["na"] = "no measurement"
     table = markdown_table(results, a.relays, a.certs)
+    peer_table = best_peer_table(results, a.relays, a.certs)
     target_table, target_data = targets(results, a.certs)
+    lat_table = latency_table(latency) if latency else ""
+    sys_table = syscall_table(syscalls, a.relays) if syscalls else ""
     busy = median([c["machine_busy"] for cert in a.certs for r in results[cert].values()
                    for c in r["cells"]])
     openssl = " ".join((meta["versions"]["openssl"] or "openssl ?").split()[:2])
-    header = (f"{a.clients} clients, {a.duration:g} s per cell, median of {a.repeats}; "
-              f"backend {meta['backend']}; TLS {a.tls}; {openssl}; {os.cpu_count()} CPUs")
+    header = (f"{a.clients} clients, {a.duration:g} s per cell, median of {a.repeats} "
+              f"interleaved rounds; backend {meta['backend']}; TLS {a.tls}; {openssl}; "
+              f"{os.cpu_count()} CPUs, {pinning}")
     print()
     print(f"### pyprivsep benchmark {stamp}: {header}")
     print()
     print(table)
+    print()
+    print("Server CPU per operation / the best peer's (the lowest of "
+          f"{', '.join(PEERS)}; lower is better):")
+    print()
+    print(peer_table)
     print()
     print(target_table)
     print()
     split = roles_table(results, a.relays, a.certs)
     if split:
         print("pyprivsep's CPU per full handshake by process (medians; for nginx, its "
-              "master and workers are the relay processes):")
+              "master and workers are the relay processes; for h2o, its neverbleed "
+              "is in the ca column):")
         print()
         print(split)
+        print()
+    if lat_table:
+        print(f"Latency: {latency['seconds']:g} s (at most {latency['max_requests']} "
+              f"requests) per relay and round, {a.repeats} interleaved rounds pooled, one "
+              "TLS session making small requests one at a time while 2 s_time -new clients "
+              "flood full RSA-4096 handshakes:")
+        print()
+        print(lat_table)
+        print()
+    if sys_table:
+        print(f"System calls per connection (strace -c -f on every process of the relay; "
+              f"{a.syscall_time:g} s of full then {a.syscall_time:g} s of resumed "
+              f"connections, {a.clients} clients; the calls divided by all connections):")
+        print()
+        print(sys_table)
         print()
     if busy is not None:
         print(f"(machine busy during the cells: median {busy:.0%} of all CPUs; "
@@ -1085,12 +1580,15 @@ def main(argv: list[str]) -> int:
         print()
         print(micro["table"])
     doc = {"meta": meta, "results": results, "targets": target_data,
-           "header": header, "table": table, "targets_table": target_table, "roles_table": split,
+           "header": header, "table": table, "best_peer_table": peer_table,
+           "targets_table": target_table, "roles_table": split, "latency": latency,
+           "latency_table": lat_table, "syscalls": syscalls, "syscall_table": sys_table,
            "micro": micro}
     out_json.write_text(json.dumps(doc, indent=1, default=str))
     try:
         draw_chart(results, a.relays, a.certs, png, f"pyprivsep benchmark {stamp}\n{header}\n"
-                   "(bars: median; whiskers: min and max of the repeats; lower is better)")
+                   "(bars: median; whiskers: min and max of the repeats; lower is better)",
+                   latency)
         print(f"\nresults: {out_json}\nchart:   {png}")
     except Exception as e:                          # noqa: BLE001
         print(f"\nresults: {out_json}\nchart: not drawn ({e})")
