@@ -65,7 +65,7 @@ trap - EXIT
 
 # Nothing of theirs may be left listening (policy-rc.d should have seen to it).
 if command -v ss >/dev/null 2>&1; then
-	for svc in nginx postfix dovecot haproxy hitch; do
+	for svc in nginx postfix dovecot haproxy hitch h2o; do
 		case " $* " in *" $svc"*) ;; *) continue ;; esac
 		name=$svc
 		[ "$svc" = postfix ] && name=master # postfix's daemon is "master"
