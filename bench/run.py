@@ -1,8 +1,9 @@
-"""`make bench`: pyprivsep side by side with nginx, haproxy and hitch.
+"""`make bench`: pyprivsep side by side with nginx, haproxy, hitch and h2o.
 
 One plain-HTTP backend (nginx's http module, or pyprivsep's demo backend
 when nginx is missing) listens on loopback.  In front of it, each relay
-under test terminates TLS with the same certificate and two workers:
+under test terminates TLS (1.2 and 1.3 enabled in every one) with the same
+certificate and two workers:
 
     pps-async      pyprivsep, prefork 2, ca processes, keyops async
     pps-blocking   pyprivsep, prefork 2, ca processes, keyops blocking
@@ -13,12 +14,18 @@ under test terminates TLS with the same certificate and two workers:
                    a keyservice block, 2 cas, is counted with nginx)
     haproxy        haproxy mode tcp, nbthread 2
     hitch          hitch, 2 workers
+    h2o            h2o, an HTTP reverse proxy (proxy.reverse.url), num-threads 2,
+                   its key in its neverbleed process (counted with it)
     pps-async-p1, pps-blocking-p1   the same with prefork 1 (handshakes only)
 
-For each certificate (RSA-2048, ECDSA P-256) and relay, parallel clients
-load it for a fixed time per cell and the relay's whole process tree's CPU
-time (utime+stime of every process, from /proc; for nginx-keyservice also the
-key service daemon's tree: its cas do the signing) is read before and after:
+With 2 CPUs or more, every process of the relay under test runs on CPU 1
+(`taskset -c 1` at its start; the affinity of every thread is checked) and
+this script, its clients and the backend on CPU 0; on one CPU nothing is
+pinned.  The clients ask for TLS 1.3 (--tls).  For each certificate
+(RSA-2048, ECDSA P-256) and relay, parallel clients load it for a fixed
+time per cell and the relay's whole process tree's CPU time (utime+stime
+of every process, from /proc; for nginx-keyservice also the key service
+daemon's tree: its cas do the signing) is read before and after:
 
     full      `openssl s_time -new -www /`      handshakes/s, server CPU us per handshake
     resumed   `openssl s_time -reuse -www /`    the same, resumed (the 'r's are counted)
@@ -26,13 +33,22 @@ key service daemon's tree: its cas do the signing) is read before and after:
 
 On a 2-core machine the clients compete with the server for CPU, so the
 comparable figure is CPU per operation, not operations per second.  Every
-cell is repeated and the median shown.  The repeats are interleaved (round
-1 of every relay, then round 2, ...) with all relays of one certificate
-started up front, idle while another is measured, so that a burst of load
-from elsewhere on the machine does not land on one relay only.
+cell is repeated and the median shown, with each relay's ratio to the best
+peer.  The repeats are interleaved (round 1 of every relay, then round 2,
+...) with all relays of one certificate started up front, idle while
+another is measured, so that a burst of load from elsewhere on the machine
+does not land on one relay only.  Then, per certificate, `strace -c -f`
+attached to every process of each relay while s_time makes full, then
+resumed connections: system calls per connection.
 
-Prints a markdown table, writes bench/results/<timestamp>.json and .png.
-Every load loop is bounded in time; all traffic stays on 127.0.0.1.
+Last, the latency cell: pyprivsep (prefork 1, keyops async) and nginx (1
+worker) with an RSA-4096 certificate; while 2 `s_time -new` clients flood
+full handshakes, one TLS session sends small requests to the backend, one
+at a time: p50 and p99 of those round trips (interleaved rounds, pooled).
+
+Prints markdown tables, writes bench/results/<timestamp>.json and .png
+(CPU per operation and the latency cell).  Every load loop is bounded in
+time; all traffic stays on 127.0.0.1.
 """
 from __future__ import annotations
 
