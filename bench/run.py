@@ -68,6 +68,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -1222,7 +1223,8 @@ def draw_chart(results: dict, relays: list[str], certs: list[str], png: Path,
         ax.legend(fontsize=8)
     if lat:
         draw_latency(axes[-1], lat)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle("\n".join(textwrap.fill(line, 120) for line in title.splitlines()),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
