@@ -1223,9 +1223,10 @@ def draw_chart(results: dict, relays: list[str], certs: list[str], png: Path,
         ax.legend(fontsize=8)
     if lat:
         draw_latency(axes[-1], lat)
-    fig.suptitle("\n".join(textwrap.fill(line, 120) for line in title.splitlines()),
-                 fontsize=10)
-    fig.tight_layout()
+    title = "\n".join(textwrap.fill(line, 120) for line in title.splitlines())
+    fig.suptitle(title, fontsize=10)
+    # room at the top for the title's lines
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.011 * (title.count("\n") + 1)))
     fig.savefig(png, dpi=110)
     plt.close(fig)
 
