@@ -147,19 +147,28 @@ class Pinning:
         return ["taskset", "-c", str(cpu)] if cls.on else []
 
 
-def affinity(roots: list[int], cpu: int) -> dict:
+def affinity(roots: list[int], cpu: int, repin: bool = False) -> dict:
     """The CPUs every thread of the roots' process trees may run on: how
-    many processes and threads, and those not pinned to `cpu`."""
-    pids, threads, off = process_tree(*roots), 0, []
+    many processes and threads, and those not pinned to `cpu`; with
+    `repin`, those are moved to `cpu` (hitch binds its worker N to CPU N
+    itself) and listed as "repinned"."""
+    pids, threads, off, repinned = process_tree(*roots), 0, [], []
     for pid in pids:
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{pid}/task"):
                 with contextlib.suppress(OSError):
                     cpus = os.sched_getaffinity(int(tid))
                     threads += 1
-                    if cpus != {cpu}:
-                        off.append(f"{role(pid)} {pid}/{tid}: CPUs {sorted(cpus)}")
-    return {"cpu": cpu, "processes": len(pids), "threads": threads, "off": off}
+                    if cpus == {cpu}:
+                        continue
+                    what = f"{role(pid)} {pid}/{tid}: CPUs {sorted(cpus)}"
+                    if repin:
+                        os.sched_setaffinity(int(tid), {cpu})
+                        repinned.append(what)
+                    else:
+                        off.append(what)
+    return {"cpu": cpu, "processes": len(pids), "threads": threads, "off": off,
+            "repinned": repinned}
 
 
 # ---------------------------------------------------------------------------
@@ -1379,10 +1388,14 @@ def start_relay(name: str, cert: dict[str, Path], backend: Server, workdir: Path
     # warm up: the first connections (imports, caches) are not measured
     run_cell(relay, "full", 1, 1, tls_args, workdir / "cells")
     if Pinning.on:
+        # a program that sets its own affinity (hitch) is moved back, then checked
+        moved = affinity(relay.cpu_roots(), SERVER_CPU, repin=True)["repinned"]
         aff = res["affinity"] = affinity(relay.cpu_roots(), SERVER_CPU)
+        aff["repinned"] = moved
         log(f"{name}: {aff['processes']} processes, {aff['threads']} threads"
             + (f"; NOT on CPU {SERVER_CPU}: {', '.join(aff['off'])}" if aff["off"]
-               else f", all on CPU {SERVER_CPU}"))
+               else f", all on CPU {SERVER_CPU}")
+            + (f" (re-pinned, had set their own: {', '.join(moved)})" if moved else ""))
     return relay
 
 
