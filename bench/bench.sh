@@ -26,7 +26,8 @@
 # the relay under test runs on CPU 1 (`taskset -c 1` at its start, so all
 # its processes: pyprivsep's parent, relays and cas, nginx's master and
 # workers, h2o and its neverbleed, ...; run.py checks every thread's
-# affinity and prints it) and this script's clients (openssl s_time, curl,
+# affinity, moves back to CPU 1 what pinned itself elsewhere (hitch binds
+# worker N to CPU N), and prints it) and this script's clients (openssl s_time, curl,
 # the latency client, strace) and the HTTP backend on CPU 0; on one CPU
 # nothing is pinned and the output says so.  The clients ask for TLS 1.3.
 # Rounds are interleaved (every relay once, then again) and the median of
