@@ -89,9 +89,18 @@ def drop_privileges(cfg: Config, role: str) -> None:
         raise RuntimeError(f"could not become user {user}")
 
 
+# A ca runs at a lower priority than the relays and programs it serves, so
+# that one that has work (its other sessions' bytes) takes the CPU from a ca
+# in the middle of a long signature (RSA-4096: milliseconds) at once: the
+# signature is not late for it, the waiting session's round trip is.
+CA_NICE = 10
+
+
 def sandbox(role: str) -> None:
     """The last step before a relay's or a ca's loop: from here on the
     process can do only what its role needs (src/_rsaengine/sandbox.c).
     After drop_privileges (setuid resets the dumpable flag the ca clears,
     and chroot needs a syscall the filter refuses)."""
+    if role != "relay":
+        os.setpriority(os.PRIO_PROCESS, 0, CA_NICE)
     native.sandbox(role)

@@ -25,6 +25,7 @@ from basics import REPO_ROOT, wait_until
 from daemonctl import SANITIZED, Daemon, DaemonConfig, StartDaemon, pyprivsep_env, run_pyprivsep, simple_relay
 from keypairs import Pki
 from procs import pid_alive, proc_status
+from pyprivsep import privsep
 from tlsclients import handshake_succeeds, https_get
 
 requires_root = pytest.mark.skipif(
@@ -96,6 +97,27 @@ def test_each_role_has_its_user_and_a_filter(daemon2: Daemon) -> None:
         assert st["Gid"].split() == [str(pw.pw_gid)] * 4, f"{name}: {st}"
         assert (st["NoNewPrivs"], st["Seccomp"]) == ("1", "2"), f"{name}: {st}"
     assert pwd.getpwnam(RELAY_USER).pw_uid != pwd.getpwnam(CA_USER).pw_uid
+    assert_serving(daemon2)
+
+
+def nice_of(pid: int) -> int:
+    """The process's nice value: field 19 of /proc/PID/stat (after the
+    parenthesised name, which may hold spaces)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
+@requires_root
+def test_cas_yield_the_cpu_to_relays(daemon2: Daemon) -> None:
+    """A ca runs niced (privsep.CA_NICE), so that a relay with work takes
+    the CPU from a ca in the middle of a long signature; relays and the
+    parent keep the default priority."""
+    wait_settled(daemon2)
+    assert privsep.CA_NICE > 0
+    assert nice_of(daemon2.parent_pid) == 0
+    for child in daemon2.children():
+        want = 0 if child.role == "relay" else privsep.CA_NICE
+        assert nice_of(child.pid) == want, f"{child.role} {child.index}: nice {nice_of(child.pid)}"
     assert_serving(daemon2)
 
 
