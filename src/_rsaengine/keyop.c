@@ -73,7 +73,7 @@ struct keyop {
 static struct keyop	*hash[KEYOP_HASH];
 static struct keyop	*oldest, *newest;	/* in flight */
 static struct keyop	*unsent, **unsent_tail = &unsent;
-static struct evsrc	 ca_src = { EV_CA, -1, 0 };
+static struct evsrc	 ca_src = { EV_CA, -1, 0, 0 };
 static uint64_t		 earliest = UINT64_MAX;	/* no deadline before */
 static struct keyop_ctx	*running;	/* whose handshake step runs now */
 static uint32_t		 next_id;

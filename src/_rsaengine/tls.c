@@ -187,6 +187,9 @@ tls_ctx(struct relay *r)
 	SSL_CTX_set_options(ctx, opts);
 	SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE |
 	    SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
+	/* whole records and what follows them in one read(), not a header
+	 * then a body */
+	SSL_CTX_set_read_ahead(ctx, 1);
 	if (!SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) ||
 	    !SSL_CTX_set_cipher_list(ctx, ciphers)) {
 		pps_seterr_ssl("cipher list");
