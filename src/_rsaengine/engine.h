@@ -43,6 +43,12 @@ struct evsrc {
 #define PPS_POLL_EXCLUSIVE	0x1	/* one waiter woken (shared listeners) */
 #define PPS_POLL_EDGE		0x2	/* reported when it becomes ready */
 
+/* wbuf.c: a connection's TLS output, written out once a step is over */
+int	wbuf_init(void);
+int	wbuf_attach(SSL *, int fd);
+int	wbuf_flush(SSL *);
+int	wbuf_pending(SSL *);
+
 /* poller.c: epoll on Linux, kqueue on the BSDs */
 struct pps_event {
 	struct evsrc	*src;

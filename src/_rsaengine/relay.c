@@ -38,9 +38,14 @@ time_t pps_now;
 static uint64_t now_ms;		/* per loop turn, like pps_now */
 
 struct buf {
-	size_t		off, len;
-	uint8_t		data[PPS_BUFSZ];
+	size_t		off, len, cap;
+	uint8_t		data[];
 };
+
+/* Client to backend: a record at a time.  Backend to client: four, so that
+ * a download takes one recv() and one write() (wbuf.c) per four records. */
+#define UP_BUFSZ	PPS_BUFSZ
+#define DOWN_BUFSZ	(4 * PPS_BUFSZ)
 
 enum conn_state { CS_HANDSHAKE, CS_CONNECTING, CS_RELAY };
 
@@ -97,9 +102,9 @@ static volatile sig_atomic_t stopping;
 /* ---- buffers: allocated when a direction first carries data ---- */
 
 static size_t
-buf_space(struct buf *b)
+buf_space(struct buf *b, size_t cap)
 {
-	return b == NULL ? PPS_BUFSZ : PPS_BUFSZ - b->off - b->len;
+	return b == NULL ? cap : b->cap - b->off - b->len;
 }
 
 static size_t
@@ -109,14 +114,15 @@ buf_len(struct buf *b)
 }
 
 static uint8_t *
-buf_tail(struct buf **bp)
+buf_tail(struct buf **bp, size_t cap)
 {
 	struct buf *b = *bp;
 
 	if (b == NULL) {
-		if ((b = *bp = malloc(sizeof(*b))) == NULL)
+		if ((b = *bp = malloc(sizeof(*b) + cap)) == NULL)
 			return NULL;
 		b->off = b->len = 0;
+		b->cap = cap;
 	}
 	return b->data + b->off + b->len;
 }
@@ -132,7 +138,7 @@ buf_drain(struct buf **bp, size_t n)
 	if (b->len == 0) {
 		free(b);
 		*bp = NULL;
-	} else if (b->off > PPS_BUFSZ / 2) {
+	} else if (b->off > b->cap / 2) {
 		memmove(b->data, b->data + b->off, b->len);
 		b->off = 0;
 	}
@@ -210,6 +216,7 @@ conn_close(struct conn *c, const char *why)
 		    (long long)(pps_now - c->started),
 		    (unsigned long long)c->bytes_in,
 		    (unsigned long long)c->bytes_out);
+	(void)wbuf_flush(c->ssl);	/* an alert, a close_notify: if it can */
 	keyop_abandon(c->ssl, &c->keyop);	/* a handshake waiting for the ca */
 	list_unlink(c);
 	if (c->on_ready)
@@ -267,6 +274,26 @@ client_blocked(struct conn *c, unsigned want)
 	if ((want & ~c->client.mask) != 0 &&
 	    poller_set(&c->client, c->client.mask | want) == -1)
 		pps_log(LOG_ERR, "%s", pps_error());
+}
+
+/* What this step of c wrote to the client, sent; -1: c is closed. */
+static int
+conn_flush(struct conn *c)
+{
+	if (!(c->cready & PPS_OUT) && wbuf_pending(c->ssl))
+		return 0;		/* still full: its event flushes */
+	switch (wbuf_flush(c->ssl)) {
+	case 1:
+		return 0;
+	case 0:
+		client_blocked(c, PPS_OUT);
+		return 0;
+	default:
+		pps_log(LOG_DEBUG, "relay %s: client write: %s", c->relay->name,
+		    ssl_reason());
+		conn_close(c, "i/o error");
+		return -1;
+	}
 }
 
 /* Run c again on the next loop turn, without waiting for an event. */
@@ -372,7 +399,9 @@ conn_handshake(struct conn *c)
 #endif
 	default:
 		handshake_failed(c);
+		return;
 	}
+	(void)conn_flush(c);	/* the flight just made */
 }
 
 /* The backend's socket became writable: connected, unless it reports an
@@ -407,12 +436,12 @@ pump_client_read(struct conn *c)
 	uint8_t *p;
 	int n;
 
-	if (c->flags & CF_CLIENT_EOF || buf_space(c->up) == 0 ||
+	if (c->flags & CF_CLIENT_EOF || buf_space(c->up, UP_BUFSZ) == 0 ||
 	    (c->rd_want != 0 && !(c->cready & c->rd_want)))
 		return 0;
-	if ((p = buf_tail(&c->up)) == NULL)
+	if ((p = buf_tail(&c->up, UP_BUFSZ)) == NULL)
 		return -1;
-	if ((n = SSL_read(c->ssl, p, (int)buf_space(c->up))) > 0) {
+	if ((n = SSL_read(c->ssl, p, (int)buf_space(c->up, UP_BUFSZ))) > 0) {
 		c->rd_want = 0;
 		c->up->len += n;
 		c->bytes_in += n;
@@ -482,11 +511,11 @@ pump_backend_read(struct conn *c)
 	ssize_t n;
 
 	if (c->state != CS_RELAY || c->flags & CF_BACKEND_EOF ||
-	    buf_space(c->down) == 0 || !(c->bready & PPS_IN))
+	    buf_space(c->down, DOWN_BUFSZ) == 0 || !(c->bready & PPS_IN))
 		return 0;
-	if ((p = buf_tail(&c->down)) == NULL)
+	if ((p = buf_tail(&c->down, DOWN_BUFSZ)) == NULL)
 		return -1;
-	n = recv(c->backend.fd, p, buf_space(c->down), 0);
+	n = recv(c->backend.fd, p, buf_space(c->down, DOWN_BUFSZ), 0);
 	if (n > 0) {
 		c->down->len += n;
 		c->bytes_out += n;
@@ -583,8 +612,10 @@ conn_pump(struct conn *c)
 		pump_shutdowns(c);
 	} while (progress && ++rounds < PUMP_ROUNDS);
 
+	if (conn_flush(c) == -1)
+		return;
 	if ((c->flags & (CF_TLS_SHUT | CF_BACKEND_SHUT)) ==
-	    (CF_TLS_SHUT | CF_BACKEND_SHUT)) {
+	    (CF_TLS_SHUT | CF_BACKEND_SHUT) && !wbuf_pending(c->ssl)) {
 		conn_close(c, "done");
 		return;
 	}
@@ -666,7 +697,7 @@ conn_new(struct listener *l, int fd, const struct sockaddr_storage *peer)
 #endif
 	if ((c = calloc(1, sizeof(*c))) == NULL ||
 	    (c->ssl = SSL_new(l->relay->kp[0].ctx)) == NULL ||
-	    !SSL_set_fd(c->ssl, fd)) {
+	    wbuf_attach(c->ssl, fd) == -1) {
 		pps_log(LOG_ERR, "relay %s: out of memory", l->relay->name);
 		if (c != NULL)
 			SSL_free(c->ssl);
@@ -691,6 +722,7 @@ conn_new(struct listener *l, int fd, const struct sockaddr_storage *peer)
 	/* the handshake starts when the client has sent something: a silent
 	 * connection costs no TLS buffers */
 	c->rd_want = PPS_IN;
+	c->cready = PPS_OUT;	/* until a write finds it full */
 	if (poller_add(&c->client, PPS_IN, PPS_POLL_EDGE) == -1) {
 		pps_log(LOG_ERR, "%s", pps_error());
 		SSL_free(c->ssl);
@@ -1032,7 +1064,7 @@ pps_engine_init(const struct pps_engine_conf *conf)
 	pps_log_setup(prefix, pps_conf.use_syslog, pps_conf.verbose);
 	if (OPENSSL_init_ssl(0, NULL) != 1)
 		return pps_seterr_ssl("OPENSSL_init_ssl");
-	if (keyop_init() == -1 ||
+	if (wbuf_init() == -1 || keyop_init() == -1 ||
 	    (pps_conf.ca_fd != -1 && shim_init() == -1))
 		return -1;
 	return poller_init();
