@@ -330,6 +330,10 @@ keyop_ca_event(unsigned events)
 		}
 		st = take_reply(op, &rep, payload);
 		finish(op, st, op->why);
+		/* nothing more in flight: no recv that could only find EAGAIN
+		 * (a late reply keeps the socket readable for the next turn) */
+		if (oldest == NULL)
+			return;
 	}
 	if (r == -1) {
 		pps_log(LOG_WARNING, "ca: channel closed");
