@@ -50,8 +50,9 @@ from tlsclients import SClientResult, TlsVersion, curl, s_client
 def _why_skip() -> str | None:
     if os.geteuid() != 0:
         return "needs root (the programs' users, SO_PEERCRED, memory scans)"
-    if not keyref.provider_path().exists():
-        return "no pyprivsep-provider.so (LibreSSL has no providers)"
+    why = keyref.provider_missing()
+    if why is not None:
+        return why
     tool = subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout.strip()
     ours = native.library_version()
     if ours.split()[:2] != tool.split()[:2]:
