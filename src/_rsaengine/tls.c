@@ -166,11 +166,12 @@ sni_cb(SSL *ssl, int *alert, void *arg)
 /*
  * ALPN: the first of our protocols (`tls alpn`, in our order of
  * preference) that the client offers.  None in common: the handshake goes
- * on without ALPN (NOACK), as haproxy and hitch do, so that a client that
- * offers only what the backend does not name still reaches it; the PROXY
- * v2 header then carries no ALPN TLV.  Our own loop rather than
- * SSL_select_next_proto(), which picks in the other order on some
- * libraries and points into the client's list on no overlap.
+ * on without ALPN (NOACK), as haproxy does, where nginx's HTTP module
+ * fails it (no_application_protocol): a client that offers only what the
+ * relay does not name still reaches the backend, whose PROXY v2 header
+ * then carries no ALPN TLV.  Our own loop rather than
+ * SSL_select_next_proto(), whose no-overlap answer points into the
+ * client's list (CVE-2024-5535 on an empty one).
  */
 static int
 alpn_cb(SSL *ssl, const unsigned char **out, unsigned char *outlen,
