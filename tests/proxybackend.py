@@ -5,7 +5,8 @@ Written from HAProxy's proxy-protocol.txt, independently of the relay's C
 (src/_rsaengine/proxy.c), so that the two check each other.  Per
 connection: the header, then one line of the client's; the answer is one
 JSON line, ``{"version": 2, "src": [addr, port], "dst": [addr, port],
-"tlvs": {...}, "line": "..."}``, and the connection closes.  A header that
+"tlvs": {...}, "line": "..."}``, and the connection closes; after the
+line ``ECHO`` it echoes every byte that follows instead, until EOF.  A header that
 breaks any rule of the format is answered ``ERROR <why>`` and closed;
 every result (a dict or the error string) is kept in ``results``.
 """
@@ -234,6 +235,11 @@ class _Handler(socketserver.BaseRequestHandler):
             self.server.results.append(result)
         try:
             self.request.sendall(answer.encode())
+            if isinstance(result, dict) and result["line"] == "ECHO":
+                if reader.buf:
+                    self.request.sendall(reader.buf)
+                while chunk := self.request.recv(256 * 1024):
+                    self.request.sendall(chunk)
         except OSError:
             pass
 

@@ -7,8 +7,10 @@ client's own address and port, and ``openssl s_client -alpn``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
 import socket
 import ssl
 from collections.abc import Iterator
@@ -18,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from basics import LOCALHOST, free_port
+from basics import LOCALHOST, MIB, free_port, sha256
 from daemonctl import Daemon, DaemonConfig, RelaySpec, run_pyprivsep
 from keypairs import KeyPair, Pki
 from proxybackend import V2_SIGNATURE, ProxyBackend
-from tlsclients import client_context, s_client
+from tlsclients import NO_TLS13_RESUMPTION, TLS13_RESUMES, TlsVersion, client_context, s_client
 
 LINE = b"hello through the relay\n"
 ALPN = "h2,http/1.1"
@@ -145,6 +147,37 @@ def test_every_connection_gets_its_own_header(env: Env) -> None:
     assert ports <= set(seen), f"clients {ports}, backend saw {seen}"
 
 
+@pytest.mark.parametrize("relay", ["v1", "v2"])
+def test_bytes_after_the_header_pass_unchanged(env: Env, relay: str) -> None:
+    """4 MiB each way behind the header: the header is sent once, before
+    them, and nothing of the client's is lost or reordered around it."""
+    payload = os.urandom(4 * MIB)
+
+    async def run() -> tuple[bytes, bytes]:
+        reader, writer = await asyncio.open_connection(
+            LOCALHOST, env.ports[relay], ssl=client_context(cafile=env.kp.cert_path),
+            server_hostname=env.kp.dns_name)
+
+        async def send() -> None:
+            writer.write(b"ECHO\n")
+            for offset in range(0, len(payload), 256 * 1024):
+                writer.write(payload[offset : offset + 256 * 1024])
+                await writer.drain()
+
+        sender = asyncio.create_task(send())
+        try:
+            answer = await asyncio.wait_for(reader.readline(), 30)
+            echoed = await asyncio.wait_for(reader.readexactly(len(payload)), 60)
+            await sender
+        finally:
+            writer.close()
+        return answer, echoed
+
+    answer, echoed = asyncio.run(run())
+    assert json.loads(answer)["version"] == int(relay[1]), answer
+    assert sha256(echoed) == sha256(payload)
+
+
 def test_no_header_unless_configured(env: Env) -> None:
     """`off` forwards to the same strict backend without `proxy protocol`:
     the client's bytes come first, and the backend says it got no header."""
@@ -179,6 +212,21 @@ def test_alpn_picks_in_server_order(env: Env, offered: list[str], chosen: str) -
     ex = exchange(env, "v2", alpn=offered)
     assert ex.alpn == chosen
     assert ex.parsed()["tlvs"]["alpn"] == chosen
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_resumed_session_gets_alpn_and_header(env: Env, tmp_path: Path, version: TlsVersion) -> None:
+    if version == "1.3" and not TLS13_RESUMES:
+        pytest.skip(NO_TLS13_RESUMPTION)
+    session = tmp_path / "session.pem"
+    args = {"servername": env.kp.dns_name, "version": version, "request": LINE}
+    first = s_client(env.ports["v2"], sess_out=session, extra=["-alpn", "h2"], **args)
+    assert first.handshake_ok and first.reused is False, first.describe()
+    again = s_client(env.ports["v2"], sess_in=session, extra=["-alpn", "http/1.1,h2"], **args)
+    assert again.reused is True, again.describe()
+    assert "ALPN protocol: h2" in again.stdout, again.describe()
+    answer = next(line for line in again.stdout.splitlines() if line.startswith("{"))
+    assert json.loads(answer)["tlvs"]["alpn"] == "h2", again.describe()
 
 
 def test_alpn_without_overlap_goes_on_without_alpn(env: Env) -> None:
