@@ -132,8 +132,9 @@ def test_backend_sees_client_and_local_address(env: Env, host: str, version: int
     assert got["line"] == LINE.decode().rstrip("\n"), got
 
 
-def test_v2_carries_tls_version_and_cipher(env: Env) -> None:
+def test_v2_carries_tls_version_cipher_and_server_name(env: Env) -> None:
     ex = exchange(env, "v2plain")
+    assert ex.parsed()["tlvs"]["authority"] == env.kp.dns_name  # the client's SNI
     ssl_tlv = ex.parsed()["tlvs"]["ssl"]
     assert ssl_tlv["client"] & 0x01, ssl_tlv  # PP2_CLIENT_SSL
     assert not ssl_tlv["client"] & 0x06, ssl_tlv  # no client certificate asked for
@@ -197,10 +198,12 @@ def test_s_client_sees_alpn_and_backend_gets_the_tlv(env: Env) -> None:
 
 
 def test_s_client_without_alpn_gets_no_tlv(env: Env) -> None:
-    result = s_client(env.ports["v2"], servername=env.kp.dns_name, request=LINE)
+    result = s_client(env.ports["v2"], request=LINE, extra=["-noservername"])
     assert "No ALPN negotiated" in result.stdout, result.describe()
     answer = next(line for line in result.stdout.splitlines() if line.startswith("{"))
-    assert "alpn" not in json.loads(answer)["tlvs"], result.describe()
+    tlvs = json.loads(answer)["tlvs"]
+    # nor a server name: s_client sent no SNI
+    assert "alpn" not in tlvs and "authority" not in tlvs, result.describe()
 
 
 @pytest.mark.parametrize("offered, chosen", [

@@ -127,6 +127,11 @@ proxy_v2(const struct proxy_info *pi, uint8_t *out, size_t outsize)
 	    tlv_put(out, &off, outsize, PP2_TYPE_ALPN, pi->alpn,
 	    pi->alpn_len) == -1)
 		return -1;
+	if (pi->authority != NULL && strlen(pi->authority) > 0 &&
+	    strlen(pi->authority) <= PP2_AUTHORITY_MAX &&
+	    tlv_put(out, &off, outsize, PP2_TYPE_AUTHORITY, pi->authority,
+	    strlen(pi->authority)) == -1)
+		return -1;
 	if (pi->tls_version != NULL) {
 		/* PP2_TYPE_SSL: client bits, verify, then its sub-TLVs; no
 		 * client certificate is asked for, so none was verified:

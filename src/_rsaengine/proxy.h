@@ -3,7 +3,7 @@
  * header a relay writes to its backend before any byte of the client's,
  * so that the backend learns the client's address and port, the address
  * and port the client connected to, and (v2) the TLS session's ALPN
- * protocol, version and cipher.  Every constant of the format is here;
+ * protocol, server name (SNI), version and cipher.  Every constant of the format is here;
  * proxy.c builds the header.
  */
 #ifndef PPS_PROXY_H
@@ -56,11 +56,14 @@
 #define PP2_CLIENT_CERT_SESS	0x04	/* ... in this session */
 
 /* The largest header proxy_header() makes: v2, IPv6, an ALPN protocol
- * (255 bytes at most), the SSL TLV with a version and a cipher name
- * (each cut to PP2_SSL_STR_MAX). */
+ * and a server name (255 bytes at most each: a longer name is left
+ * out), the SSL TLV with a version and a cipher name (each cut to
+ * PP2_SSL_STR_MAX). */
 #define PP2_SSL_STR_MAX		64
+#define PP2_AUTHORITY_MAX	255
 #define PPS_PROXY_MAX		(PP2_HEADER_LEN + PP2_ADDR_LEN_INET6 + \
-	    PP2_TLV_HEADER_LEN + 255 + PP2_TLV_HEADER_LEN + \
+	    PP2_TLV_HEADER_LEN + 255 + \
+	    PP2_TLV_HEADER_LEN + PP2_AUTHORITY_MAX + PP2_TLV_HEADER_LEN + \
 	    PP2_SSL_HEADER_LEN + 2 * (PP2_TLV_HEADER_LEN + PP2_SSL_STR_MAX))
 
 /* What the header says about a connection. */
@@ -69,6 +72,7 @@ struct proxy_info {
 	const struct sockaddr_storage *dst;	/* where it connected to */
 	const uint8_t	*alpn;		/* the protocol chosen, or NULL */
 	size_t		 alpn_len;
+	const char	*authority;	/* the client's SNI host name, or NULL */
 	const char	*tls_version;	/* "TLSv1.3"; NULL: no SSL TLV */
 	const char	*tls_cipher;
 };

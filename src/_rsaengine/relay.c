@@ -336,6 +336,7 @@ proxy_prepend(struct conn *c)
 	pi.dst = &local;
 	pi.alpn = alpn_len > 0 ? alpn : NULL;
 	pi.alpn_len = alpn_len;
+	pi.authority = SSL_get_servername(c->ssl, TLSEXT_NAMETYPE_host_name);
 	pi.tls_version = SSL_get_version(c->ssl);
 	pi.tls_cipher = SSL_get_cipher_name(c->ssl);
 	if ((n = proxy_header(c->relay->proxy, &pi, hdr, sizeof(hdr))) <= 0 ||
