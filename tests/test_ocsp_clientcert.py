@@ -299,16 +299,26 @@ def test_client_ca_is_read_again_at_reload(
     ca_file.write_bytes(certs.client_ca.cert_path.read_bytes())
     spec = TlsRelaySpec("www", free_port(), http_backend.port, [certs.www], client_ca=ca_file)
     daemon = start_daemon(TlsConfig([spec], prefork=2))
-    name = certs.www.dns_name
-    assert served(get(spec.listen_port, name, certs.alice))
-    assert not served(get(spec.listen_port, name, certs.mallory))
+    name, port = certs.www.dns_name, spec.listen_port
+    assert served(get(port, name, certs.alice))
+    assert not served(get(port, name, certs.mallory))
+    # a session alice made resumes without her certificate, until ...
+    session = tmp_path / "alice.session"
+    first = s_client(port, servername=name, version="1.2", request=HTTP_GET_ROOT, sess_out=session,
+                     extra=with_cert(certs.alice))
+    assert served(first) and first.reused is False, first.describe()
+    again = s_client(port, servername=name, version="1.2", request=HTTP_GET_ROOT, sess_in=session)
+    assert served(again) and again.reused is True, again.describe()
     ca_file.write_bytes(certs.stranger_ca.cert_path.read_bytes())
     reload(daemon)
     for _ in range(3):
-        result = get(spec.listen_port, name, certs.mallory)
+        result = get(port, name, certs.mallory)
         assert served(result), result.describe()
-        result = get(spec.listen_port, name, certs.alice)
+        result = get(port, name, certs.alice)
         assert not served(result), result.describe()
+    # ... the CAs change: the same ticket keys open it, but it no longer resumes
+    stale = s_client(port, servername=name, version="1.2", request=HTTP_GET_ROOT, sess_in=session)
+    assert stale.reused is not True and not served(stale), stale.describe()
 
 
 # -- out-of-date responses: logged, not stapled --------------------------------
