@@ -31,6 +31,7 @@ from keypairs import (
     ocsp_unsuccessful,
 )
 from pyprivsep import native
+from pyprivsep.ctl import request as ctl_request
 from tlsclients import HTTP_GET_ROOT, SClientResult, TlsVersion, s_client
 
 VERSIONS: tuple[TlsVersion, ...] = ("1.2", "1.3")
@@ -256,6 +257,28 @@ def test_client_ca_names_are_sent(env: Env, certs: Certs, version: TlsVersion) -
     assert "No client certificate CA names sent" in plain.stdout, plain.describe()
 
 
+def show_keys(daemon: Daemon) -> list[dict]:
+    """`ctl show keys`: a dict per keypair of each relay."""
+    keys = ctl_request(str(daemon.workdir / "ctl.sock"), ["show", "keys"])["keys"]
+    assert isinstance(keys, list)
+    return keys
+
+
+def test_show_keys_says_what_is_stapled(env: Env, certs: Certs) -> None:
+    keys = show_keys(env.daemon)
+    www = [k for k in keys if k["relay"] == "staple" and k["subject"] == "CN=www.test"]
+    assert len(www) == 1, keys
+    ocsp = www[0]["ocsp"]
+    assert ocsp["file"] == str(certs.directory / "www.ocsp") and ocsp["stapled"] is True, ocsp
+    next_update = datetime.datetime.fromisoformat(ocsp["next_update"])
+    assert abs((next_update - datetime.datetime.now(datetime.UTC)).total_seconds() - 24 * 3600) < 600, ocsp
+    other = [k for k in keys if k["relay"] == "staple" and k["subject"] == "CN=other.test"]
+    assert len(other) == 1 and other[0]["ocsp"] is None, keys
+    human = run_pyprivsep("ctl", "-s", str(env.daemon.workdir / "ctl.sock"), "show", "keys")
+    assert human.returncode == 0, human.stderr
+    assert f"stapled until {ocsp['next_update']}" in human.stdout, human.stdout
+
+
 # -- reload ------------------------------------------------------------------
 
 
@@ -348,6 +371,8 @@ def test_an_expired_response_is_not_stapled(
     for version in VERSIONS:
         result = status(port, certs.www.dns_name, version)
         assert result.handshake_ok and NO_STAPLE in result.stdout, result.describe()
+    [entry] = show_keys(daemon)
+    assert entry["ocsp"]["stapled"] is False and entry["ocsp"]["file"] == str(ocsp), entry
     # -n says so too, and passes
     check = run_pyprivsep("-n", "-f", str(daemon.conf_path))
     assert check.returncode == 0, check.stderr
