@@ -41,11 +41,11 @@ ALPN_MAX_NAMES = 16
 _ALPN_NAME = re.compile(r"[!-+\--~]{1,255}\Z")
 
 KEYWORDS = frozenset({
-    "ca", "certificate", "changes", "chroot", "ciphers", "connection", "connections",
+    "ca", "certificate", "changes", "chroot", "ciphers", "client", "connection", "connections",
     "allow", "alpn", "errors", "forward", "group", "handshake", "include", "inprocess", "key", "keyop",
     "keyops", "keypair", "keys", "keyservice", "lifetime", "listen", "log", "max", "metrics",
-    "on", "port", "prefork", "protocol", "proxy", "relay", "session", "socket", "state",
-    "ticket",
+    "ocsp", "on", "optional", "port", "prefork", "protocol", "proxy", "relay", "session", "socket",
+    "state", "ticket",
     "timeout", "tls", "to", "user",
 })
 _GLOBAL_ONLY = frozenset({
@@ -57,7 +57,7 @@ DEFAULT_USER = "_pyprivsep"
 DEFAULT_CA_USER = "_pyprivsep_ca"
 
 _RELAY_ONLY = frozenset({"forward", "listen", "session"})
-_RELAY_ONLY_TLS = frozenset({"alpn", "certificate", "ciphers", "keypair"})
+_RELAY_ONLY_TLS = frozenset({"alpn", "certificate", "ciphers", "client", "keypair", "ocsp"})
 
 _MACRO_NAME = re.compile(r"[A-Za-z0-9_]+\Z")
 _NUMBER = re.compile(r"[0-9]+\Z")
@@ -94,6 +94,20 @@ class Keypair:
     cert: str  # absolute path of the certificate chain PEM
     key: str  # absolute path of the private key PEM
     where: Where
+    # absolute path of a DER OCSP response to staple (`ocsp "file"` on the
+    # keypair's line: a response is for one certificate); None: none
+    ocsp: str | None = None
+
+
+@dataclass
+class ClientCa:
+    """`tls client ca "file" [optional]`: verify client certificates
+    against the CA certificates in file (PEM); without `optional` a client
+    that sends none is refused."""
+
+    path: str  # absolute
+    optional: bool
+    where: Where
 
 
 @dataclass
@@ -117,6 +131,7 @@ class Relay:
     where: Where
     proxy_protocol: int = 0  # PROXY protocol version to the backend; 0: none
     alpn: list[str] = field(default_factory=list)  # server's preference order
+    client_ca: ClientCa | None = None  # None: no client certificates asked for
 
 
 @dataclass
@@ -328,6 +343,7 @@ class _RelayBuilder:
     session_timeout: int | None = None
     proxy_protocol: int = 0
     alpn: list[str] | None = None
+    client_ca: ClientCa | None = None
 
     def build(self, config: Config) -> Relay:
         assert self.forward is not None
@@ -345,6 +361,7 @@ class _RelayBuilder:
             where=self.where,
             proxy_protocol=self.proxy_protocol,
             alpn=list(self.alpn or []),
+            client_ca=self.client_ca,
         )
 
 
@@ -799,23 +816,46 @@ class _Parser:
         self._eol("tls alpn")
 
     def _keypair(self, sub: _Token, tok: _Token) -> Keypair | None:
-        """`tls keypair NAME` or `tls certificate PATH key PATH`, or None."""
+        """`tls keypair NAME` or `tls certificate PATH key PATH`, each with
+        an optional `ocsp PATH` after it, or None."""
         where = Where(self.file, tok.line)
         if sub.is_word("keypair"):
             name = self._arg("tls keypair", tok)
             if name.value in ("", ".", "..") or "/" in name.value:
                 raise self._err(name.line, f'invalid keypair name "{name.value}"')
+            ocsp = self._ocsp("tls keypair", tok)
             self._eol("tls keypair")
             cert = os.path.join(SSL_DIR, f"{name.value}.crt")
             key = os.path.join(SSL_DIR, "private", f"{name.value}.key")
-            return Keypair(cert, key, where)
+            return Keypair(cert, key, where, ocsp)
         if sub.is_word("certificate"):
             cert = self._path(self._arg("tls certificate", tok))
             self._expect("tls certificate", tok, "key")
             key = self._path(self._arg("tls certificate key", tok))
+            ocsp = self._ocsp("tls certificate", tok)
             self._eol("tls certificate")
-            return Keypair(cert, key, where)
+            return Keypair(cert, key, where, ocsp)
         return None
+
+    def _ocsp(self, what: str, tok: _Token) -> str | None:
+        """`ocsp PATH` at the end of a keypair's line: the response to
+        staple for that certificate."""
+        if not self.lex.peek().is_word("ocsp"):
+            return None
+        self.lex.next()
+        return self._path(self._arg(f"{what} ocsp", tok))
+
+    def _client_ca(self, relay: _RelayBuilder, tok: _Token) -> None:
+        self._expect("tls client", tok, "ca")
+        path = self._path(self._arg("tls client ca", tok))
+        optional = self.lex.peek().is_word("optional")
+        if optional:
+            self.lex.next()
+        self._eol("tls client ca")
+        if relay.client_ca is not None:
+            raise self._err(tok.line, f'relay "{relay.name}" has more than one '
+                            f'"tls client ca" (first at {relay.client_ca.where})')
+        relay.client_ca = ClientCa(path, optional, Where(self.file, tok.line))
 
     def _relay_tls(self, relay: _RelayBuilder, tok: _Token) -> None:
         sub = self._arg("tls", tok)
@@ -832,6 +872,13 @@ class _Parser:
             relay.keyop_timeout_ms = self._keyop(tok)
         elif sub.is_word("alpn"):
             self._alpn(relay, tok)
+        elif sub.is_word("client"):
+            self._client_ca(relay, tok)
+        elif sub.is_word("ocsp"):
+            # a response is for one certificate: it goes on that one's line
+            raise self._err(tok.line, '"tls ocsp" belongs on its certificate\'s '
+                            'line: tls certificate "CERT" key "KEY" ocsp "FILE" '
+                            '(or tls keypair NAME ocsp "FILE")')
         else:
             raise self._err(tok.line, f'unknown directive "tls {sub.value}"')
 
@@ -894,6 +941,9 @@ class _Parser:
             if kp is None:
                 raise self._err(tok.line, f'"tls {sub.value}" is not valid inside '
                                 'a keyservice block')
+            if kp.ocsp is not None:
+                raise self._err(tok.line, '"ocsp" is not valid inside a keyservice '
+                                'block: its programs staple their own responses')
             service.keypairs.append(kp)
         elif word in ("relay", "keyservice"):
             raise self._err(tok.line, f"nested {word} blocks are not allowed")

@@ -61,6 +61,15 @@ def human_summary(a: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def staple(ocsp: dict[str, Any] | None) -> str:
+    """A keypair's OCSP column: none, stapled until when, or not stapled."""
+    if ocsp is None:
+        return "-"
+    if not ocsp["stapled"]:
+        return "not stapled (out of date)"
+    return f"stapled until {ocsp['next_update']}" if ocsp["next_update"] else "stapled"
+
+
 def human(words: list[str], a: dict[str, Any]) -> str:
     if "error" in a:
         return f"error: {a['error']}"
@@ -75,9 +84,10 @@ def human(words: list[str], a: dict[str, Any]) -> str:
                      ["process", "relay", "client", "state", "age", "idle",
                       "bytes in", "bytes out"])
     if words == ["show", "keys"]:
-        return table([[k["relay"], k["type"], k["subject"], k["not_after"],
-                       k["key_id"], k["held_by"]] for k in a["keys"]],
-                     ["relay", "key", "subject", "expires", "key id", "held by"])
+        return table([[k.get("relay", k.get("keyservice")), k["type"], k["subject"],
+                       k["not_after"], k["key_id"], k["held_by"], staple(k.get("ocsp"))]
+                      for k in a["keys"]],
+                     ["relay", "key", "subject", "expires", "key id", "held by", "ocsp"])
     return json.dumps(a, indent=2)
 
 

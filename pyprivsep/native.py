@@ -183,6 +183,19 @@ def relay_keypair(relay: int, chain_pem: bytes, keyid: bytes,
         len(key_pem) if key_pem is not None else 0))
 
 
+def relay_client_ca(relay: int, pem: bytes, optional: bool) -> None:
+    """Ask clients of `relay` for a certificate and verify it against the
+    CA certificates in pem; without `optional` refuse a client with none.
+    Before the relay's first keypair."""
+    _check(lib.pps_relay_client_ca(relay, pem, len(pem), int(optional)))
+
+
+def relay_ocsp(relay: int, der: bytes, not_before: int, not_after: int) -> None:
+    """Staple the DER OCSP response der for the keypair added last, from
+    not_before to not_after (Unix seconds; 0: no end)."""
+    _check(lib.pps_relay_ocsp(relay, der, len(der), not_before, not_after))
+
+
 def ticket_keys(keys: bytes) -> None:
     _check(lib.pps_ticket_keys(keys, len(keys)))
 

@@ -113,8 +113,11 @@ def prepare(cfg: Config, use_syslog: bool, verbose: bool,
     On reload, listening sockets of `reuse` with the same address and port
     are kept, so no connection is refused while generations change."""
     certs, listeners, forward = [], [], []
+    client_cas: list[bytes | None] = []
     for r in cfg.relays:
-        certs.append([keys.load_cert(kp) for kp in r.keypairs])
+        certs.append(relay_certs(r))
+        client_cas.append(None if r.client_ca is None
+                          else keys.load_client_ca(r.client_ca))
         forward.append(forward_address(r))
     opened: list[socket.socket] = []
     try:
@@ -132,7 +135,20 @@ def prepare(cfg: Config, use_syslog: bool, verbose: bool,
             s.close()
         raise
     return relay.RelaySetup(cfg, certs, listeners, forward, b"",
-                            use_syslog, verbose)
+                            use_syslog, verbose, client_cas)
+
+
+def relay_certs(r: Relay) -> list[keys.Cert]:
+    """A relay block's certificates with their OCSP responses, read here,
+    by the parent (at start and at every reload); what is wrong with a
+    response that may right itself (expired) is logged, not refused."""
+    out = []
+    for kp in r.keypairs:
+        cert, warning = keys.load_staple(keys.load_cert(kp))
+        if warning is not None:
+            log.warning("%s", warning)
+        out.append(cert)
+    return out
 
 
 def sockets_of(setup: relay.RelaySetup) -> Sockets:

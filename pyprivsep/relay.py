@@ -6,7 +6,7 @@ engine_run() on, every connection is handled in C.
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyprivsep import keys, native, privsep
 from pyprivsep.config import Config, ConfigError
@@ -23,14 +23,18 @@ class RelaySetup:
     ticket_keys: bytes
     use_syslog: bool
     verbose: bool
+    # per relay block: the PEM of its `tls client ca`, or None
+    client_cas: list[bytes | None] = field(default_factory=list)
 
 
 def configure(cfg: Config, certs: list[list[keys.Cert]], forward: list[str],
-              listeners: list[list[socket.socket]], inprocess: bool) -> None:
+              listeners: list[list[socket.socket]], inprocess: bool,
+              client_cas: list[bytes | None]) -> None:
     """Give the engine its relay blocks.  Anything it refuses (a cipher
-    list, a certificate chain, a key that does not fit) is a ConfigError
-    naming the directive, so that `pyprivsep -n`, which runs this too,
-    finds it before a relay process would."""
+    list, a certificate chain, a key that does not fit, an OCSP response,
+    a client CA file) is a ConfigError naming the directive, so that
+    `pyprivsep -n`, which runs this too, finds it before a relay process
+    would."""
     for n, r in enumerate(cfg.relays):
         try:
             rid = native.relay_new(r.name, forward[n], r.forward_port,
@@ -42,14 +46,30 @@ def configure(cfg: Config, certs: list[list[keys.Cert]], forward: list[str],
         except native.NativeError as e:
             raise ConfigError(r.where.file, r.where.line,
                               f"relay {r.name}: {e}") from None
+        ca_pem = client_cas[n]
+        if r.client_ca is not None and ca_pem is not None:
+            try:
+                native.relay_client_ca(rid, ca_pem, r.client_ca.optional)
+            except native.NativeError as e:
+                w = r.client_ca.where
+                raise ConfigError(w.file, w.line, f"relay {r.name}: tls client "
+                                  f"ca {r.client_ca.path}: {e}") from None
         for cert in certs[n]:
             key = keys.read_key(cert) if inprocess else None
+            kp = cert.keypair
             try:
                 native.relay_keypair(rid, cert.chain_pem, cert.keyid, key)
             except native.NativeError as e:
-                kp = cert.keypair
                 raise ConfigError(kp.where.file, kp.where.line,
                                   f"relay {r.name}: {kp.cert}: {e}") from None
+            if cert.staple is None:
+                continue
+            try:
+                native.relay_ocsp(rid, cert.staple.der, cert.staple.not_before,
+                                  cert.staple.not_after)
+            except native.NativeError as e:
+                raise ConfigError(kp.where.file, kp.where.line,
+                                  f"relay {r.name}: ocsp {kp.ocsp}: {e}") from None
 
 
 def keyops_async(cfg: Config) -> bool:
@@ -78,7 +98,7 @@ def main(setup: RelaySetup, index: int, ca_fd: int, ctl_fd: int) -> int:
                        use_syslog=setup.use_syslog,
                        verbose=setup.verbose)
     configure(cfg, setup.certs, setup.forward, setup.listeners,
-              cfg.keys_inprocess)
+              cfg.keys_inprocess, setup.client_cas)
     native.ticket_keys(setup.ticket_keys)
     privsep.drop_privileges(cfg, "relay")
     privsep.sandbox("relay")

@@ -9,7 +9,7 @@ import pytest
 
 from pyprivsep import config
 from pyprivsep.config import (
-    Config, ConfigError, Keypair, Listen, Where, parse_config, parse_macro_arg,
+    ClientCa, Config, ConfigError, Keypair, Listen, Where, parse_config, parse_macro_arg,
 )
 
 # A minimal valid relay block, for cases that need one around the error.
@@ -608,3 +608,64 @@ def test_keyservice_errors(tmp_path: Path, text: str, line: int, message: str) -
         parse_text(tmp_path, text)
     assert (exc.value.file, exc.value.line) == (str(tmp_path / "test.conf"), line)
     assert message in exc.value.msg
+
+
+# -- OCSP stapling and client certificates -------------------------------------
+
+
+def test_ocsp_on_the_keypair_line_and_client_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config, "SSL_DIR", "/ssl")
+    cfg = parse_text(tmp_path, relay(
+        LISTEN, FORWARD,
+        'tls certificate "a.crt" key "a.key" ocsp "ocsp/a.der"',
+        'tls keypair b ocsp "/abs/b.der"',
+        "tls keypair c",
+        'tls client ca "clients.pem"'))
+    path = str(tmp_path / "test.conf")
+    [r] = cfg.relays
+    assert r.keypairs == [
+        Keypair(str(tmp_path / "a.crt"), str(tmp_path / "a.key"), Where(path, 4), str(tmp_path / "ocsp/a.der")),
+        Keypair("/ssl/b.crt", "/ssl/private/b.key", Where(path, 5), "/abs/b.der"),
+        Keypair("/ssl/c.crt", "/ssl/private/c.key", Where(path, 6)),
+    ]
+    # required unless told optional
+    assert r.client_ca == ClientCa(str(tmp_path / "clients.pem"), False, Where(path, 7))
+
+
+def test_client_ca_optional_and_defaults(tmp_path: Path) -> None:
+    cfg = parse_text(tmp_path, relay(LISTEN, FORWARD, KEYPAIR, 'tls client ca "/c.pem" optional')
+                     + relay("listen on ::1 port 1 tls", FORWARD, KEYPAIR, name="s"))
+    first, second = cfg.relays
+    assert first.client_ca is not None and first.client_ca.optional
+    assert second.client_ca is None
+    assert all(kp.ocsp is None for r in cfg.relays for kp in r.keypairs)
+
+
+@pytest.mark.parametrize("text, line, message", [
+    (relay(LISTEN, FORWARD, KEYPAIR, 'tls ocsp "a.der"'), 5,
+     '"tls ocsp" belongs on its certificate\'s line: tls certificate "CERT" key "KEY" ocsp "FILE"'),
+    (relay(LISTEN, FORWARD, 'tls certificate "a" key "b" ocsp'), 4,
+     'missing argument for "tls certificate ocsp"'),
+    (relay(LISTEN, FORWARD, 'tls keypair a ocsp ""'), 4, "empty path"),
+    (relay(LISTEN, FORWARD, 'tls keypair a ocsp "x" "y"'), 4, 'extra argument "y" for "tls keypair"'),
+    (relay(LISTEN, FORWARD, 'tls certificate "a" ocsp "x" key "b"'), 4,
+     'expected "key" in "tls certificate", got "ocsp"'),
+    ('tls ocsp "a.der"\n', 1, '"tls ocsp" is only valid inside a relay block'),
+    ('tls client ca "c.pem"\n', 1, '"tls client" is only valid inside a relay block'),
+    (relay(LISTEN, FORWARD, KEYPAIR, "tls client"), 5, 'missing "ca" in "tls client"'),
+    (relay(LISTEN, FORWARD, KEYPAIR, 'tls client cert "c.pem"'), 5, 'expected "ca" in "tls client", got "cert"'),
+    (relay(LISTEN, FORWARD, KEYPAIR, "tls client ca"), 5, 'missing argument for "tls client ca"'),
+    (relay(LISTEN, FORWARD, KEYPAIR, 'tls client ca "c.pem" required'), 5,
+     'extra argument "required" for "tls client ca"'),
+    (relay(LISTEN, FORWARD, KEYPAIR, 'tls client ca "c.pem"', 'tls client ca "d.pem" optional'), 6,
+     'relay "r" has more than one "tls client ca" (first at {path}:5)'),
+    ('keyservice "a" {\n socket "/r/a"\n allow user root\n tls keypair a ocsp "a.der"\n}\n', 4,
+     '"ocsp" is not valid inside a keyservice block'),
+    ('keyservice "a" {\n tls client ca "c.pem"\n}\n', 2, '"tls client" is not valid inside a keyservice'),
+])
+def test_ocsp_and_client_ca_errors(tmp_path: Path, text: str, line: int, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        parse_config(path)
+    assert (info.value.file, info.value.line) == (path, line)
+    assert message.replace("{path}", path) in info.value.msg

@@ -34,6 +34,21 @@ int		 pps_relay_new(const char *name, const char *fwd_addr, int fwd_port,
 int		 pps_relay_listen(int relay, int fd);
 int		 pps_relay_keypair(int relay, const char *chain_pem, size_t chain_len,
 		    const uint8_t *keyid, const char *key_pem, size_t key_len);
+/*
+ * Client certificates: ask for one, verify it against the CA certificates
+ * in pem; refuse a client without one unless optional.  Before the relay's
+ * first keypair.
+ */
+int		 pps_relay_client_ca(int relay, const char *pem, size_t len,
+		    int optional);
+/*
+ * The DER OCSP response to staple for the relay's last keypair, from
+ * not_before to not_after (Unix seconds; not_after 0: no end).
+ */
+#define PPS_OCSP_MAX		65536
+#define PPS_CLIENT_CA_MAX	4194304
+int		 pps_relay_ocsp(int relay, const uint8_t *der, size_t len,
+		    int64_t not_before, int64_t not_after);
 int		 pps_ticket_keys(const uint8_t *keys, size_t len);
 int		 pps_engine_run(void);
 

@@ -389,11 +389,14 @@ backend_connect(struct conn *c)
 	}
 }
 
-/* Why a handshake failed: the ca (it says why), else the client. */
+/* Why a handshake failed: the ca (it says why), else the client, and
+ * what was wrong with its certificate when one was verified (tls client
+ * ca). */
 static void
 handshake_failed(struct conn *c)
 {
-	const char *why = c->keyop.failed;
+	const char *why = c->keyop.failed, *cert = "";
+	long verify = SSL_get_verify_result(c->ssl);
 
 	if (why != NULL) {
 		stats.fail_ca++;
@@ -402,9 +405,12 @@ handshake_failed(struct conn *c)
 		stats.fail_client++;
 		why = ssl_reason();
 	}
+	if (verify != X509_V_OK)
+		cert = X509_verify_cert_error_string(verify);
 	pps_log(pps_conf.log_errors ? LOG_WARNING : LOG_DEBUG,
-	    "relay %s: %s: handshake failed: %s", c->relay->name, peer_name(c),
-	    why);
+	    "relay %s: %s: handshake failed: %s%s%s%s", c->relay->name,
+	    peer_name(c), why, *cert ? " (client certificate: " : "", cert,
+	    *cert ? ")" : "");
 	conn_close(c, NULL);
 }
 
@@ -1253,6 +1259,27 @@ pps_relay_keypair(int index, const char *chain_pem, size_t chain_len,
 	if (key_pem == NULL && pps_conf.ca_fd == -1)
 		return pps_seterr("relay %s: no ca and no key", r->name);
 	return tls_keypair(r, chain_pem, chain_len, keyid, key_pem, key_len);
+}
+
+int
+pps_relay_client_ca(int index, const char *pem, size_t len, int optional)
+{
+	struct relay *r = relay_get(index);
+
+	if (r == NULL)
+		return -1;
+	return tls_client_ca(r, pem, len, optional);
+}
+
+int
+pps_relay_ocsp(int index, const uint8_t *der, size_t len, int64_t not_before,
+    int64_t not_after)
+{
+	struct relay *r = relay_get(index);
+
+	if (r == NULL)
+		return -1;
+	return tls_ocsp(r, der, len, not_before, not_after);
 }
 
 int
