@@ -132,25 +132,37 @@ def library_version(flags: dict[str, list[str]]) -> tuple[str, int, str]:
     return kind, int(number, 16), text
 
 
-def check_library(flags: dict[str, list[str]], origin: str) -> None:
-    """Say which library this is; refuse one too old."""
+def check_library(flags: dict[str, list[str]],
+                  origin: str) -> tuple[str, int, str]:
+    """Say which library this is; refuse one too old.  Returns its
+    library_version()."""
     kind, number, text = library_version(flags)
     least, name = LIBRESSL_MIN if kind == "LibreSSL" else OPENSSL_MIN
     if number < least:
         sys.exit(f"build_ffi: {text} ({origin}) is too old: pyprivsep needs "
                  f"{kind} {name} or later")
     print(f"build_ffi: compiling against {text} ({origin})", file=sys.stderr)
+    return kind, number, text
 
+
+# The library compiled against (src/_rsaengine/libversion.h) and the one
+# loaded, for pyprivsep/native.py's check at import.
+LIBVERSION_CDEF = """
+#define PPS_BUILT_OPENSSL ...
+#define PPS_BUILT_LIBRESSL ...
+static const char *const PPS_BUILT_TEXT;
+unsigned long OpenSSL_version_num(void);
+"""
 
 ffibuilder = FFI()
 ffibuilder.cdef(cdef_of(os.path.join(SRC, "protocol.h")) + "\n" +
-                cdef_of(os.path.join(SRC, "api.h")))
+                cdef_of(os.path.join(SRC, "api.h")) + LIBVERSION_CDEF)
 
 flags, origin = library_flags()
 check_library(flags, origin)
 ffibuilder.set_source(
     "pyprivsep._rsaengine",
-    '#include "engine.h"\n',
+    '#include "engine.h"\n#include "libversion.h"\n',
     sources=sorted(glob.glob(os.path.join("src", "_rsaengine", "*.c"))),
     include_dirs=[SRC] + flags["include_dirs"],
     library_dirs=flags["library_dirs"],
