@@ -14,6 +14,7 @@ before 3.0 (1.1.1 is out of support and untested here), LibreSSL before 3.8.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shlex
@@ -145,6 +146,21 @@ def check_library(flags: dict[str, list[str]],
     return kind, number, text
 
 
+# What a build depends on besides the sources: the library (what, which
+# version, from where, with which flags) and the compiler settings from the
+# environment.  setup.py rebuilds everything when this differs from the
+# last build's (its build_ext), since file times cannot tell.
+BUILD_ENV = ("CC", "CFLAGS", "CPPFLAGS", "LDFLAGS", "LDSHARED")
+
+
+def library_identity(flags: dict[str, list[str]], origin: str,
+                     version: tuple[str, int, str]) -> str:
+    return json.dumps({"library": list(version), "origin": origin,
+                       "flags": flags,
+                       "env": {k: os.environ.get(k) for k in BUILD_ENV}},
+                      sort_keys=True)
+
+
 # The library compiled against (src/_rsaengine/libversion.h) and the one
 # loaded, for pyprivsep/native.py's check at import.
 LIBVERSION_CDEF = """
@@ -159,7 +175,8 @@ ffibuilder.cdef(cdef_of(os.path.join(SRC, "protocol.h")) + "\n" +
                 cdef_of(os.path.join(SRC, "api.h")) + LIBVERSION_CDEF)
 
 flags, origin = library_flags()
-check_library(flags, origin)
+version = check_library(flags, origin)
+identity = library_identity(flags, origin, version)
 ffibuilder.set_source(
     "pyprivsep._rsaengine",
     '#include "engine.h"\n#include "libversion.h"\n',

@@ -1,7 +1,9 @@
 """The library you build against is the library you run (issue 15).
 
 At import, pyprivsep.native refuses an extension that runs with another
-TLS library than it was compiled against (check_library).
+TLS library than it was compiled against (check_library); a build for
+another library compiles and links everything again, where setuptools used
+to keep the last library's objects and .so in build/ (setup.py BuildExt).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -157,3 +160,92 @@ def test_import_refuses_another_library_under_the_module() -> None:
     assert r.returncode != 0, r.stdout
     assert "LibraryMismatch" in r.stderr, r.stderr
     assert f"compiled against {ours} but runs with {other[1]}" in r.stderr, r.stderr
+
+
+# ---- a build for another library builds again ---------------------------
+
+def _other_prefix(ours: str) -> tuple[str, str] | None:
+    """An OpenSSL installed under /opt of another release than ours:
+    (prefix, its version text), or None."""
+    for prefix in sorted(glob.glob("/opt/*")):
+        tool = os.path.join(prefix, "bin", "openssl")
+        if (os.path.isfile(os.path.join(prefix, "include", "openssl", "ssl.h"))
+                and os.access(tool, os.X_OK)):
+            text = _tool_version(tool)
+            if text.startswith("OpenSSL") and _release(text) != _release(ours):
+                return prefix, text
+    return None
+
+
+def _tool_version(tool: str) -> str:
+    """`openssl version` without its "(Library: ...)"."""
+    out = subprocess.run([tool, "version"], capture_output=True,
+                         text=True).stdout.strip()
+    return out.split(" (Library:")[0]
+
+
+def test_a_build_for_another_library_builds_again(tmp_path: Path) -> None:
+    """`setup.py build` (what pip does, in the tree) against the system's
+    OpenSSL, then in the same tree against another: the second build
+    compiles and links again, its .so files link the other library (rpath,
+    ldd) and `pyprivsep -V` names it; then back to the system's.  Without
+    another OpenSSL under /opt, the second identity is the system's headers
+    through OPENSSL_PREFIX=/usr, which only adds an rpath."""
+    pytest.importorskip("setuptools")
+    system = _tool_version("openssl")
+    if not system.startswith("OpenSSL"):
+        pytest.skip(f"the system's openssl is {system}")
+    if not os.path.isfile("/usr/include/openssl/ssl.h"):
+        pytest.skip("no system OpenSSL headers (libssl-dev)")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    ignore = shutil.ignore_patterns("*.so", "*.o", "__pycache__",
+                                    "_rsaengine.c")
+    for name in ("setup.py", "build_ffi.py", "pyproject.toml"):
+        shutil.copy2(ROOT / name, tree / name)
+    for name in ("src", "pyprivsep", "man"):
+        shutil.copytree(ROOT / name, tree / name, ignore=ignore)
+    other = _other_prefix(system)
+    prefix, other_text = other if other else ("/usr", system)
+    base_env = {k: v for k, v in os.environ.items()
+                if k not in ("OPENSSL_PREFIX", "LD_LIBRARY_PATH", "PYTHONPATH")}
+
+    def build(openssl_prefix: str | None) -> tuple[str, str, str]:
+        env = dict(base_env)
+        if openssl_prefix:
+            env["OPENSSL_PREFIX"] = openssl_prefix
+        r = subprocess.run(["nice", "-n", "19", sys.executable, "setup.py",
+                            "build"], cwd=tree, env=env,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        (build_lib,) = glob.glob(str(tree / "build" / "lib.*"))
+        (ext,) = glob.glob(os.path.join(build_lib, "pyprivsep", "_rsaengine*.so"))
+        run = subprocess.run([sys.executable, "-m", "pyprivsep", "-V"],
+                             cwd=tmp_path, capture_output=True, text=True,
+                             env=dict(base_env, PYTHONPATH=build_lib))
+        assert run.returncode == 0, run.stderr
+        return ext, run.stdout.strip(), r.stderr
+
+    ext, version, _ = build(None)
+    provider = os.path.join(os.path.dirname(ext), "pyprivsep-provider.so")
+    assert version.endswith(system), version
+    system_runpath = {so: _runpath(so) for so in (ext, provider)}
+    for so, runpath in system_runpath.items():
+        assert os.path.join(prefix, "lib") not in runpath.split(":"), so
+
+    ext, version, log = build(prefix)
+    libdir = os.path.join(prefix, "lib")
+    for so in (ext, provider):
+        assert libdir in _runpath(so).split(":"), so
+        if other:
+            resolved = _resolved(so)
+            crypto = next(n for n in _needed(so) if n.startswith("libcrypto"))
+            assert resolved[crypto].startswith(libdir + "/"), resolved
+    assert version.endswith(other_text), version
+    assert "building everything again" in log
+
+    ext, version, log = build(None)
+    assert version.endswith(system), version
+    for so in (ext, provider):
+        assert _runpath(so) == system_runpath[so], so
+    assert "building everything again" in log
