@@ -96,7 +96,13 @@ if ! printf '%s\n' "$available" | grep -qxF "$DEBVERSION"; then
 	echo "change the version in the script that calls this one" >&2
 	exit 1
 fi
-(cd "$work" && apt-get source --download-only "openssl=$DEBVERSION")
+if ! (cd "$work" && apt-get source --download-only "openssl=$DEBVERSION"); then
+	# listed, but the mirror has not (or no longer) its files
+	echo "$0: could not download openssl $DEBVERSION from Debian's $SUITE" \
+	    "(above); $SUITE lists:" $available >&2
+	echo "try another of them in the script that calls this one" >&2
+	exit 1
+fi
 drop_source
 
 cd "$work"
