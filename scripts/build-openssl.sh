@@ -110,7 +110,29 @@ for f in openssl_"$VERSION".orig.tar.*; do
 	case "$f" in *.asc) ;; *) tar xf "$f" ;; esac
 done
 cd "openssl-$VERSION"
-./Configure --prefix="$PREFIX" --libdir=lib shared "-Wl,-rpath,$PREFIX/lib"
+set -- --prefix="$PREFIX" --libdir=lib shared "-Wl,-rpath,$PREFIX/lib"
+# A library with the sonames the system's has (libssl.so.3 for any 3.x)
+# cannot be loaded beside it: in a process that has the system's already
+# (Python's ssl and hashlib load it), the extension would get that one.
+# Such a build gets a variant in its sonames, libssl-NAME.so.3 (Configure's
+# shlib_variant, in a target of its own that inherits the detected one).
+major=${VERSION%%.*}
+if ldconfig -p | grep -q "^[[:space:]]*libssl\.so\.$major "; then
+	target=$(./Configure "$@" | sed -n 's/^Configuring OpenSSL version .* for target //p')
+	variant=-$(basename "$PREFIX")
+	cat > pyprivsep.conf <<-EOF
+	my %targets = (
+	    "$target-pyprivsep" => {
+	        inherit_from => [ "$target" ],
+	        shlib_variant => "$variant",
+	    },
+	);
+	EOF
+	echo "the system has libssl.so.$major: sonames libssl$variant.so.$major," \
+	    "libcrypto$variant.so.$major"
+	set -- --config=pyprivsep.conf "$target-pyprivsep" "$@"
+fi
+./Configure "$@"
 nice -n 19 make -j2
 make install_sw
 "$PREFIX/bin/openssl" version
