@@ -7,7 +7,7 @@ SOURCES := setup.py pyproject.toml build_ffi.py $(wildcard src/_rsaengine/*.[ch]
            $(wildcard src/provider/*.[ch])
 CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -O2 -c -o /dev/null
 
-.PHONY: all build run test test-lib test-openssl4 test-openssl35 bench asan fuzz warnings sysdeps testdeps users clean
+.PHONY: all build run test test-lib test-openssl4 bench asan fuzz warnings sysdeps testdeps users clean
 
 all: build
 
@@ -148,11 +148,17 @@ test-lib: sysdeps testdeps $(ROOT_DEPS)
 	cd $(LIB_DIR) && $(LIB_PY) -m pyprivsep -V
 	cd $(LIB_DIR) && $(LIB_PY) -m pytest -q -rs -p no:cacheprovider tests
 
-# OpenSSL 4.0 and 3.5 (Debian 13's), each built into /opt/<name> when it is
-# not there yet (scripts/build-openssl.sh, called by build-<name>.sh).
-test-openssl4 test-openssl35: test-%:
-	sh scripts/build-$*.sh
-	$(MAKE) test-lib OPENSSL_PREFIX=/opt/$*
+# OpenSSL 4.0, built into /opt/openssl4 when it is not there yet.
+test-openssl4:
+	sh scripts/build-openssl4.sh
+	$(MAKE) test-lib OPENSSL_PREFIX=/opt/openssl4
+
+# OpenSSL 3.5 (Debian 13's), the same way into /opt/openssl35, with sonames
+# of its own beside the system's 3.0 (scripts/build-openssl.sh).
+.PHONY: test-openssl35
+test-openssl35:
+	sh scripts/build-openssl35.sh
+	$(MAKE) test-lib OPENSSL_PREFIX=/opt/openssl35
 
 clean:
 	rm -rf build $(VENV) pyprivsep/_rsaengine*.so pyprivsep/pyprivsep-provider.so pyprivsep/*.o *.egg-info

@@ -14,7 +14,6 @@ before 3.0 (1.1.1 is out of support and untested here), LibreSSL before 3.8.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 import shlex
@@ -133,32 +132,17 @@ def library_version(flags: dict[str, list[str]]) -> tuple[str, int, str]:
     return kind, int(number, 16), text
 
 
-def check_library(flags: dict[str, list[str]],
-                  origin: str) -> tuple[str, int, str]:
-    """Say which library this is; refuse one too old.  Returns its
-    library_version()."""
-    kind, number, text = library_version(flags)
-    least, name = LIBRESSL_MIN if kind == "LibreSSL" else OPENSSL_MIN
-    if number < least:
-        sys.exit(f"build_ffi: {text} ({origin}) is too old: pyprivsep needs "
-                 f"{kind} {name} or later")
-    print(f"build_ffi: compiling against {text} ({origin})", file=sys.stderr)
-    return kind, number, text
+# What a build depends on besides the sources: the library (which, which
+# version, from where, with which flags) and the compiler settings and build
+# choices from the environment.  setup.py builds everything again when this
+# differs from the last build's, since file times cannot tell.
+BUILD_ENV = ("CC", "CFLAGS", "CPPFLAGS", "LDFLAGS", "LDSHARED",
+             "PYPRIVSEP_POLLER", "KQUEUE_PREFIX")
 
 
-# What a build depends on besides the sources: the library (what, which
-# version, from where, with which flags) and the compiler settings from the
-# environment.  setup.py rebuilds everything when this differs from the
-# last build's (its build_ext), since file times cannot tell.
-BUILD_ENV = ("CC", "CFLAGS", "CPPFLAGS", "LDFLAGS", "LDSHARED")
-
-
-def library_identity(flags: dict[str, list[str]], origin: str,
-                     version: tuple[str, int, str]) -> str:
-    return json.dumps({"library": list(version), "origin": origin,
-                       "flags": flags,
-                       "env": {k: os.environ.get(k) for k in BUILD_ENV}},
-                      sort_keys=True)
+def library_identity(flags: dict[str, list[str]], origin: str) -> dict:
+    return {"library": list(library_version(flags)), "origin": origin,
+            "flags": flags, "env": {k: os.environ.get(k) for k in BUILD_ENV}}
 
 
 # The library compiled against (src/_rsaengine/libversion.h) and the one
@@ -170,13 +154,23 @@ static const char *const PPS_BUILT_TEXT;
 unsigned long OpenSSL_version_num(void);
 """
 
+
+def check_library(flags: dict[str, list[str]], origin: str) -> None:
+    """Say which library this is; refuse one too old."""
+    kind, number, text = library_version(flags)
+    least, name = LIBRESSL_MIN if kind == "LibreSSL" else OPENSSL_MIN
+    if number < least:
+        sys.exit(f"build_ffi: {text} ({origin}) is too old: pyprivsep needs "
+                 f"{kind} {name} or later")
+    print(f"build_ffi: compiling against {text} ({origin})", file=sys.stderr)
+
+
 ffibuilder = FFI()
 ffibuilder.cdef(cdef_of(os.path.join(SRC, "protocol.h")) + "\n" +
                 cdef_of(os.path.join(SRC, "api.h")) + LIBVERSION_CDEF)
 
 flags, origin = library_flags()
-version = check_library(flags, origin)
-identity = library_identity(flags, origin, version)
+check_library(flags, origin)
 ffibuilder.set_source(
     "pyprivsep._rsaengine",
     '#include "engine.h"\n#include "libversion.h"\n',

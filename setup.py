@@ -14,7 +14,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from build_ffi import identity, library_flags, library_version  # noqa: E402
+from build_ffi import library_flags, library_identity, library_version  # noqa: E402
 
 PROVIDER = "pyprivsep.pyprivsep-provider"
 PROVIDER_FILE = os.path.join("pyprivsep", "pyprivsep-provider.so")
@@ -32,7 +32,7 @@ class BuildExt(build_ext):
 
     def run(self):
         stamp = os.path.join(self.build_temp, "tls-library.json")
-        this = json.dumps({"library": json.loads(identity),
+        this = json.dumps({"library": library_identity(*library_flags()),
                            "inplace": bool(self.inplace),
                            "build_lib": os.path.abspath(self.build_lib)},
                           sort_keys=True)
