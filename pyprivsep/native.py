@@ -7,9 +7,56 @@ the extension's message; nothing else.
 """
 from __future__ import annotations
 
+import re
+
 from pyprivsep._rsaengine import ffi, lib
 
 __all__ = ["ffi", "lib", "P", "HDR_SIZE", "FRAME_MAX"]
+
+
+class LibraryMismatch(ImportError):
+    """The extension runs with another TLS library than it was built for."""
+
+
+def _release(number: int) -> tuple[int, int]:
+    """(major, minor) of an OpenSSL 3+ (0xMNN00PP0L) or LibreSSL
+    (0xMNNFF00fL) version number."""
+    return number >> 28, (number >> 20) & 0xff
+
+
+def check_library(built_openssl: int, built_libressl: int, built_text: str,
+                  loaded_number: int, loaded_text: str) -> None:
+    """Raise LibraryMismatch unless the TLS library loaded is the one the
+    extension was compiled against: OpenSSL or LibreSSL the same, and the
+    same release (major.minor), whose ABI and features the extension's
+    #ifs were decided for.  A patch release differs only in fixes: a
+    security update of the library must not stop the daemon.
+
+    built_*: OPENSSL_VERSION_NUMBER, LIBRESSL_VERSION_NUMBER (0 for
+    OpenSSL) and the version text, at compile time; loaded_*:
+    OpenSSL_version_num() and OpenSSL_version(OPENSSL_VERSION) at run time.
+    LibreSSL's OpenSSL_version_num() is always 0x20000000, so a LibreSSL's
+    release comes from its text ("LibreSSL 4.3.2")."""
+    loaded_libressl = loaded_text.startswith("LibreSSL")
+    if built_libressl:
+        m = re.match(r"LibreSSL (\d+)\.(\d+)\b", loaded_text)
+        same = (loaded_libressl and m is not None and
+                (int(m.group(1)), int(m.group(2))) == _release(built_libressl))
+    else:
+        same = (not loaded_libressl and
+                _release(loaded_number) == _release(built_openssl))
+    if not same:
+        raise LibraryMismatch(
+            f"pyprivsep._rsaengine was compiled against {built_text} but "
+            f"runs with {loaded_text}: build it again "
+            f"against the library it runs with (pip install, OPENSSL_PREFIX), "
+            f"or run it with the one it was built for")
+
+
+check_library(lib.PPS_BUILT_OPENSSL, lib.PPS_BUILT_LIBRESSL,
+              ffi.string(lib.PPS_BUILT_TEXT).decode(),
+              lib.OpenSSL_version_num(),
+              ffi.string(lib.pps_library_version()).decode())
 
 P = lib                                   # protocol constants: P.PPS_*
 HDR_SIZE: int = ffi.sizeof("struct pps_hdr")
