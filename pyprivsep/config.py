@@ -39,18 +39,26 @@ PROXY_PROTOCOLS = {"v1": 1, "v2": 2}
 # limit), printable ASCII without space or comma, at most ALPN_MAX_NAMES.
 ALPN_MAX_NAMES = 16
 _ALPN_NAME = re.compile(r"[!-+\--~]{1,255}\Z")
+# `forward to <table> port N mode M` (relayd's relay modes); the values
+# are protocol.h's PPS_MODE_*.
+MODES = {"roundrobin": 0, "loadbalance": 1, "hash": 2, "source-hash": 3,
+         "random": 4, "least-states": 5}
+DEFAULT_MODE = "roundrobin"
+TABLE_MAX_HOSTS = 64            # protocol.h PPS_MAX_HOSTS
+MAX_FORWARDS = 2                # protocol.h PPS_MAX_TABLES: a table, its fallback
+_TABLE_NAME = re.compile(r"<([A-Za-z0-9_.-]{1,63})>\Z")
 
 KEYWORDS = frozenset({
     "ca", "certificate", "changes", "chroot", "ciphers", "connection", "connections",
-    "allow", "alpn", "errors", "forward", "group", "handshake", "include", "inprocess", "key", "keyop",
+    "allow", "alpn", "disable", "errors", "forward", "group", "handshake", "include", "inprocess", "key", "keyop",
     "keyops", "keypair", "keys", "keyservice", "lifetime", "listen", "log", "max", "metrics",
-    "on", "port", "prefork", "protocol", "proxy", "relay", "session", "socket", "state",
+    "mode", "on", "port", "prefork", "protocol", "proxy", "relay", "session", "socket", "state", "table",
     "ticket",
     "timeout", "tls", "to", "user",
 })
 _GLOBAL_ONLY = frozenset({
     "ca", "chroot", "include", "keyops", "keys", "log", "max", "metrics", "prefork",
-    "socket", "timeout", "user",
+    "socket", "table", "timeout", "user",
 })
 # Debian/OpenBSD style system users, one per role (`make users` creates them).
 DEFAULT_USER = "_pyprivsep"
@@ -105,11 +113,33 @@ class Listen:
 
 
 @dataclass
+class Table:
+    """`table <name> [disable] { host, ... }`: hosts as written (addresses
+    or names, resolved when the configuration is loaded)."""
+
+    name: str
+    hosts: list[str]
+    disabled: bool
+    where: Where
+
+
+@dataclass
+class Forward:
+    """A `forward to` line: a table's hosts, or one address (table None)."""
+
+    table: str | None
+    hosts: list[str]
+    port: int
+    where: Where
+    mode: str = DEFAULT_MODE
+    disabled: bool = False          # `table <x> disable`: no host is used
+
+
+@dataclass
 class Relay:
     name: str
     listens: list[Listen]
-    forward_host: str
-    forward_port: int
+    forwards: list[Forward]         # the first; then its fallback, if any
     keypairs: list[Keypair]
     ciphers: str | None
     keyop_timeout_ms: int  # resolved: relay override or global
@@ -117,6 +147,15 @@ class Relay:
     where: Where
     proxy_protocol: int = 0  # PROXY protocol version to the backend; 0: none
     alpn: list[str] = field(default_factory=list)  # server's preference order
+
+    @property
+    def forward_host(self) -> str:
+        """The first forward's first host (as written)."""
+        return self.forwards[0].hosts[0]
+
+    @property
+    def forward_port(self) -> int:
+        return self.forwards[0].port
 
 
 @dataclass
@@ -159,6 +198,7 @@ class Config:
     log: set[str] = field(default_factory=set)
     relays: list[Relay] = field(default_factory=list)
     keyservices: list[KeyService] = field(default_factory=list)
+    tables: dict[str, Table] = field(default_factory=dict)
 
 
 def parse_config(path: str, macros: dict[str, str] | None = None) -> Config:
@@ -321,7 +361,8 @@ class _RelayBuilder:
     name: str
     where: Where
     listens: list[Listen] = field(default_factory=list)
-    forward: tuple[str, int] | None = None
+    forwards: list[Forward] = field(default_factory=list)
+    proxy_where: int = 0            # the line that set proxy_protocol
     keypairs: list[Keypair] = field(default_factory=list)
     ciphers: str | None = None
     keyop_timeout_ms: int | None = None
@@ -330,14 +371,13 @@ class _RelayBuilder:
     alpn: list[str] | None = None
 
     def build(self, config: Config) -> Relay:
-        assert self.forward is not None
+        assert self.forwards
         keyop = self.keyop_timeout_ms
         session = self.session_timeout
         return Relay(
             name=self.name,
             listens=self.listens,
-            forward_host=self.forward[0],
-            forward_port=self.forward[1],
+            forwards=self.forwards,
             keypairs=self.keypairs,
             ciphers=self.ciphers,
             keyop_timeout_ms=config.keyop_timeout_ms if keyop is None else keyop,
@@ -571,6 +611,9 @@ class _Parser:
             return self._service(tok)
         if word == "allow":
             raise self._err(tok.line, '"allow" is only valid inside a keyservice block')
+        if word == "table":
+            self._table(tok)
+            return None
         if word == "prefork":
             self.config.prefork = self._number("prefork", tok, PREFORK_RANGE)
             self._eol("prefork")
@@ -758,22 +801,117 @@ class _Parser:
         self.listens[key] = where
         relay.listens.append(Listen(host, port, tls, where))
 
-    def _forward(self, relay: _RelayBuilder, tok: _Token) -> None:
-        if relay.forward is not None:
-            raise self._err(tok.line, f'relay "{relay.name}" has more than one "forward to"')
-        self._expect("forward", tok, "to")
-        host = self._host("forward to", tok, allow_any=False)
-        self._expect("forward to", tok, "port")
-        relay.forward = (host, self._number("port", tok, PORT_RANGE))
-        if self.lex.peek().is_word("proxy"):
+    def _table(self, tok: _Token) -> None:
+        """`table <name> [disable] { host[,] ... } [disable]` (relayd's
+        tabledef): hosts are addresses or names, one per word, commas or
+        newlines between them."""
+        name = self._arg("table", tok)
+        m = _TABLE_NAME.match(name.value)
+        if name.kind != _WORD or m is None:
+            raise self._err(name.line, f'invalid table name "{name.value}": '
+                            "expected <name> (letters, digits, _ . -)")
+        if m[1] in self.config.tables:
+            raise self._err(name.line, f'duplicate table "<{m[1]}>" (already '
+                            f"defined at {self.config.tables[m[1]].where})")
+        table = Table(m[1], [], False, Where(self.file, tok.line))
+        nxt = self.lex.next()
+        if nxt.is_word("disable"):
+            table.disabled = True
+            nxt = self.lex.next()
+        while nxt.kind == _NL:
+            nxt = self.lex.next()
+        if nxt.kind != "{":
+            raise self._err(nxt.line, f'expected "{{" after table "<{m[1]}>", '
+                            f"got {nxt.describe()}")
+        seen: dict[str, int] = {}
+        while True:
+            nxt = self.lex.next()
+            if nxt.kind == "}":
+                break
+            if nxt.kind == _NL:
+                continue
+            if nxt.kind == _EOF:
+                raise self._err(nxt.line, f'missing "}}" (table "<{m[1]}>" '
+                                f"opened at line {tok.line})")
+            if not nxt.is_arg:
+                raise self._err(nxt.line, f"unexpected {nxt.describe()} in "
+                                f'table "<{m[1]}>"')
+            for host in filter(None, nxt.value.split(",")):
+                if not _valid_host(host, allow_any=False):
+                    raise self._err(nxt.line, f'invalid address "{host}" in '
+                                    f'table "<{m[1]}>"')
+                key = _host_key(host)
+                if key in seen:
+                    raise self._err(nxt.line, f'table "<{m[1]}>": host {host} '
+                                    f"listed twice (line {seen[key]})")
+                seen[key] = nxt.line
+                table.hosts.append(host)
+        if len(table.hosts) > TABLE_MAX_HOSTS:
+            raise self._err(tok.line, f'table "<{m[1]}>" has {len(table.hosts)} '
+                            f"hosts, at most {TABLE_MAX_HOSTS}")
+        if not table.hosts:
+            raise self._err(tok.line, f'table "<{m[1]}>" has no hosts')
+        if self.lex.peek().is_word("disable"):
             self.lex.next()
-            self._expect("forward to ... proxy", tok, "protocol")
-            version = self._arg("proxy protocol", tok)
-            if version.value not in PROXY_PROTOCOLS:
-                raise self._err(version.line, f'proxy protocol "{version.value}": '
-                                'expected "v1" or "v2"')
-            relay.proxy_protocol = PROXY_PROTOCOLS[version.value]
+            table.disabled = True
+        self._eol("table")
+        self.config.tables[m[1]] = table
+
+    def _forward(self, relay: _RelayBuilder, tok: _Token) -> None:
+        """`forward to <table>|ADDRESS port N [mode M] [proxy protocol vN]`;
+        a second line is the fallback, used while every host of the first
+        is down (relayd)."""
+        if len(relay.forwards) == MAX_FORWARDS:
+            raise self._err(tok.line, f'relay "{relay.name}" has more than two '
+                            '"forward to" (a table and its fallback)')
+        self._expect("forward", tok, "to")
+        target = self._arg("forward to", tok)
+        where = Where(self.file, tok.line)
+        if target.kind == _WORD and target.value.startswith("<"):
+            m = _TABLE_NAME.match(target.value)
+            if m is None:
+                raise self._err(target.line, f'invalid table name "{target.value}"')
+            table = self.config.tables.get(m[1])
+            if table is None:
+                raise self._err(target.line, f'table "<{m[1]}>" is not defined '
+                                "(define it above the relay)")
+            fwd = Forward(m[1], list(table.hosts), 0, where,
+                          disabled=table.disabled)
+        else:
+            if not _valid_host(target.value, allow_any=False):
+                raise self._err(target.line, f'invalid address "{target.value}" '
+                                'in "forward to"')
+            fwd = Forward(None, [target.value], 0, where)
+        self._expect("forward to", tok, "port")
+        fwd.port = self._number("port", tok, PORT_RANGE)
+        while not self.lex.peek().ends_statement:
+            opt = self.lex.next()
+            if opt.is_word("proxy"):
+                self._expect("forward to ... proxy", tok, "protocol")
+                version = self._arg("proxy protocol", tok)
+                if version.value not in PROXY_PROTOCOLS:
+                    raise self._err(version.line, f'proxy protocol "{version.value}": '
+                                    'expected "v1" or "v2"')
+                value = PROXY_PROTOCOLS[version.value]
+                if relay.proxy_where and relay.proxy_protocol != value:
+                    raise self._err(version.line, f'proxy protocol {version.value}: '
+                                    f"line {relay.proxy_where} says another version "
+                                    "(one version a relay)")
+                relay.proxy_protocol, relay.proxy_where = value, tok.line
+            elif opt.is_word("mode"):
+                if fwd.table is None:
+                    raise self._err(opt.line, '"mode" needs a table: '
+                                    "forward to <table> port N mode M")
+                mode = self._arg("mode", tok)
+                if mode.value not in MODES:
+                    raise self._err(mode.line, f'unknown mode "{mode.value}": expected '
+                                    + ", ".join(MODES))
+                fwd.mode = mode.value
+            else:
+                raise self._err(opt.line, f'extra argument {opt.describe()} for '
+                                '"forward to"')
         self._eol("forward to")
+        relay.forwards.append(fwd)
 
     def _alpn(self, relay: _RelayBuilder, tok: _Token) -> None:
         """`tls alpn "h2,http/1.1"`: the names in the server's order of
@@ -839,7 +977,7 @@ class _Parser:
         line, name = relay.where.line, relay.name
         if not relay.listens:
             raise self._err(line, f'relay "{name}" has no "listen on"')
-        if relay.forward is None:
+        if not relay.forwards:
             raise self._err(line, f'relay "{name}" has no "forward to"')
         # every listen is tls (see _listen), so every relay needs a keypair
         if not relay.keypairs:

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 import selectors
 from typing import Any, Callable, Optional
 
-from pyprivsep import ca, keys, native, privsep, relay
+from pyprivsep import ca, keys, native, privsep, relay, tables
 from pyprivsep.channel import (Answer, Channel, decode_sessions,
                                decode_stats)
-from pyprivsep.config import (Config, ConfigError, KeyService, Listen, Relay,
+from pyprivsep.config import (Config, ConfigError, KeyService, Listen,
                               parse_config)
 from pyprivsep.native import Frame, P
 
@@ -91,18 +91,6 @@ def open_listener(ln: Listen) -> list[socket.socket]:
     return socks
 
 
-def forward_address(r: Relay) -> str:
-    """The backend's numeric address (the relays cannot resolve names)."""
-    try:
-        infos = socket.getaddrinfo(r.forward_host, r.forward_port,
-                                   type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise ConfigError(r.where.file, r.where.line,
-                          f"relay {r.name}: cannot resolve {r.forward_host}: "
-                          f"{e.strerror}") from None
-    return str(infos[0][4][0])
-
-
 Sockets = dict[tuple[str, int], list[socket.socket]]
 
 
@@ -112,10 +100,10 @@ def prepare(cfg: Config, use_syslog: bool, verbose: bool,
     certificates (public), the listening sockets, the backend addresses.
     On reload, listening sockets of `reuse` with the same address and port
     are kept, so no connection is refused while generations change."""
-    certs, listeners, forward = [], [], []
+    certs, listeners = [], []
     for r in cfg.relays:
         certs.append([keys.load_cert(kp) for kp in r.keypairs])
-        forward.append(forward_address(r))
+    hosts = tables.hosts_of(cfg)
     opened: list[socket.socket] = []
     try:
         for r in cfg.relays:
@@ -131,7 +119,7 @@ def prepare(cfg: Config, use_syslog: bool, verbose: bool,
         for s in opened:
             s.close()
         raise
-    return relay.RelaySetup(cfg, certs, listeners, forward, b"",
+    return relay.RelaySetup(cfg, certs, listeners, hosts, set(), b"",
                             use_syslog, verbose)
 
 

@@ -84,9 +84,10 @@ class DaemonConfig:
     ca_user: str | None = None  # the cas' (None: the default, _pyprivsep_ca)
     timeout: int | None = 600
     keyservices: Sequence[KeyServiceSpec] = ()
+    globals: Sequence[str] = ()  # more top-level lines: "table <web> { ... }", "interval 1"
 
     def render(self) -> str:
-        lines = [f"prefork {self.prefork}"]
+        lines = [f"prefork {self.prefork}", *self.globals]
         if self.timeout is not None:
             lines.append(f"timeout {self.timeout}")
         if self.chroot is not None:

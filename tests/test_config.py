@@ -309,8 +309,8 @@ ERRORS = [
      "macros must be defined at top level"),
     ("no-listen", "\n" + relay(FORWARD), 2, 'relay "r" has no "listen on"'),
     ("no-forward", relay(LISTEN), 1, 'relay "r" has no "forward to"'),
-    ("two-forwards", relay(LISTEN, FORWARD, "forward to ::1 port 1"), 4,
-     'relay "r" has more than one "forward to"'),
+    ("three-forwards", relay(LISTEN, FORWARD, "forward to ::1 port 1", "forward to ::1 port 2"), 5,
+     'relay "r" has more than two "forward to" (a table and its fallback)'),
     ("tls-without-keypair", relay(LISTEN, FORWARD), 1,
      'relay "r" listens with tls but has no keypair'),
     ("listen-without-tls", relay(LISTEN, "listen on ::1 port 8443", FORWARD, KEYPAIR), 3,
@@ -608,3 +608,90 @@ def test_keyservice_errors(tmp_path: Path, text: str, line: int, message: str) -
         parse_text(tmp_path, text)
     assert (exc.value.file, exc.value.line) == (str(tmp_path / "test.conf"), line)
     assert message in exc.value.msg
+
+
+# -- tables, modes and the fallback (relayd's `table` and `forward to <t>`) ---
+
+TABLES = """\
+table <web> { 127.0.0.1, 127.0.0.2
+    ::1 }
+table <spare> disable { 10.0.0.9 }
+table <backup> { 10.0.0.7 } disable
+relay r {
+    listen on 127.0.0.1 port 8443 tls
+    forward to <web> port 8080 mode least-states proxy protocol v2
+    forward to <spare> port 80
+    tls keypair k
+}
+relay plain {
+    listen on 127.0.0.1 port 9443 tls
+    forward to 127.0.0.3 port 81 proxy protocol v1
+    tls keypair k
+}
+"""
+
+
+def test_tables_modes_and_fallback(tmp_path: Path) -> None:
+    cfg = parse_text(tmp_path, TABLES)
+    assert set(cfg.tables) == {"web", "spare", "backup"}
+    assert cfg.tables["web"].hosts == ["127.0.0.1", "127.0.0.2", "::1"]
+    assert [cfg.tables[t].disabled for t in ("web", "spare", "backup")] == [False, True, True]
+    r, plain = cfg.relays
+    first, fallback = r.forwards
+    assert (first.table, first.hosts, first.port, first.mode) == (
+        "web", ["127.0.0.1", "127.0.0.2", "::1"], 8080, "least-states")
+    assert (fallback.table, fallback.mode, fallback.disabled) == ("spare", "roundrobin", True)
+    assert r.proxy_protocol == 2
+    assert (r.forward_host, r.forward_port) == ("127.0.0.1", 8080)
+    # `forward to ADDRESS` is a table of one host
+    assert [(f.table, f.hosts, f.port) for f in plain.forwards] == [(None, ["127.0.0.3"], 81)]
+    assert plain.proxy_protocol == 1
+
+
+@pytest.mark.parametrize("mode", sorted(config.MODES))
+def test_every_mode(tmp_path: Path, mode: str) -> None:
+    cfg = parse_text(tmp_path, "table <t> { 127.0.0.1 }\n"
+                     + relay(LISTEN, f"forward to <t> port 80 mode {mode}", KEYPAIR))
+    assert cfg.relays[0].forwards[0].mode == mode
+
+
+TABLE_T = "table <t> { 127.0.0.1 127.0.0.2 }\n"
+
+TABLE_ERRORS = [
+    ("undefined", relay(LISTEN, "forward to <nope> port 80", KEYPAIR), 3,
+     'table "<nope>" is not defined'),
+    ("defined-after", relay(LISTEN, "forward to <t> port 80", KEYPAIR) + TABLE_T, 3,
+     'table "<t>" is not defined'),
+    ("bad-mode", TABLE_T + relay(LISTEN, "forward to <t> port 80 mode fastest", KEYPAIR), 4,
+     'unknown mode "fastest"'),
+    ("mode-without-table", relay(LISTEN, "forward to 127.0.0.1 port 80 mode random", KEYPAIR), 3,
+     '"mode" needs a table'),
+    ("mode-missing", TABLE_T + relay(LISTEN, "forward to <t> port 80 mode", KEYPAIR), 4,
+     'missing argument for "mode"'),
+    ("table-no-port", TABLE_T + relay(LISTEN, "forward to <t>", KEYPAIR), 4,
+     'missing "port" in "forward to"'),
+    ("duplicate-table", TABLE_T + "\n" + TABLE_T, 3, 'duplicate table "<t>" (already defined at'),
+    ("empty-table", "table <e> { }\n", 1, 'table "<e>" has no hosts'),
+    ("bad-table-name", "table web { 127.0.0.1 }\n", 1, 'invalid table name "web"'),
+    ("bad-host", "table <t> {\n 127.0.0.1\n 300.1.1.1\n}\n", 3,
+     'invalid address "300.1.1.1" in table "<t>"'),
+    ("host-twice", "table <t> {\n 127.0.0.1\n 127.0.0.1\n}\n", 3,
+     "host 127.0.0.1 listed twice (line 2)"),
+    ("unclosed-table", "table <t> { 127.0.0.1\n", 1, 'missing "}" (table "<t>" opened at line 1)'),
+    ("no-brace", "table <t> 127.0.0.1\n", 1, 'expected "{" after table "<t>"'),
+    ("table-in-relay", relay(LISTEN, "table <t> { 127.0.0.1 }"), 3,
+     '"table" is not allowed inside a relay block'),
+    ("proxy-versions-differ", TABLE_T + relay(LISTEN, "forward to <t> port 80 proxy protocol v1",
+                                              "forward to ::1 port 80 proxy protocol v2", KEYPAIR), 5,
+     "proxy protocol v2: line 4 says another version"),
+    ("table-junk", TABLE_T + relay(LISTEN, "forward to <t> port 80 fast", KEYPAIR), 4,
+     'extra argument "fast" for "forward to"'),
+    ("too-many-hosts", "table <big> {\n" + "".join(f" 10.0.{i // 250}.{i % 250 + 1}\n" for i in range(65))
+     + "}\n", 1, 'table "<big>" has 65 hosts, at most 64'),
+]
+
+
+@pytest.mark.parametrize("text, line, message", [e[1:] for e in TABLE_ERRORS],
+                         ids=[e[0] for e in TABLE_ERRORS])
+def test_table_errors(tmp_path: Path, text: str, line: int, message: str) -> None:
+    test_errors(tmp_path, text, line, message)

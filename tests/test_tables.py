@@ -1,0 +1,170 @@
+"""Tables of backends: relayd's `table <name> { ... }`, the relay modes
+(`forward to <table> port N mode M`), the retry of another host when a
+connect is refused, and the fallback table (a second `forward to`)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from backends import BackgroundServer, http_backend_on
+from basics import LOCALHOST, free_port
+from daemonctl import DaemonConfig, RelaySpec, StartDaemon, run_pyprivsep
+from keypairs import Pki
+from tlsclients import client_context
+
+HOST_A, HOST_B, HOST_C = "127.0.0.1", "127.0.0.2", "127.0.0.3"
+PAGE = {HOST_A: b"backend A\n", HOST_B: b"backend B\n", HOST_C: b"backend C\n"}
+WHO = {page: host for host, page in PAGE.items()}
+
+
+def backend_port() -> int:
+    """A port free on 127.0.0.1, 127.0.0.2 and 127.0.0.3 alike (a table's
+    hosts share the forward's port)."""
+    for _ in range(50):
+        port = free_port()
+        try:
+            for host in (HOST_B, HOST_C):
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no port free on every loopback address")
+
+
+@contextlib.contextmanager
+def backends(port: int, hosts: Sequence[str]) -> Iterator[dict[str, BackgroundServer]]:
+    """HTTP backends on `hosts`, port `port`, each answering its own page."""
+    with contextlib.ExitStack() as stack:
+        yield {h: stack.enter_context(http_backend_on(port, PAGE[h], host=h)) for h in hosts}
+
+
+def get(port: int, sni: str, source: str = LOCALHOST, timeout: float = 10.0) -> str:
+    """GET / through the relay from `source`: which backend answered."""
+    ctx = client_context()
+    with socket.create_connection((LOCALHOST, port), timeout=timeout,
+                                  source_address=(source, 0)) as raw:
+        with ctx.wrap_socket(raw, server_hostname=sni) as tls:
+            tls.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            data = b""
+            with contextlib.suppress(ssl.SSLEOFError, ConnectionResetError):
+                while chunk := tls.recv(65536):
+                    data += chunk
+    body = data.partition(b"\r\n\r\n")[2]
+    assert body in WHO, f"no backend's page: {data!r}"
+    return WHO[body]
+
+
+def table_config(pki: Pki, port: int, forward: str, *, options: Sequence[str] = (),
+                 tables: Sequence[str] = (), prefork: int = 1) -> tuple[DaemonConfig, RelaySpec]:
+    relay = RelaySpec("web", free_port(), port, [pki["p256"]], forward_host=forward,
+                      options=list(options))
+    return DaemonConfig([relay], prefork=prefork, globals=list(tables)), relay
+
+
+TWO = f"table <web> {{ {HOST_A}, {HOST_B} }}"
+
+
+def test_roundrobin_alternates(start_daemon: StartDaemon, pki: Pki) -> None:
+    port = backend_port()
+    cfg, relay = table_config(pki, port, "<web>", tables=[TWO])
+    with backends(port, (HOST_A, HOST_B)):
+        start_daemon(cfg)
+        seen = [get(relay.listen_port, "p256.test") for _ in range(6)]
+    # one relay process: its rotation, host after host
+    assert seen in ([HOST_A, HOST_B] * 3, [HOST_B, HOST_A] * 3), seen
+
+
+def test_source_hash_is_stable_per_client_address(start_daemon: StartDaemon, pki: Pki) -> None:
+    port = backend_port()
+    relay = RelaySpec("web", free_port(), port, [pki["p256"]], forward_host="<web>",
+                      forward_options="mode source-hash")
+    cfg = DaemonConfig([relay], prefork=2, globals=[TWO])
+    sources = [f"127.0.1.{i}" for i in range(1, 13)]
+    with backends(port, (HOST_A, HOST_B)):
+        start_daemon(cfg)
+        chosen = {src: {get(relay.listen_port, "p256.test", source=src) for _ in range(4)}
+                  for src in sources}
+    # every client address always the same host, whichever relay process
+    assert all(len(hosts) == 1 for hosts in chosen.values()), chosen
+    # and the addresses spread over both
+    assert {h for hosts in chosen.values() for h in hosts} == {HOST_A, HOST_B}, chosen
+
+
+def test_least_states_prefers_the_idle_host(start_daemon: StartDaemon, pki: Pki) -> None:
+    port = backend_port()
+    relay = RelaySpec("web", free_port(), port, [pki["p256"]], forward_host="<web>",
+                      forward_options="mode least-states")
+    cfg = DaemonConfig([relay], prefork=1, globals=[TWO])
+    with backends(port, (HOST_A, HOST_B)):
+        start_daemon(cfg)
+        ctx = client_context()
+        # a long connection: it holds one host (the first, all being idle)
+        with socket.create_connection((LOCALHOST, relay.listen_port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="p256.test") as held:
+            held.sendall(b"GET / HTTP/1.0\r\n")     # not finished: it stays
+            time.sleep(0.3)
+            seen = []
+            for _ in range(6):
+                seen.append(get(relay.listen_port, "p256.test"))
+                time.sleep(0.05)
+            held.sendall(b"\r\n")
+            answer = b""
+            with contextlib.suppress(ssl.SSLEOFError, ConnectionResetError):
+                while chunk := held.recv(65536):
+                    answer += chunk
+    assert answer.endswith(PAGE[HOST_A]), answer
+    assert seen == [HOST_B] * 6, seen
+
+
+def test_refused_connect_retries_another_host(start_daemon: StartDaemon, pki: Pki) -> None:
+    """A: nothing listens.  Every request is served, by B: the refusal is
+    retried on the next host, and no client sees it."""
+    port = backend_port()
+    cfg, relay = table_config(pki, port, "<web>", tables=[TWO])
+    with backends(port, (HOST_B,)):
+        daemon = start_daemon(cfg)
+        seen = [get(relay.listen_port, "p256.test") for _ in range(6)]
+    assert seen == [HOST_B] * 6, seen
+    assert "Connection refused" in daemon.stderr_text()
+
+
+def test_fallback_table_when_the_first_refuses(start_daemon: StartDaemon, pki: Pki) -> None:
+    port = backend_port()
+    tables = [f"table <web> {{ {HOST_A} }}", f"table <backup> {{ {HOST_C} }}"]
+    cfg, relay = table_config(pki, port, "<web>", tables=tables,
+                              options=[f"forward to <backup> port {port}"])
+    with backends(port, (HOST_C,)):
+        start_daemon(cfg)
+        seen = [get(relay.listen_port, "p256.test") for _ in range(4)]
+    assert seen == [HOST_C] * 4, seen
+
+
+def test_disabled_table_is_never_used(start_daemon: StartDaemon, pki: Pki) -> None:
+    port = backend_port()
+    tables = [f"table <web> disable {{ {HOST_A}, {HOST_B} }}", f"table <backup> {{ {HOST_C} }}"]
+    cfg, relay = table_config(pki, port, "<web>", tables=tables,
+                              options=[f"forward to <backup> port {port} mode random"])
+    with backends(port, (HOST_A, HOST_B, HOST_C)):
+        start_daemon(cfg)
+        seen = [get(relay.listen_port, "p256.test") for _ in range(4)]
+    assert seen == [HOST_C] * 4, seen
+
+
+def test_table_forward_takes_proxy_protocol(tmp_path: Path, pki: Pki) -> None:
+    """`forward to <table> ... proxy protocol v2` passes `pyprivsep -n`
+    (test_proxy_alpn.py runs the address form end to end)."""
+    conf = tmp_path / "t.conf"
+    relay = RelaySpec("web", free_port(), 80, [pki["p256"]], forward_host="<web>",
+                      forward_options="mode hash proxy protocol v2",
+                      options=[f"forward to {HOST_C} port 81 proxy protocol v2"])
+    conf.write_text(DaemonConfig([relay], globals=[TWO]).render())
+    proc = run_pyprivsep("-n", "-f", str(conf))
+    assert proc.returncode == 0, proc.stderr
