@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 SSL_DIR = "/etc/ssl"
 
 PREFORK_RANGE = (1, 64)
-TIMEOUT_RANGE = (1, 86400)
+TIMEOUT_RANGE = (1, 86400)            # `session timeout`, seconds
+# Health checks (relayd): global `interval` seconds (default 10) and
+# `timeout` milliseconds (default 200), each overridable per forward.
+INTERVAL_RANGE = (1, 3600)
+CHECK_TIMEOUT_RANGE = (1, 3600000)
+DEFAULT_INTERVAL = 10
+DEFAULT_CHECK_TIMEOUT = 200
+DEFAULT_SESSION_TIMEOUT = 600         # relayd's RELAY_TIMEOUT
+CHECK_CODE_RANGE = (100, 999)
+CHECK_MAX_DATA = 1024                 # `check send ... expect ...` strings
 KEYOP_TIMEOUT_RANGE = (10, 60000)
 PORT_RANGE = (1, 65535)
 MAX_CONNECTIONS_RANGE = (1, 1000000)
@@ -50,15 +59,15 @@ _TABLE_NAME = re.compile(r"<([A-Za-z0-9_.-]{1,63})>\Z")
 
 KEYWORDS = frozenset({
     "ca", "certificate", "changes", "chroot", "ciphers", "connection", "connections",
-    "allow", "alpn", "disable", "errors", "forward", "group", "handshake", "include", "inprocess", "key", "keyop",
+    "allow", "alpn", "check", "code", "disable", "errors", "expect", "forward", "group", "handshake", "include", "inprocess", "key", "keyop",
     "keyops", "keypair", "keys", "keyservice", "lifetime", "listen", "log", "max", "metrics",
-    "mode", "on", "port", "prefork", "protocol", "proxy", "relay", "session", "socket", "state", "table",
+    "interval", "mode", "on", "port", "prefork", "protocol", "proxy", "relay", "session", "socket", "state", "table",
     "ticket",
     "timeout", "tls", "to", "user",
 })
 _GLOBAL_ONLY = frozenset({
     "ca", "chroot", "include", "keyops", "keys", "log", "max", "metrics", "prefork",
-    "socket", "table", "timeout", "user",
+    "interval", "socket", "table", "timeout", "user",
 })
 # Debian/OpenBSD style system users, one per role (`make users` creates them).
 DEFAULT_USER = "_pyprivsep"
@@ -123,6 +132,26 @@ class Table:
     where: Where
 
 
+@dataclass(frozen=True)
+class Check:
+    """A health check of a table's hosts (relayd's `check ...`)."""
+
+    kind: str                       # "tcp", "tls", "http", "https", "send"
+    path: str = ""                  # http, https: the path to GET
+    code: int = 0                   # http, https: the status expected
+    send: str = ""                  # send: the bytes sent ("": none)
+    expect: str = ""                # send: an fnmatch(3) pattern
+    tls: bool = False               # send ... tls; https; tls
+
+    def describe(self) -> str:
+        if self.kind in ("http", "https"):
+            return f'{self.kind} "{self.path}" code {self.code}'
+        if self.kind == "send":
+            return (f'send "{self.send}" expect "{self.expect}"'
+                    + (" tls" if self.tls else ""))
+        return self.kind
+
+
 @dataclass
 class Forward:
     """A `forward to` line: a table's hosts, or one address (table None)."""
@@ -133,6 +162,9 @@ class Forward:
     where: Where
     mode: str = DEFAULT_MODE
     disabled: bool = False          # `table <x> disable`: no host is used
+    check: Check | None = None      # None: every host is up
+    timeout_ms: int = DEFAULT_CHECK_TIMEOUT  # resolved: own or global
+    interval: int = DEFAULT_INTERVAL         # resolved: own or global
 
 
 @dataclass
@@ -185,7 +217,9 @@ class Config:
     ca_user: str = DEFAULT_CA_USER         # the cas
     ca_user_where: Where | None = None
     chroot: str = "/var/empty"
-    timeout: int = 600
+    timeout: int = DEFAULT_CHECK_TIMEOUT  # ms: health checks (relayd)
+    timeout_where: Where | None = None
+    interval: int = DEFAULT_INTERVAL       # s: health checks (relayd)
     keys_inprocess: bool = False
     keyop_timeout_ms: int = 1000
     max_connections: int = 10000      # per relay process
@@ -363,6 +397,8 @@ class _RelayBuilder:
     listens: list[Listen] = field(default_factory=list)
     forwards: list[Forward] = field(default_factory=list)
     proxy_where: int = 0            # the line that set proxy_protocol
+    # per forward: its own check timeout and interval, if written
+    own: list[tuple[int | None, int | None]] = field(default_factory=list)
     keypairs: list[Keypair] = field(default_factory=list)
     ciphers: str | None = None
     keyop_timeout_ms: int | None = None
@@ -372,6 +408,9 @@ class _RelayBuilder:
 
     def build(self, config: Config) -> Relay:
         assert self.forwards
+        for fwd, (timeout, interval) in zip(self.forwards, self.own):
+            fwd.timeout_ms = config.timeout if timeout is None else timeout
+            fwd.interval = config.interval if interval is None else interval
         keyop = self.keyop_timeout_ms
         session = self.session_timeout
         return Relay(
@@ -381,7 +420,7 @@ class _RelayBuilder:
             keypairs=self.keypairs,
             ciphers=self.ciphers,
             keyop_timeout_ms=config.keyop_timeout_ms if keyop is None else keyop,
-            session_timeout=config.timeout if session is None else session,
+            session_timeout=DEFAULT_SESSION_TIMEOUT if session is None else session,
             where=self.where,
             proxy_protocol=self.proxy_protocol,
             alpn=list(self.alpn or []),
@@ -468,6 +507,7 @@ class _Parser:
     def parse(self) -> Config:
         self._parse_file(self.config.path, None)
         self._check_users()
+        self._check_timeout()
         self.config.relays = [r.build(self.config) for r in self.relays]
         self.config.keyservices = [k.build() for k in self.services]
         for k in self.config.keyservices:
@@ -489,6 +529,24 @@ class _Parser:
         raise ConfigError(where.file, where.line,
                           f'ca user "{cfg.ca_user}" is the relays\' user too: '
                           "the cas need a user of their own")
+
+    def _check_timeout(self) -> None:
+        """The global `timeout` is relayd's: the health checks' timeout in
+        milliseconds.  pyprivsep used to read it as the idle timeout of
+        sessions in seconds (relayd's `session timeout`): an old file that
+        still says `timeout 600` must not silently get 600 ms checks of
+        nothing.  So `timeout` without any `check` to time is refused,
+        naming what the old meaning is called now."""
+        where = self.config.timeout_where
+        if where is None or any(f.check for r in self.relays for f in r.forwards):
+            return
+        raise ConfigError(where.file, where.line,
+                          f"timeout {self.config.timeout}: the global \"timeout\" "
+                          "is the health check timeout in milliseconds (as in "
+                          "relayd.conf(5)), and no \"forward to\" has a \"check\"; "
+                          "for the idle timeout of sessions in seconds (what "
+                          "\"timeout\" meant before), write \"session timeout "
+                          f"{self.config.timeout}\" in each relay block")
 
     def _err(self, line: int, msg: str) -> ConfigError:
         return ConfigError(self.file, line, msg)
@@ -633,8 +691,12 @@ class _Parser:
             self.config.chroot = path.value
             self._eol("chroot")
         elif word == "timeout":
-            self.config.timeout = self._number("timeout", tok, TIMEOUT_RANGE)
+            self.config.timeout = self._number("timeout", tok, CHECK_TIMEOUT_RANGE)
+            self.config.timeout_where = Where(self.file, tok.line)
             self._eol("timeout")
+        elif word == "interval":
+            self.config.interval = self._number("interval", tok, INTERVAL_RANGE)
+            self._eol("interval")
         elif word == "max":
             self._expect("max", tok, "connections")
             self.config.max_connections = self._number(
@@ -884,8 +946,25 @@ class _Parser:
             fwd = Forward(None, [target.value], 0, where)
         self._expect("forward to", tok, "port")
         fwd.port = self._number("port", tok, PORT_RANGE)
+        timeout: int | None = None
+        interval: int | None = None
         while not self.lex.peek().ends_statement:
             opt = self.lex.next()
+            if opt.kind == _WORD and opt.value in ("check", "timeout", "interval") \
+                    and fwd.table is None:
+                raise self._err(opt.line, f'"{opt.value}" needs a table: forward '
+                                f"to <table> port N {opt.value} ...")
+            if opt.is_word("check"):
+                if fwd.check is not None:
+                    raise self._err(opt.line, 'more than one "check" in "forward to"')
+                fwd.check = self._check(tok)
+                continue
+            if opt.is_word("timeout"):
+                timeout = self._number("timeout", tok, CHECK_TIMEOUT_RANGE)
+                continue
+            if opt.is_word("interval"):
+                interval = self._number("interval", tok, INTERVAL_RANGE)
+                continue
             if opt.is_word("proxy"):
                 self._expect("forward to ... proxy", tok, "protocol")
                 version = self._arg("proxy protocol", tok)
@@ -912,6 +991,39 @@ class _Parser:
                                 '"forward to"')
         self._eol("forward to")
         relay.forwards.append(fwd)
+        relay.own.append((timeout, interval))
+
+    def _check(self, start: _Token) -> Check:
+        """relayd's `check tcp | tls | http PATH code N | https PATH code N
+        | send DATA expect PATTERN [tls]`."""
+        kind = self._arg("check", start)
+        if kind.is_word("tcp") or kind.is_word("tls"):
+            return Check(kind.value, tls=kind.value == "tls")
+        if kind.is_word("http") or kind.is_word("https"):
+            path = self._arg(f"check {kind.value}", start)
+            if not path.value.startswith("/") or any(c in path.value for c in " \r\n"):
+                raise self._err(path.line, f'check {kind.value} "{path.value}": '
+                                'expected a path from "/", without spaces')
+            self._expect(f"check {kind.value}", start, "code")
+            code = self._number("code", start, CHECK_CODE_RANGE)
+            return Check(kind.value, path=path.value, code=code,
+                         tls=kind.value == "https")
+        if kind.is_word("send"):
+            send = self._arg("check send", start)
+            self._expect("check send", start, "expect")
+            expect = self._arg("check send ... expect", start)
+            for tok in (send, expect):
+                if len(tok.value.encode()) > CHECK_MAX_DATA:
+                    raise self._err(tok.line, f"check send: more than {CHECK_MAX_DATA} "
+                                    "bytes")
+            if not expect.value:
+                raise self._err(expect.line, 'check send: empty "expect"')
+            tls = self.lex.peek().is_word("tls")
+            if tls:
+                self.lex.next()
+            return Check("send", send=send.value, expect=expect.value, tls=tls)
+        raise self._err(kind.line, f'unknown check "{kind.value}": expected tcp, tls, '
+                        "http, https or send")
 
     def _alpn(self, relay: _RelayBuilder, tok: _Token) -> None:
         """`tls alpn "h2,http/1.1"`: the names in the server's order of

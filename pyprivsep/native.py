@@ -32,7 +32,8 @@ def library_version() -> str:
 
 SANDBOX_ROLES: dict[str, int] = {"relay": lib.PPS_SANDBOX_RELAY,
                                   "ca": lib.PPS_SANDBOX_CA,
-                                  "keyservice": lib.PPS_SANDBOX_KEYSERVICE}
+                                  "keyservice": lib.PPS_SANDBOX_KEYSERVICE,
+                                  "hce": lib.PPS_SANDBOX_HCE}
 
 
 def sandbox(role: str) -> None:

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import selectors
 from typing import Any, Callable, Optional
 
-from pyprivsep import ca, keys, native, privsep, relay, tables
+from pyprivsep import ca, hce, keys, native, privsep, relay, tables
+from pyprivsep.hoststate import HostStates, host_state_payload
 from pyprivsep.channel import (Answer, Channel, decode_sessions,
                                decode_stats)
 from pyprivsep.config import (Config, ConfigError, KeyService, Listen,
@@ -216,8 +217,39 @@ class ServiceCa:
         pass                        # the socket is the Service's
 
 
-def label(pair: "Pair | ServiceCa", role: str) -> str:
+@dataclass(eq=False)
+class Hce:
+    """The health check process of a generation: no key, no listener, a
+    SOCK_SEQPACKET pair to the parent (kept across its restarts, like a
+    pair's), supervised as a pair with one role, "hce"."""
+
+    generation: int
+    sock: socket.socket             # the parent's end
+    child_end: socket.socket
+    pids: dict[str, int] = field(default_factory=dict)
+    started: dict[str, float] = field(default_factory=dict)
+    backoff: dict[str, float] = field(default_factory=dict)
+    due: dict[str, float] = field(default_factory=dict)
+    draining: bool = False
+    channel: Optional[Channel] = None   # none: it only reports
+    heartbeat: bool = False
+
+    @classmethod
+    def new(cls, generation: int) -> "Hce":
+        p, c = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        p.setblocking(False)
+        c.set_inheritable(True)
+        return cls(generation, p, c)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.child_end.close()
+
+
+def label(pair: "Pair | ServiceCa | Hce", role: str) -> str:
     """How logs and the process title name a child."""
+    if isinstance(pair, Hce):
+        return "hce"
     if isinstance(pair, ServiceCa):
         return f"keyservice {pair.service.ks.name} ca {pair.index}"
     return f"{role} {pair.index}"
@@ -331,6 +363,8 @@ class Parent:
         self.selector = selectors.DefaultSelector()
         self.control: Any = None            # control.Server
         self.metrics: Any = None            # metrics.Server
+        self.hosts = HostStates(cfg, setup.hosts)
+        self.hce: Hce | None = None
 
     @property
     def rotation(self) -> int:
@@ -369,6 +403,9 @@ class Parent:
             os._exit(status)
 
     def child(self, pair: Any, role: str) -> int:
+        if isinstance(pair, Hce):
+            privsep.close_fds_except({pair.child_end.fileno()} | log_fds())
+            return hce.main(self.cfg, self.setup.hosts, pair.child_end)
         if isinstance(pair, ServiceCa):
             svc = pair.service
             privsep.close_fds_except({svc.sock.fileno()} | log_fds())
@@ -386,6 +423,7 @@ class Parent:
         privsep.close_fds_except(keep)
         self.setup.ticket_keys = b"".join(self.tickets)
         self.setup.verbose = self.verbose
+        self.setup.down = self.hosts.down()
         return relay.main(self.setup, pair.index, ca_fd,
                           pair.ctl_relay.fileno())
 
@@ -394,8 +432,9 @@ class Parent:
         return self.pairs + [p for p in self.draining if isinstance(p, Pair)]
 
     def everyone(self) -> list[Any]:
-        """Every supervised child's record: pairs and keyservice cas."""
-        return self.pairs + self.kscas + self.draining
+        """Every supervised child's record: pairs, keyservice cas, hce."""
+        return self.pairs + self.kscas + ([self.hce] if self.hce else []) \
+            + self.draining
 
     def find(self, pid: int) -> tuple[Any, str] | None:
         for pair in self.everyone():
@@ -481,6 +520,51 @@ class Parent:
             self.draining.remove(pair)
             self.close_channel(pair)
             pair.close()
+
+    # ---- health checks -----------------------------------------------
+
+    def start_hce(self) -> None:
+        """A new generation's hce, if any forward has a check; the old
+        one (reload) is stopped: host ids are per generation."""
+        old, self.hce = self.hce, None
+        if old is not None:
+            self.selector.unregister(old.sock)
+            old.draining = True
+            old.due.clear()
+            self.draining.append(old)
+            if "hce" in old.pids:
+                kill(old.pids["hce"], signal.SIGTERM)
+            else:
+                self.drained(old, "hce")
+        if not self.hosts.checked:
+            return
+        self.hce = Hce.new(self.generation)
+        self.selector.register(self.hce.sock, selectors.EVENT_READ,
+                               lambda mask, h=self.hce: self.on_hce(h))
+        self.spawn(self.hce, "hce")
+
+    def on_hce(self, h: Hce) -> None:
+        """Host states from the hce: checked, logged, told to the relays."""
+        for _ in range(64):
+            try:
+                frame = h.sock.recv(hce.MAX_FRAME + 1, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                log.warning("hce: %s", e)
+                return
+            if not frame:
+                return
+            try:
+                host_id, up, ms, reason = hce.decode(frame)
+                changed = self.hosts.report(host_id, up, ms, reason)
+            except ValueError as e:
+                log.warning("hce: malformed report: %s", e)
+                continue
+            if changed:
+                for pair in self.pairs:
+                    self.tell(pair, P.PPS_CTL_HOST, 0,
+                              host_state_payload(host_id, up))
 
     # ---- control channels --------------------------------------------
 
@@ -688,11 +772,13 @@ class Parent:
                       for i in range(1, relay_processes(cfg) + 1)]
         self.services = services
         self.kscas = service_cas(services, self.generation)
+        self.hosts = HostStates(cfg, setup.hosts)
         for pair in self.pairs:
             for role in self.roles():
                 self.spawn(pair, role)
         for sca in self.kscas:
             self.spawn(sca, "ca")
+        self.start_hce()
         for svc in old_svcs:            # restarts: counted per service name
             for new in services:
                 if new.ks.name == svc.ks.name:
@@ -768,7 +854,9 @@ class Parent:
         """When the loop must next look at its timers."""
         now = time.monotonic()
         times = [now + TICK, self.next_rotation, self.next_heartbeat]
-        times += [t for p in self.pairs + self.kscas for t in p.due.values()]
+        times += [t for p in self.pairs + self.kscas + ([self.hce] if self.hce
+                                                          else [])
+                  for t in p.due.values()]
         times += [p.drain_until for p in self.draining
                   if isinstance(p, ServiceCa) and "ca" in p.pids]
         for pair in self.all_pairs():
@@ -807,6 +895,9 @@ class Parent:
         for sca in self.kscas:
             if not self.stopping and sca.due.get("ca", now + 1) <= now:
                 self.spawn(sca, "ca")
+        if self.hce is not None and not self.stopping \
+                and self.hce.due.get("hce", now + 1) <= now:
+            self.spawn(self.hce, "hce")
         for sca in self.draining:
             if isinstance(sca, ServiceCa) and "ca" in sca.pids \
                     and now >= sca.drain_until:
@@ -832,6 +923,7 @@ class Parent:
                 self.spawn(pair, role)
         for sca in self.kscas:
             self.spawn(sca, "ca")
+        self.start_hce()
         while not self.stopping:
             wait = max(min(self.deadlines()) - time.monotonic(), 0.0)
             for key, mask in self.selector.select(wait):

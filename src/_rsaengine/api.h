@@ -74,6 +74,7 @@ int		 pps_reply_parse(const uint8_t *frame, size_t n,
 #define PPS_SANDBOX_RELAY	1
 #define PPS_SANDBOX_CA		2
 #define PPS_SANDBOX_KEYSERVICE	3
+#define PPS_SANDBOX_HCE		4	/* health checks: connects, no accept */
 int		 pps_sandbox(int role);
 
 int		 pps_async_supported(void);
