@@ -97,7 +97,7 @@ class Load:
 
 
 def refused_count(daemon: Daemon, host: str, port: int) -> int:
-    return daemon.stderr_text().count(f"backend {host}:{port}: Connection refused")
+    return daemon.stderr_text().count(f"backend: Connection refused (host {host}:{port})")
 
 
 def test_killed_backend_is_taken_out_under_load(start_daemon: StartDaemon, pki: Pki) -> None:

@@ -547,17 +547,17 @@ backend_failed(struct conn *c, int err)
 	struct host *failed = c->host;
 	int r = -1;
 
-	pps_log(LOG_WARNING, "relay %s: %s: backend %s: %s", c->relay->name,
-	    peer_name(c), failed != NULL ? host_name(failed) : "?",
-	    strerror(err));
+	pps_log(LOG_WARNING, "relay %s: %s: backend: %s (host %s)",
+	    c->relay->name, peer_name(c), strerror(err),
+	    failed != NULL ? host_name(failed) : "?");
 	if (c->backend.fd != -1)
 		poller_close(&c->backend);
 	while (!c->retried) {
 		c->retried = 1;
 		if ((r = backend_try(c, failed)) > 0)
-			pps_log(LOG_WARNING, "relay %s: %s: backend %s: %s",
-			    c->relay->name, peer_name(c), host_name(c->host),
-			    strerror(r));
+			pps_log(LOG_WARNING, "relay %s: %s: backend: %s "
+			    "(host %s)", c->relay->name, peer_name(c),
+			    strerror(r), host_name(c->host));
 	}
 	if (r == 0)
 		return;
