@@ -264,3 +264,57 @@ def test_malformed_hce_reports_are_refused(frame: bytes) -> None:
     with pytest.raises(ValueError):
         hce.decode(frame)
     assert hce.decode(hce.encode(7, True, 12, "ok")) == (7, True, 12, "ok")
+
+
+def test_restarted_relay_and_hce_keep_a_down_host_out(start_daemon: StartDaemon, pki: Pki) -> None:
+    """A relay process started after a host went down gets its state at
+    its start; a killed hce is restarted and checks again."""
+    port = backend_port()
+    cfg, relay = health_config(pki, port, prefork=1)
+    with backends(port, (HOST_B,)):
+        daemon = start_daemon(cfg)
+        wait_log(daemon, DOWN_LINE.format(host=re.escape(HOST_A)))
+        old_relay = daemon.relay_pids()[1]
+        os.kill(old_relay, 9)
+        wait_until(lambda: daemon.relay_pids().get(1) not in (None, old_relay), 15,
+                   lambda: f"relay 1 restarted\n{daemon.describe()}")
+        daemon.wait_ready()
+        refused = refused_count(daemon, HOST_A, port)
+        assert [get(relay.listen_port, "p256.test") for _ in range(4)] == [HOST_B] * 4
+        assert refused_count(daemon, HOST_A, port) == refused, daemon.describe()
+        old_hce = hce_pid(daemon)
+        os.kill(old_hce, 9)
+        wait_until(lambda: hce_pid(daemon) != old_hce, 15, lambda: f"a new hce\n{daemon.describe()}")
+        states = {h["host"]: h["state"] for h in ctl_hosts(daemon)}
+    assert states == {HOST_A: "down", HOST_B: "up"}, states
+
+
+def test_reload_replaces_the_hce(start_daemon: StartDaemon, pki: Pki) -> None:
+    port = backend_port()
+    cfg, relay = health_config(pki, port, prefork=1)
+    with backends(port, (HOST_A, HOST_B)):
+        daemon = start_daemon(cfg)
+        wait_log(daemon, UP_LINE.format(host=re.escape(HOST_B)))
+        old = hce_pid(daemon)
+        daemon.proc.send_signal(1)  # SIGHUP
+        wait_until(lambda: hce_pid(daemon) != old, 15, lambda: f"a new hce\n{daemon.describe()}")
+        wait_until(lambda: old not in child_pids(daemon.parent_pid), 15, "the old hce to go")
+        wait_until(lambda: {h["state"] for h in ctl_hosts(daemon)} == {"up"}, 10, "hosts up again")
+        assert {get(relay.listen_port, "p256.test") for _ in range(4)} == {HOST_A, HOST_B}
+
+
+def test_ctl_show_hosts_lists_unchecked_and_disabled_hosts(start_daemon: StartDaemon, pki: Pki) -> None:
+    import subprocess
+    port = backend_port()
+    relay = RelaySpec("web", free_port(), port, [pki["p256"]], forward_host="<web>",
+                      options=[f"forward to <off> port {port}"])
+    cfg = DaemonConfig([relay], prefork=1, globals=[f"table <web> {{ {HOST_A} }}",
+                                                    f"table <off> disable {{ {HOST_C} }}"])
+    daemon = start_daemon(cfg)
+    hosts = [(h["host"], h["table"], h["state"]) for h in ctl_hosts(daemon)]
+    assert hosts == [(HOST_A, "<web>", "up (no check)"), (HOST_C, "<off>", "disabled")]
+    out = subprocess.run(pyprivsep_command("ctl", "-s", str(daemon.workdir / "ctl.sock"), "show", "hosts"),
+                         env=pyprivsep_env(), capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0 and "<off> (fallback)" in out.stdout and "disabled" in out.stdout, out
+    # no check anywhere: no hce
+    assert not any(proc_title(p) == "pyprivsep: hce" for p in child_pids(daemon.parent_pid))
