@@ -397,8 +397,8 @@ class _RelayBuilder:
     listens: list[Listen] = field(default_factory=list)
     forwards: list[Forward] = field(default_factory=list)
     proxy_where: int = 0            # the line that set proxy_protocol
-    # per forward: its own check timeout and interval, if written
-    own: list[tuple[int | None, int | None]] = field(default_factory=list)
+    # per forward: its own check timeout and interval (and where), if written
+    own: list[tuple[int | None, int | None, Where]] = field(default_factory=list)
     keypairs: list[Keypair] = field(default_factory=list)
     ciphers: str | None = None
     keyop_timeout_ms: int | None = None
@@ -408,9 +408,15 @@ class _RelayBuilder:
 
     def build(self, config: Config) -> Relay:
         assert self.forwards
-        for fwd, (timeout, interval) in zip(self.forwards, self.own):
+        for fwd, (timeout, interval, where) in zip(self.forwards, self.own):
             fwd.timeout_ms = config.timeout if timeout is None else timeout
             fwd.interval = config.interval if interval is None else interval
+            if fwd.interval % config.interval:
+                # relayd: a table's checks run every n-th round of the global ones
+                raise ConfigError(where.file, where.line,
+                                  f"interval {fwd.interval}: a table's interval must "
+                                  f"be a multiple of the global interval "
+                                  f"({config.interval})")
         keyop = self.keyop_timeout_ms
         session = self.session_timeout
         return Relay(
@@ -991,7 +997,7 @@ class _Parser:
                                 '"forward to"')
         self._eol("forward to")
         relay.forwards.append(fwd)
-        relay.own.append((timeout, interval))
+        relay.own.append((timeout, interval, where))
 
     def _check(self, start: _Token) -> Check:
         """relayd's `check tcp | tls | http PATH code N | https PATH code N

@@ -715,7 +715,7 @@ table <backup> { 127.0.0.3 }
 relay r {
     listen on 127.0.0.1 port 8443 tls
     forward to <web> port 80 mode roundrobin check http "/health" code 200 timeout 300
-    forward to <backup> port 81 check send "PING\\r\\n" expect "+PONG*" tls interval 7
+    forward to <backup> port 81 check send "PING\\r\\n" expect "+PONG*" tls interval 6
     tls keypair k
 }
 relay s {
@@ -741,7 +741,7 @@ def test_checks_interval_and_timeouts(tmp_path: Path) -> None:
     assert web.check == config.Check("http", path="/health", code=200)
     assert (web.timeout_ms, web.interval) == (300, 3)
     assert backup.check == config.Check("send", send="PING\\r\\n", expect="+PONG*", tls=True)
-    assert (backup.timeout_ms, backup.interval) == (500, 7)
+    assert (backup.timeout_ms, backup.interval) == (500, 6)
     assert s.forwards[0].check == config.Check("https", path="/", code=204, tls=True)
     assert s.forwards[1].check == config.Check("tls", tls=True)
     assert t.forwards[0].check == config.Check("tcp")
@@ -777,6 +777,9 @@ CHECK_ERRORS = [
     ("check-timeout-zero", TABLE_T + relay(LISTEN, "forward to <t> port 80 check tcp timeout 0",
                                            KEYPAIR), 4, "timeout 0 out of range"),
     ("interval-zero", "interval 0\n", 1, "interval 0 out of range (1-3600)"),
+    ("interval-not-multiple", "interval 2\n" + TABLE_T + relay(LISTEN, "forward to <t> port 80 check tcp interval 3",
+                                                             KEYPAIR), 5,
+     "interval 3: a table's interval must be a multiple of the global interval (2)"),
     ("interval-in-relay", relay("interval 3"), 2, '"interval" is not allowed inside a relay block'),
 ]
 
