@@ -25,14 +25,19 @@ class Host:
     disabled: bool          # of a disabled table: never used
 
 
-def resolve(name: str, port: int, fwd: Forward, relay: Relay) -> str:
-    """A host's numeric address: the first getaddrinfo() gives."""
+def resolve(cfg: Config, name: str, fwd: Forward, relay: Relay) -> str:
+    """A host's numeric address: the first getaddrinfo() gives.  An error
+    names the line that wrote the name: the table's, or the forward's."""
     try:
-        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(name, fwd.port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        raise ConfigError(fwd.where.file, fwd.where.line,
-                          f"relay {relay.name}: cannot resolve {name}: "
-                          f"{e.strerror}") from None
+        if fwd.table is not None:
+            where = cfg.tables[fwd.table].where
+            what = f"table <{fwd.table}>"
+        else:
+            where, what = fwd.where, f"relay {relay.name}"
+        raise ConfigError(where.file, where.line, f"{what}: cannot resolve "
+                          f"{name}: {e.strerror}") from None
     return str(infos[0][4][0])
 
 
@@ -43,6 +48,6 @@ def hosts_of(cfg: Config) -> list[Host]:
         for n, fwd in enumerate(relay.forwards):
             for name in fwd.hosts:
                 out.append(Host(len(out), relay.name, n, fwd.table, name,
-                                resolve(name, fwd.port, fwd, relay),
+                                resolve(cfg, name, fwd, relay),
                                 fwd.port, fwd.disabled))
     return out

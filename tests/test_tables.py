@@ -168,3 +168,14 @@ def test_table_forward_takes_proxy_protocol(tmp_path: Path, pki: Pki) -> None:
     conf.write_text(DaemonConfig([relay], globals=[TWO]).render())
     proc = run_pyprivsep("-n", "-f", str(conf))
     assert proc.returncode == 0, proc.stderr
+
+
+def test_unresolvable_table_host_names_the_table_line(tmp_path: Path, pki: Pki) -> None:
+    conf = tmp_path / "t.conf"
+    relay = RelaySpec("web", free_port(), 80, [pki["p256"]], forward_host="<web>")
+    conf.write_text(DaemonConfig([relay], globals=["table <web> {", f" {HOST_A}",
+                                                   " no-such-host.invalid", "}"]).render())
+    proc = run_pyprivsep("-n", "-f", str(conf))
+    assert proc.returncode != 0
+    # line 1 is "prefork", the table opens on line 2
+    assert f"{conf}:2: table <web>: cannot resolve no-such-host.invalid" in proc.stderr, proc.stderr
