@@ -120,7 +120,9 @@ def test_killed_backend_is_taken_out_under_load(start_daemon: StartDaemon, pki: 
         assert refused_count(daemon, HOST_A, port) == refused, daemon.describe()
         hosts = {h["host"]: h["state"] for h in ctl_hosts(daemon)}
     assert hosts == {HOST_A: "down", HOST_B: "up"}, hosts
-    assert down_seen - killed < INTERVAL + CHECK_MS / 1000 + 2.0
+    # within the check interval (and the check's timeout), with slack for a
+    # loaded machine
+    assert down_seen - killed < INTERVAL + CHECK_MS / 1000 + 3.0
     failed_before = [t for t, host in load.results if host is None and t < down_seen + 0.5]
     failed_after = [t for t, host in load.results if host is None and t >= down_seen + 0.5]
     served_after = [host for t, host in load.results if t >= down_seen + 0.5]
