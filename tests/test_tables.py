@@ -183,3 +183,30 @@ def test_unresolvable_table_host_names_the_table_line(tmp_path: Path, pki: Pki) 
     assert proc.returncode != 0
     # line 1 is "prefork", the table opens on line 2
     assert f"{conf}:2: table <web>: cannot resolve no-such-host.invalid" in proc.stderr, proc.stderr
+
+
+@contextlib.contextmanager
+def blackhole(host: str, port: int) -> Iterator[None]:
+    """A host that drops SYNs: a listener whose accept queue (backlog 0:
+    one connection) is full, so the kernel answers no new connect."""
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(0)
+        filler.connect((host, port))
+        yield
+
+
+def test_connect_without_answer_moves_on_to_another_host(start_daemon: StartDaemon, pki: Pki) -> None:
+    """A: drops the SYN.  After PPS_CONNECT_TIMEOUT (5 s) the relay tries
+    B: the client waits, but is served."""
+    port = backend_port()
+    cfg, relay = table_config(pki, port, "<web>", tables=[TWO])
+    with backends(port, (HOST_B,)), blackhole(HOST_A, port):
+        daemon = start_daemon(cfg)
+        started = time.monotonic()
+        seen = [get(relay.listen_port, "p256.test", timeout=20) for _ in range(2)]
+        took = time.monotonic() - started
+    assert seen == [HOST_B] * 2, seen
+    assert 4.5 < took < 15, took
+    assert f"backend: Connection timed out (host {HOST_A}:{port})" in daemon.stderr_text()

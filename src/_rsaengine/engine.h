@@ -128,6 +128,7 @@ struct relay {
 	struct keypair	 kp[PPS_MAX_KEYPAIRS];
 	int		 nkp;
 	struct connlist	 handshaking;	/* deadline: handshake timeout */
+	struct connlist	 connecting;	/* deadline: PPS_CONNECT_TIMEOUT */
 	struct connlist	 established;	/* deadline: idle timeout */
 };
 

@@ -113,6 +113,7 @@ struct pps_session {
  */
 #define PPS_MAX_TABLES		2	/* per relay block: the table, its fallback */
 #define PPS_MAX_HOSTS		64	/* per table */
+#define PPS_CONNECT_TIMEOUT	5	/* seconds for a backend to answer a connect */
 
 /* pps_relay_table() mode */
 #define PPS_MODE_ROUNDROBIN	0	/* per relay process rotation */

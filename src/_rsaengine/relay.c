@@ -515,6 +515,8 @@ backend_try(struct conn *c, const struct host *not)
 		poller_close(&c->backend);
 		return -1;
 	}
+	/* a host that drops the SYN: another one after this long */
+	list_touch(c, &r->connecting, PPS_CONNECT_TIMEOUT);
 	return 0;
 }
 
@@ -670,6 +672,7 @@ conn_connected(struct conn *c, unsigned events)
 		return;
 	}
 	c->state = CS_RELAY;
+	list_touch(c, &c->relay->established, c->relay->idle_timeout);
 }
 
 /* SSL_read into up; returns 1 on progress, 0 if blocked, -1 on error. */
@@ -1089,15 +1092,16 @@ static void
 ctl_sessions(const struct pps_hdr *q, const uint8_t *payload)
 {
 	struct pps_session batch[PPS_CTL_SESSIONS_MAX];
-	struct connlist *lists[2];
+	struct connlist *lists[3];
 	struct conn *c;
 	int i, l, n = 0;
 
 	(void)payload;
 	for (i = 0; i < nrelays; i++) {
 		lists[0] = &relays[i]->handshaking;
-		lists[1] = &relays[i]->established;
-		for (l = 0; l < 2; l++)
+		lists[1] = &relays[i]->connecting;
+		lists[2] = &relays[i]->established;
+		for (l = 0; l < 3; l++)
 			for (c = lists[l]->head; c != NULL; c = c->next) {
 				if (n == PPS_CTL_SESSIONS_MAX) {
 					ctl_answer(q, 1, batch, sizeof(batch));
@@ -1241,6 +1245,19 @@ sweep(struct connlist *l, const char *what)
 	return n;
 }
 
+/* Backend connects that had no answer in time: another host, once (a
+ * retry is appended with a later deadline, so the loop ends). */
+static void
+sweep_connecting(struct connlist *l)
+{
+	struct conn *c;
+
+	while ((c = l->head) != NULL && c->deadline <= now_ms) {
+		list_unlink(c);
+		backend_failed(c, ETIMEDOUT);
+	}
+}
+
 /* Milliseconds until the next connection deadline, at most max. */
 static int
 next_deadline(int max)
@@ -1255,6 +1272,9 @@ next_deadline(int max)
 		if (relays[i]->established.head != NULL &&
 		    relays[i]->established.head->deadline < first)
 			first = relays[i]->established.head->deadline;
+		if (relays[i]->connecting.head != NULL &&
+		    relays[i]->connecting.head->deadline < first)
+			first = relays[i]->connecting.head->deadline;
 	}
 	return first <= now_ms ? 0 : (int)(first - now_ms);
 }
@@ -1271,6 +1291,7 @@ tick(void)
 	for (i = 0; i < nrelays; i++) {
 		closed += sweep(&relays[i]->handshaking, "handshake");
 		closed += sweep(&relays[i]->established, "idle");
+		sweep_connecting(&relays[i]->connecting);
 	}
 #ifdef __GLIBC__
 	/* a flood of idle connections just ended: give its memory back */
@@ -1290,6 +1311,8 @@ close_all(void)
 		while ((c = relays[i]->handshaking.head) != NULL)
 			conn_close(c, NULL);
 		while ((c = relays[i]->established.head) != NULL)
+			conn_close(c, NULL);
+		while ((c = relays[i]->connecting.head) != NULL)
 			conn_close(c, NULL);
 	}
 	while ((c = dead) != NULL) {
