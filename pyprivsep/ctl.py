@@ -69,11 +69,12 @@ def human(words: list[str], a: dict[str, Any]) -> str:
     if words == ["show", "summary"]:
         return human_summary(a)
     if words == ["show", "sessions"]:
-        return table([[s["relay_process"], s["relay"], s["client"], s["state"],
-                       s["age"], s["idle"], s["bytes_in"], s["bytes_out"]]
+        return table([[s["relay_process"], s["relay"], s["client"],
+                       s.get("backend", ""), s["state"], s["age"], s["idle"],
+                       s["bytes_in"], s["bytes_out"]]
                       for s in a["sessions"]],
-                     ["process", "relay", "client", "state", "age", "idle",
-                      "bytes in", "bytes out"])
+                     ["process", "relay", "client", "backend", "state", "age",
+                      "idle", "bytes in", "bytes out"])
     if words == ["show", "hosts"]:
         return table([[h["relay"], h["table"] + (" (fallback)" if h["fallback"] else ""),
                        h["host"], h["port"], h["check"], h["state"], h["reason"]]

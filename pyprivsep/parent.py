@@ -986,9 +986,16 @@ def session_dict(s: Any, pair: Pair, names: list[str]) -> dict[str, Any]:
     raw = bytes(s.addr)
     addr = socket.inet_ntop(socket.AF_INET6, raw) if s.family == 6 else \
         socket.inet_ntop(socket.AF_INET, raw[:4])
+    backend = ""
+    if s.backend_family in (4, 6):
+        raw = bytes(s.backend)
+        host = socket.inet_ntop(socket.AF_INET6, raw) if s.backend_family == 6 \
+            else socket.inet_ntop(socket.AF_INET, raw[:4])
+        backend = f"[{host}]:{s.backend_port}" if s.backend_family == 6 \
+            else f"{host}:{s.backend_port}"
     return {"relay_process": pair.index, "generation": pair.generation,
             "relay": names[s.relay] if s.relay < len(names) else s.relay,
-            "client": f"{addr}:{s.port}",
+            "client": f"{addr}:{s.port}", "backend": backend,
             "state": SESSION_STATES.get(s.state, str(s.state)),
             "age": s.age, "idle": s.idle, "bytes_in": s.bytes_in,
             "bytes_out": s.bytes_out}

@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import re
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -20,8 +21,8 @@ from basics import LOCALHOST, free_port, wait_until
 from daemonctl import SANITIZED, Daemon, DaemonConfig, RelaySpec, StartDaemon, pyprivsep_command, pyprivsep_env
 from keypairs import Pki, key_patterns
 from memscan import scan_process_memory
+from hosts import HOST_A, HOST_B, HOST_C, backend_port, backends, get
 from procs import child_pids, open_fds, proc_status, proc_title
-from test_tables import HOST_A, HOST_B, HOST_C, backend_port, backends, get
 
 from pyprivsep import hce
 from pyprivsep.config import Check
@@ -60,7 +61,6 @@ def hce_pid(daemon: Daemon) -> int:
 
 
 def ctl_hosts(daemon: Daemon) -> list[dict[str, object]]:
-    import subprocess
     out = subprocess.run(pyprivsep_command("ctl", "-j", "-s", str(daemon.workdir / "ctl.sock"),
                                            "show", "hosts"),
                          env=pyprivsep_env(), capture_output=True, text=True, timeout=20)
@@ -210,7 +210,6 @@ def test_hce_holds_no_key_and_is_confined(start_daemon: StartDaemon, pki: Pki) -
     assert not result.found, f"hce holds key material: {sorted(result.found)}"
     assert ca_found.found, "the scan finds nothing even in the ca"
     if os.geteuid() == 0:
-        import pwd
         assert int(status["Uid"].split()[0]) == pwd.getpwnam("_pyprivsep").pw_uid
         assert status.get("Seccomp", "").split()[0] == "2", status.get("Seccomp")
         assert status.get("NoNewPrivs", "").strip() == "1"
@@ -306,7 +305,6 @@ def test_reload_replaces_the_hce(start_daemon: StartDaemon, pki: Pki) -> None:
 
 
 def test_ctl_show_hosts_lists_unchecked_and_disabled_hosts(start_daemon: StartDaemon, pki: Pki) -> None:
-    import subprocess
     port = backend_port()
     relay = RelaySpec("web", free_port(), port, [pki["p256"]], forward_host="<web>",
                       options=[f"forward to <off> port {port}"])

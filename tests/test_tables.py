@@ -5,62 +5,19 @@ connect is refused, and the fallback table (a second `forward to`)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import pytest
-
-from backends import BackgroundServer, http_backend_on
-from basics import LOCALHOST, free_port
-from daemonctl import DaemonConfig, RelaySpec, StartDaemon, run_pyprivsep
+from basics import LOCALHOST, free_port, wait_until
+from daemonctl import DaemonConfig, RelaySpec, StartDaemon, pyprivsep_command, pyprivsep_env, run_pyprivsep
 from keypairs import Pki
+from hosts import HOST_A, HOST_B, HOST_C, PAGE, WHO, backend_port, backends, get
 from tlsclients import client_context
-
-HOST_A, HOST_B, HOST_C = "127.0.0.1", "127.0.0.2", "127.0.0.3"
-PAGE = {HOST_A: b"backend A\n", HOST_B: b"backend B\n", HOST_C: b"backend C\n"}
-WHO = {page: host for host, page in PAGE.items()}
-
-
-def backend_port() -> int:
-    """A port free on 127.0.0.1, 127.0.0.2 and 127.0.0.3 alike (a table's
-    hosts share the forward's port)."""
-    for _ in range(50):
-        port = free_port()
-        try:
-            for host in (HOST_B, HOST_C):
-                with socket.socket() as s:
-                    s.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no port free on every loopback address")
-
-
-@contextlib.contextmanager
-def backends(port: int, hosts: Sequence[str]) -> Iterator[dict[str, BackgroundServer]]:
-    """HTTP backends on `hosts`, port `port`, each answering its own page."""
-    with contextlib.ExitStack() as stack:
-        yield {h: stack.enter_context(http_backend_on(port, PAGE[h], host=h)) for h in hosts}
-
-
-def get(port: int, sni: str, source: str = LOCALHOST, timeout: float = 10.0) -> str:
-    """GET / through the relay from `source`: which backend answered."""
-    ctx = client_context()
-    with socket.create_connection((LOCALHOST, port), timeout=timeout,
-                                  source_address=(source, 0)) as raw:
-        with ctx.wrap_socket(raw, server_hostname=sni) as tls:
-            tls.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            data = b""
-            with contextlib.suppress(ssl.SSLEOFError, ConnectionResetError):
-                while chunk := tls.recv(65536):
-                    data += chunk
-    body = data.partition(b"\r\n\r\n")[2]
-    assert body in WHO, f"no backend's page: {data!r}"
-    return WHO[body]
-
 
 def table_config(pki: Pki, port: int, forward: str, *, options: Sequence[str] = (),
                  tables: Sequence[str] = (), prefork: int = 1) -> tuple[DaemonConfig, RelaySpec]:
@@ -210,3 +167,24 @@ def test_connect_without_answer_moves_on_to_another_host(start_daemon: StartDaem
     assert seen == [HOST_B] * 2, seen
     assert 4.5 < took < 15, took
     assert f"backend: Connection timed out (host {HOST_A}:{port})" in daemon.stderr_text()
+
+
+def test_show_sessions_names_the_backend_host(start_daemon: StartDaemon, pki: Pki) -> None:
+    port = backend_port()
+    cfg, relay = table_config(pki, port, "<web>", tables=[f"table <web> {{ {HOST_B} }}"])
+    with backends(port, (HOST_B,)):
+        daemon = start_daemon(cfg)
+        ctx = client_context()
+        with socket.create_connection((LOCALHOST, relay.listen_port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="p256.test") as held:
+            held.sendall(b"GET / HTTP/1.0\r\n")
+            client = f"{LOCALHOST}:{held.getsockname()[1]}"
+
+            def mine() -> list[dict[str, object]]:
+                out = subprocess.run(pyprivsep_command("ctl", "-j", "-s", str(daemon.workdir / "ctl.sock"),
+                                                       "show", "sessions"),
+                                     env=pyprivsep_env(), capture_output=True, text=True, timeout=20)
+                return [s for s in json.loads(out.stdout)["sessions"]
+                        if s["client"] == client and s["state"] == "relaying"]
+            sessions = wait_until(mine, 10, "the session, relaying")
+    assert sessions[0]["backend"] == f"{HOST_B}:{port}", sessions

@@ -102,6 +102,11 @@ struct pps_session {
 	uint32_t	idle;		/* seconds since last traffic */
 	uint64_t	bytes_in;
 	uint64_t	bytes_out;
+	uint8_t		backend[16];	/* the host chosen (IPv4 in the first 4) */
+	uint8_t		backend_family;	/* 4, 6; 0: none chosen yet */
+	uint8_t		pad;
+	uint16_t	backend_port;
+	uint32_t	backend_id;	/* its host id (PPS_CTL_HOST) */
 };
 
 /*

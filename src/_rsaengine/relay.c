@@ -1085,6 +1085,20 @@ session_of(const struct conn *c, struct pps_session *s)
 	s->idle = pps_now - c->active;
 	s->bytes_in = c->bytes_in;
 	s->bytes_out = c->bytes_out;
+	if (c->host != NULL) {
+		sin = (const struct sockaddr_in *)&c->host->addr;
+		sin6 = (const struct sockaddr_in6 *)&c->host->addr;
+		if (c->host->addr.ss_family == AF_INET6) {
+			s->backend_family = 6;
+			memcpy(s->backend, &sin6->sin6_addr, 16);
+			s->backend_port = ntohs(sin6->sin6_port);
+		} else {
+			s->backend_family = 4;
+			memcpy(s->backend, &sin->sin_addr, 4);
+			s->backend_port = ntohs(sin->sin_port);
+		}
+		s->backend_id = c->host->id;
+	}
 }
 
 /* Every open connection, PPS_CTL_SESSIONS_MAX a frame, arg 1 while more. */
