@@ -9,7 +9,8 @@ import time
 from typing import Any
 
 from pyprivsep.config import Config
-from pyprivsep.hce import Target, targets
+from pyprivsep.checks import Target
+from pyprivsep.hce import targets
 from pyprivsep.tables import Host
 
 log = logging.getLogger("pyprivsep")

@@ -8,6 +8,7 @@ import json
 import os
 import pwd
 import re
+import selectors
 import socket
 import subprocess
 import threading
@@ -24,7 +25,7 @@ from memscan import scan_process_memory
 from hosts import HOST_A, HOST_B, HOST_C, backend_port, backends, get
 from procs import child_pids, open_fds, proc_status, proc_title
 
-from pyprivsep import hce
+from pyprivsep import checks, hce
 from pyprivsep.config import Check
 from pyprivsep.tables import Host
 
@@ -221,14 +222,16 @@ def test_hce_holds_no_key_and_is_confined(start_daemon: StartDaemon, pki: Pki) -
 # -- the checks themselves, run in the test process ----------------------------
 
 
-def target(port: int, check: Check, timeout_ms: int = 1000, address: str = LOCALHOST) -> hce.Target:
-    return hce.Target(Host(0, "r", 0, "t", address, address, port, False), check, timeout_ms, 1)
+def target(port: int, check: Check, timeout_ms: int = 1000, address: str = LOCALHOST,
+           host_id: int = 0) -> checks.Target:
+    return checks.Target(Host(host_id, "r", 0, "t", address, address, port, False), check,
+                         timeout_ms, 1)
 
 
 def test_check_kinds(start_daemon: StartDaemon, pki: Pki, http_backend: HttpBackend) -> None:
     relay = RelaySpec("tls", free_port(), http_backend.port, [pki["p256"]])
     start_daemon(DaemonConfig([relay], prefork=1))
-    ctx = hce._context()
+    ctx = checks.tls_context()
     dead = free_port()
     cases = [
         (http_backend.port, Check("tcp"), True, "tcp connect ok"),
@@ -244,7 +247,7 @@ def test_check_kinds(start_daemon: StartDaemon, pki: Pki, http_backend: HttpBack
          False, "send/expect: no match"),
     ]
     for port, check, up, why in cases:
-        got_up, _ms, reason = hce.check_once(target(port, check), ctx)
+        got_up, _ms, reason = checks.check_once(target(port, check), ctx)
         assert (got_up, why in reason) == (up, True), (check, reason)
 
 
@@ -252,8 +255,8 @@ def test_check_that_hangs_ends_at_its_timeout() -> None:
     port = backend_port()
     with silent_backend(LOCALHOST, port):
         start = time.monotonic()
-        up, ms, reason = hce.check_once(target(port, Check("http", path="/", code=200), 250),
-                                        hce._context())
+        up, ms, reason = checks.check_once(target(port, Check("http", path="/", code=200), 250),
+                                           checks.tls_context())
         took = time.monotonic() - start
     assert (up, reason) == (False, "timeout")
     assert 0.24 <= took < 0.6, took
@@ -318,3 +321,30 @@ def test_ctl_show_hosts_lists_unchecked_and_disabled_hosts(start_daemon: StartDa
     assert out.returncode == 0 and "<off> (fallback)" in out.stdout and "disabled" in out.stdout, out
     # no check anywhere: no hce
     assert not any(proc_title(p) == "pyprivsep: hce" for p in child_pids(daemon.parent_pid))
+
+
+def test_checks_run_at_once_so_a_hanging_host_delays_no_other(http_backend: HttpBackend) -> None:
+    """The hce may not start threads (seccomp): its checks share one
+    selector.  Two hosts that hang for their 300 ms and one that answers:
+    the answer comes at once, and the round takes one timeout, not two."""
+    port = backend_port()
+    results: dict[int, tuple[float, bool, str]] = {}
+    start = time.monotonic()
+    with silent_backend(HOST_B, port), silent_backend(HOST_C, port), \
+            selectors.DefaultSelector() as sel:
+        running = checks.Checks(sel, checks.tls_context(),
+                                lambda t, up, ms, why: results.__setitem__(
+                                    t.host.id, (time.monotonic() - start, up, why)))
+        http = Check("http", path="/", code=200)
+        for i, (addr, p) in enumerate([(HOST_B, port), (HOST_C, port), (LOCALHOST, http_backend.port)]):
+            running.start(target(p, http, 300, address=addr, host_id=i))
+        while running.jobs:
+            deadline = running.next_deadline()
+            assert deadline is not None
+            for key, _mask in sel.select(max(deadline - time.monotonic(), 0)):
+                running.event(key.data)
+            running.expire(time.monotonic())
+    took = time.monotonic() - start
+    assert results[2][1:] == (True, "http code 200 ok") and results[2][0] < 0.25, results
+    assert [results[i][1:] for i in (0, 1)] == [(False, "timeout")] * 2, results
+    assert 0.29 <= took < 0.55, took
