@@ -8,7 +8,7 @@ import os
 import sys
 
 from pyprivsep import (__version__, control, ctl, environment, keyref, keys,
-                       metrics, native, parent, privsep, relay)
+                       metrics, native, parent, privsep, relay, tables)
 from pyprivsep.config import Config, ConfigError, parse_config, parse_macro_arg
 
 DEFAULT_CONF = "/etc/pyprivsep.conf"
@@ -70,7 +70,7 @@ def check_config(cfg: Config) -> None:
                        log_errors="errors" in cfg.log,
                        ticket_lifetime=cfg.ticket_lifetime,
                        use_syslog=False, verbose=False)
-    relay.configure(cfg, certs, [parent.forward_address(r) for r in cfg.relays],
+    relay.configure(cfg, certs, tables.hosts_of(cfg),
                     [[] for _ in cfg.relays], inprocess=True,
                     client_cas=client_cas)
 

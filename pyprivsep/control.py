@@ -116,6 +116,13 @@ def show_keys(parent: "Parent") -> dict[str, Any]:
         for svc in parent.services for c in svc.certs]}
 
 
+def show_hosts(parent: "Parent") -> dict[str, Any]:
+    """Every host of every forward, with its health (the parent's own
+    record of what the hce reported)."""
+    return {"hosts": parent.hosts.show(),
+            "hce_pid": parent.hce.pids.get("hce") if parent.hce else None}
+
+
 def show_sessions(parent: "Parent", respond: Respond) -> None:
     parent.sessions(lambda sessions: respond({"sessions": sessions}))
 
@@ -154,6 +161,7 @@ COMMANDS: dict[tuple[str, ...], Callable[["Parent", Respond], None]] = {
     ("show", "summary"): show_summary,
     ("show", "sessions"): show_sessions,
     ("show", "keys"): now(show_keys),
+    ("show", "hosts"): now(show_hosts),
     ("reload",): do_reload,
     ("stop",): now(do_stop),
     ("log", "brief"): now(log_level(False)),

@@ -78,11 +78,17 @@ def human(words: list[str], a: dict[str, Any]) -> str:
     if words == ["show", "summary"]:
         return human_summary(a)
     if words == ["show", "sessions"]:
-        return table([[s["relay_process"], s["relay"], s["client"], s["state"],
-                       s["age"], s["idle"], s["bytes_in"], s["bytes_out"]]
+        return table([[s["relay_process"], s["relay"], s["client"],
+                       s.get("backend", ""), s["state"], s["age"], s["idle"],
+                       s["bytes_in"], s["bytes_out"]]
                       for s in a["sessions"]],
-                     ["process", "relay", "client", "state", "age", "idle",
-                      "bytes in", "bytes out"])
+                     ["process", "relay", "client", "backend", "state", "age",
+                      "idle", "bytes in", "bytes out"])
+    if words == ["show", "hosts"]:
+        return table([[h["relay"], h["table"] + (" (fallback)" if h["fallback"] else ""),
+                       h["host"], h["port"], h["check"], h["state"], h["reason"]]
+                      for h in a["hosts"]],
+                     ["relay", "table", "host", "port", "check", "state", "last check"])
     if words == ["show", "keys"]:
         return table([[k.get("relay", k.get("keyservice")), k["type"], k["subject"],
                        k["not_after"], k["key_id"], k["held_by"], staple(k.get("ocsp"))]
@@ -95,6 +101,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(
         prog="pyprivsep ctl", usage="pyprivsep ctl [-j] [-s socket] command",
         description="commands: show summary | show sessions | show keys | "
+                    "show hosts | "
                     "reload | stop | log brief | log verbose")
     ap.add_argument("-j", action="store_true", help="answer in JSON")
     ap.add_argument("-s", default=DEFAULT_SOCKET, metavar="socket",

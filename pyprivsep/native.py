@@ -79,7 +79,8 @@ def library_version() -> str:
 
 SANDBOX_ROLES: dict[str, int] = {"relay": lib.PPS_SANDBOX_RELAY,
                                   "ca": lib.PPS_SANDBOX_CA,
-                                  "keyservice": lib.PPS_SANDBOX_KEYSERVICE}
+                                  "keyservice": lib.PPS_SANDBOX_KEYSERVICE,
+                                  "hce": lib.PPS_SANDBOX_HCE}
 
 
 def sandbox(role: str) -> None:
@@ -204,16 +205,27 @@ def engine_init(*, id: int, ca_fd: int, ctl_fd: int, max_conns: int,
     _check(lib.pps_engine_init(conf))
 
 
-def relay_new(name: str, fwd_addr: str, fwd_port: int, ciphers: str | None,
-              keyop_timeout_ms: int, idle_timeout: int, proxy_protocol: int = 0,
+def relay_new(name: str, ciphers: str | None, keyop_timeout_ms: int,
+              idle_timeout: int, proxy_protocol: int = 0,
               alpn: list[str] | None = None) -> int:
     """proxy_protocol: 0, 1 or 2; alpn: the protocols to choose from, in
-    the server's order of preference (none: no ALPN)."""
+    the server's order of preference (none: no ALPN).  Its backends come
+    next: relay_table(), relay_host()."""
     return _check(lib.pps_relay_new(
-        name.encode(), fwd_addr.encode(), fwd_port,
-        ciphers.encode() if ciphers is not None else ffi.NULL,
+        name.encode(), ciphers.encode() if ciphers is not None else ffi.NULL,
         keyop_timeout_ms, idle_timeout, proxy_protocol,
         ",".join(alpn).encode() if alpn else ffi.NULL))
+
+
+def relay_table(relay: int, mode: int) -> int:
+    """A table of the relay (the first, then its fallback): its index."""
+    return _check(lib.pps_relay_table(relay, mode))
+
+
+def relay_host(relay: int, table: int, id: int, address: str, port: int,
+               up: bool) -> None:
+    _check(lib.pps_relay_host(relay, table, id, address.encode(), port,
+                              int(up)))
 
 
 def relay_listen(relay: int, fd: int) -> None:

@@ -9,7 +9,8 @@ import socket
 from dataclasses import dataclass, field
 
 from pyprivsep import keys, native, privsep
-from pyprivsep.config import Config, ConfigError
+from pyprivsep.config import MODES, Config, ConfigError
+from pyprivsep.tables import Host
 
 
 @dataclass
@@ -19,7 +20,8 @@ class RelaySetup:
     cfg: Config
     certs: list[list[keys.Cert]]            # per relay block
     listeners: list[list[socket.socket]]    # per relay block
-    forward: list[str]                      # numeric backend address per block
+    hosts: list[Host]                       # every forward's, in id order
+    down: set[int]                          # ids of the hosts down now
     ticket_keys: bytes
     use_syslog: bool
     verbose: bool
@@ -27,9 +29,9 @@ class RelaySetup:
     client_cas: list[bytes | None] = field(default_factory=list)
 
 
-def configure(cfg: Config, certs: list[list[keys.Cert]], forward: list[str],
+def configure(cfg: Config, certs: list[list[keys.Cert]], hosts: list[Host],
               listeners: list[list[socket.socket]], inprocess: bool,
-              client_cas: list[bytes | None]) -> None:
+              client_cas: list[bytes | None], down: set[int] | None = None) -> None:
     """Give the engine its relay blocks.  Anything it refuses (a cipher
     list, a certificate chain, a key that does not fit, an OCSP response,
     a client CA file) is a ConfigError naming the directive, so that
@@ -37,10 +39,16 @@ def configure(cfg: Config, certs: list[list[keys.Cert]], forward: list[str],
     would."""
     for n, r in enumerate(cfg.relays):
         try:
-            rid = native.relay_new(r.name, forward[n], r.forward_port,
-                                   r.ciphers, r.keyop_timeout_ms,
+            rid = native.relay_new(r.name, r.ciphers, r.keyop_timeout_ms,
                                    r.session_timeout, r.proxy_protocol,
                                    r.alpn)
+            for f, fwd in enumerate(r.forwards):
+                table = native.relay_table(rid, MODES[fwd.mode])
+                for h in hosts:
+                    if h.relay == r.name and h.forward == f:
+                        native.relay_host(rid, table, h.id, h.address, h.port,
+                                          not h.disabled and
+                                          h.id not in (down or set()))
             for sock in listeners[n]:
                 native.relay_listen(rid, sock.fileno())
         except native.NativeError as e:
@@ -97,8 +105,8 @@ def main(setup: RelaySetup, index: int, ca_fd: int, ctl_fd: int) -> int:
                        ticket_lifetime=cfg.ticket_lifetime,
                        use_syslog=setup.use_syslog,
                        verbose=setup.verbose)
-    configure(cfg, setup.certs, setup.forward, setup.listeners,
-              cfg.keys_inprocess, setup.client_cas)
+    configure(cfg, setup.certs, setup.hosts, setup.listeners,
+              cfg.keys_inprocess, setup.client_cas, setup.down)
     native.ticket_keys(setup.ticket_keys)
     privsep.drop_privileges(cfg, "relay")
     privsep.sandbox("relay")

@@ -479,7 +479,7 @@ chain, key, der = (Path(p).read_bytes() for p in sys.argv[1:4])
 native.engine_init(id=0, ca_fd=-1, ctl_fd=-1, max_conns=10, handshake_timeout=5,
                    keyops_async=False, log_conn=False, log_errors=False, ticket_lifetime=7200,
                    use_syslog=False, verbose=False)
-rid = native.relay_new("c", "127.0.0.1", 8080, None, 1000, 60)
+rid = native.relay_new("c", None, 1000, 60)
 native.relay_keypair(rid, chain, bytes(32), key)
 try:
     native.relay_ocsp(rid, der, 0, 0)

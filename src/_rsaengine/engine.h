@@ -103,11 +103,27 @@ struct connlist {
 	struct conn	*head, *tail;	/* oldest deadline first */
 };
 
+/* A backend of a table; nconns: this process's connections to it. */
+struct host {
+	uint32_t	 id;		/* the parent's (PPS_CTL_HOST) */
+	int		 up;
+	int		 nconns;
+	struct sockaddr_storage addr;
+	socklen_t	 addrlen;
+};
+
+struct table {
+	int		 mode;		/* PPS_MODE_* */
+	unsigned	 rr;		/* roundrobin: the next one */
+	int		 nhosts;
+	struct host	 hosts[PPS_MAX_HOSTS];
+};
+
 struct relay {
 	int		 index;
 	char		 name[64];
-	struct sockaddr_storage fwd;
-	socklen_t	 fwdlen;
+	struct table	 tables[PPS_MAX_TABLES];	/* the first, its fallback */
+	int		 ntables;
 	char		*ciphers;
 	int		 keyop_timeout_ms;
 	int		 idle_timeout;
@@ -121,6 +137,7 @@ struct relay {
 	unsigned char	 sid_ctx[32];	/* the session id context */
 	unsigned int	 sid_ctx_len;
 	struct connlist	 handshaking;	/* deadline: handshake timeout */
+	struct connlist	 connecting;	/* deadline: PPS_CONNECT_TIMEOUT */
 	struct connlist	 established;	/* deadline: idle timeout */
 };
 
