@@ -59,6 +59,7 @@ def check_config(cfg: Config) -> None:
                   for r in cfg.relays]
     for cert in (c for block in certs for c in block):
         keys.load_key(cert)
+    parent.read_file_tickets(cfg)     # `tls ticket keys`: the file's rules
     for ks in cfg.keyservices:        # the same rules for a keyservice's keys
         for kp in ks.keypairs:
             keys.load_key(keys.load_cert(kp))

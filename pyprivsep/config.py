@@ -243,6 +243,10 @@ class Config:
     keyops: str | None = None         # "async", "blocking"; None: the library's best
     keyops_where: Where | None = None
     ticket_lifetime: int = 7200       # seconds; keys rotate every quarter
+    # `tls ticket keys "file"`: the keys read from it (tickets.py), at
+    # start and on every reload, instead of generated and rotated ones
+    ticket_keys_file: str | None = None
+    ticket_keys_where: Where | None = None
     socket: str = DEFAULT_SOCKET
     metrics: Listen | None = None     # Prometheus endpoint, off by default
     log: set[str] = field(default_factory=set)
@@ -761,10 +765,22 @@ class _Parser:
             if sub.is_word("keyop"):
                 self.config.keyop_timeout_ms = self._keyop(tok)
             elif sub.is_word("ticket"):
-                self._expect("tls ticket", tok, "lifetime")
-                self.config.ticket_lifetime = self._number(
-                    "tls ticket lifetime", tok, TICKET_LIFETIME_RANGE)
-                self._eol("tls ticket lifetime")
+                what = self._arg("tls ticket", tok)
+                if what.is_word("lifetime"):
+                    self.config.ticket_lifetime = self._number(
+                        "tls ticket lifetime", tok, TICKET_LIFETIME_RANGE)
+                    self._eol("tls ticket lifetime")
+                elif what.is_word("keys"):
+                    if self.config.ticket_keys_where is not None:
+                        raise self._err(tok.line, '"tls ticket keys" given twice '
+                                        f'(first at line {self.config.ticket_keys_where.line})')
+                    self.config.ticket_keys_file = self._path(
+                        self._arg("tls ticket keys", tok))
+                    self.config.ticket_keys_where = Where(self.file, tok.line)
+                    self._eol("tls ticket keys")
+                else:
+                    raise self._err(what.line, 'expected "lifetime" or "keys" in '
+                                    f'"tls ticket", got {what.describe()}')
             elif sub.is_word("handshake"):
                 self._expect("tls handshake", tok, "timeout")
                 self.config.handshake_timeout = self._number(
@@ -1136,6 +1152,11 @@ class _Parser:
             raise self._err(tok.line, '"tls ocsp" belongs on its certificate\'s '
                             'line: tls certificate "CERT" key "KEY" ocsp "FILE" '
                             '(or tls keypair NAME ocsp "FILE")')
+        elif sub.is_word("ticket"):
+            # one daemon, one set of ticket keys: every relay process
+            # holds them all, whichever relay block a session came in by
+            raise self._err(tok.line, '"tls ticket" is global: it is only '
+                            'valid outside a relay block')
         else:
             raise self._err(tok.line, f'unknown directive "tls {sub.value}"')
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import selectors
 from typing import Any, Callable, Optional
 
-from pyprivsep import ca, hce, keys, native, privsep, relay, tables
+from pyprivsep import ca, hce, keys, native, privsep, relay, tables, tickets
 from pyprivsep.hoststate import HostStates, host_state_payload
 from pyprivsep.channel import (Answer, Channel, decode_sessions,
                                decode_stats)
@@ -123,8 +123,26 @@ def prepare(cfg: Config, use_syslog: bool, verbose: bool,
         for s in opened:
             s.close()
         raise
-    return relay.RelaySetup(cfg, certs, listeners, hosts, set(), b"",
-                            use_syslog, verbose, client_cas)
+    setup = relay.RelaySetup(cfg, certs, listeners, hosts, set(), b"",
+                             use_syslog, verbose, client_cas)
+    try:
+        setup.file_tickets = read_file_tickets(cfg)
+    except ConfigError:
+        for s in opened:
+            s.close()
+        raise
+    return setup
+
+
+def read_file_tickets(cfg: Config) -> list[bytes] | None:
+    """`tls ticket keys`: the file's keys, read by the parent (before
+    any chroot, at start and on every reload); None without it."""
+    if cfg.ticket_keys_file is None or cfg.ticket_keys_where is None:
+        return None
+    keys_ = tickets.read_ticket_keys(cfg.ticket_keys_file, cfg.ticket_keys_where)
+    log.debug("%d session ticket key(s) read from %s", len(keys_),
+              cfg.ticket_keys_file)
+    return keys_
 
 
 def relay_certs(r: Relay) -> list[keys.Cert]:
@@ -366,7 +384,7 @@ class Parent:
         self.services = services or []
         self.kscas = service_cas(self.services, 1)
         self.draining: list[Any] = []       # old generations, finishing
-        self.tickets = [new_ticket_key()]
+        self.tickets = list(setup.file_tickets or [new_ticket_key()])
         now = time.monotonic()
         self.next_rotation = now + self.rotation
         self.next_heartbeat = now + HEARTBEAT_INTERVAL
@@ -783,7 +801,14 @@ class Parent:
         self.generation += 1
         old = self.pairs
         old_kscas, old_svcs = self.kscas, self.services
+        had_file = self.setup.file_tickets is not None
         self.cfg, self.setup = cfg, setup
+        if setup.file_tickets is not None or had_file:
+            # the file's keys now (read again), or generated ones again;
+            # the running relays, draining too, take them at once
+            self.tickets = list(setup.file_tickets or [new_ticket_key()])
+            self.next_rotation = time.monotonic() + self.rotation
+            self.send_tickets()
         self.pairs = [Pair.new(i, self.generation)
                       for i in range(1, relay_processes(cfg) + 1)]
         self.services = services
@@ -897,7 +922,7 @@ class Parent:
         for server in (self.control, self.metrics):
             if server is not None:
                 server.expire(now)
-        if now >= self.next_rotation:
+        if now >= self.next_rotation and self.setup.file_tickets is None:
             self.rotate_tickets()
             self.next_rotation = now + self.rotation
         if now >= self.next_heartbeat:

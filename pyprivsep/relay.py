@@ -27,6 +27,9 @@ class RelaySetup:
     verbose: bool
     # per relay block: the PEM of its `tls client ca`, or None
     client_cas: list[bytes | None] = field(default_factory=list)
+    # `tls ticket keys "file"`: its keys (relay layout, sealing key
+    # first), read by the parent; None: the parent generates and rotates
+    file_tickets: list[bytes] | None = None
 
 
 def configure(cfg: Config, certs: list[list[keys.Cert]], hosts: list[Host],
