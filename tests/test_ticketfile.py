@@ -8,6 +8,7 @@ import base64
 import os
 import re
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -150,11 +151,11 @@ def test_check_mode_reads_the_file_and_logs_no_key_bytes(tmp_path: Path, pki: Pk
 
 
 def two_daemons(start_daemon: StartDaemon, pki: Pki, port: int, path: Path,
-                n: int = 2) -> list[tuple[Daemon, RelaySpec]]:
+                n: int = 2, extra: Sequence[str] = ()) -> list[tuple[Daemon, RelaySpec]]:
     out = []
     for _ in range(n):
         relay = RelaySpec("www", free_port(), port, [pki["rsa2048"]])
-        config = DaemonConfig([relay], prefork=1, globals=(f'tls ticket keys "{path}"',))
+        config = DaemonConfig([relay], prefork=1, globals=(f'tls ticket keys "{path}"', *extra))
         out.append((start_daemon(config), relay))
     return out
 
@@ -239,4 +240,21 @@ def test_a_reload_with_a_broken_key_file_keeps_the_keys(start_daemon: StartDaemo
         assert r.returncode != 0
         assert f"tls ticket keys {path}:3: a key of 5 bytes, expected 80" in r.stdout + r.stderr, r
         assert connect(ra, "1.2", sess_in=session) is True
+        assert a.stop() == 0, a.describe()
+
+
+def test_file_keys_are_not_rotated_by_the_daemon(start_daemon: StartDaemon, pki: Pki, tmp_path: Path) -> None:
+    """Generated keys rotate every quarter of the ticket lifetime (1 s
+    here); the file's keys stay until the file changes."""
+    k1 = key(b"never-rotated-k1")
+    path = tmp_path / "ticket.keys"
+    write_keys(path, [k1])
+    with HttpBackend() as http:
+        (a, ra), = two_daemons(start_daemon, pki, http.port, path, n=1, extra=("tls ticket lifetime 4",))
+        first = tmp_path / "first.pem"
+        assert connect(ra, "1.2", sess_out=first) is False
+        time.sleep(2.5)                             # two rotations' worth
+        later = tmp_path / "later.pem"
+        assert connect(ra, "1.2", sess_out=later) is False
+        assert ticket_key_name(later) == k1[:16], "the daemon rotated the file's key away"
         assert a.stop() == 0, a.describe()
