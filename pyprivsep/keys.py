@@ -23,7 +23,7 @@ from cryptography.x509 import ocsp
 from pyprivsep.config import ClientCa, ConfigError, Keypair
 from pyprivsep.native import P, CaKey, NativeError
 
-EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
+EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 RSA_BITS = (2048, 8192)
 # An OCSP response is a few KiB at most (one response, maybe a responder
 # certificate); the relay copies it for every handshake that asks.  Bigger
