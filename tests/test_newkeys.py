@@ -27,7 +27,7 @@ from backends import BACKEND_PAGE, HttpBackend
 from basics import free_port
 from ca_child import CaChild, start_ca
 from cawire import pss_block, raw_frame, spki_keyid
-from daemonctl import SANITIZED, Daemon, DaemonConfig, RelaySpec, ca_config_text
+from daemonctl import SANITIZED, Daemon, DaemonConfig, RelaySpec, StartDaemon, ca_config_text
 from keypairs import KeyPair, key_patterns, key_secrets, make_keypair
 from memscan import scan_process_memory
 from pyprivsep.native import P
@@ -267,3 +267,15 @@ def test_rsapss_policy_refusals(ca: CaChild, newkeys: NewKeys, which: str) -> No
     assert ask(ca, kp, P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_NONE, block)[0] == P.PPS_ERR_POLICY
     _, block = pss_request(kp, "sha256")
     assert ask(ca, kp, P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_NONE, block[:-1])[0] == P.PPS_ERR_POLICY
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_new_keys_with_keys_inprocess(start_daemon: StartDaemon, newkeys: NewKeys, version: TlsVersion) -> None:
+    """`keys inprocess`: the relay's own OpenSSL signs with the new keys."""
+    with HttpBackend() as http:
+        relay = RelaySpec("www", free_port(), http.port, newkeys.all())
+        daemon = start_daemon(DaemonConfig([relay], prefork=1, keys_inprocess=True))
+        for kp in newkeys.all():
+            info = tls_handshake(relay.listen_port, kp.dns_name, cafile=kp.cert_path, version=version)
+            assert info.peer_cert_der == kp.cert_der, kp.name
+        assert daemon.stop() == 0, daemon.describe()
