@@ -19,11 +19,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
+from cryptography.x509.oid import PublicKeyAlgorithmOID
 
 from pyprivsep.config import ClientCa, ConfigError, Keypair
 from pyprivsep.native import P, CaKey, NativeError
 
-EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
+EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 RSA_BITS = (2048, 8192)
 # An OCSP response is a few KiB at most (one response, maybe a responder
 # certificate); the relay copies it for every handshake that asks.  Bigger
@@ -54,7 +55,7 @@ class Cert:
     keypair: Keypair
     chain_pem: bytes
     keyid: bytes
-    kind: str               # "rsa" or "ec"
+    kind: str               # "rsa", "rsa-pss" (id-RSASSA-PSS) or "ec"
     bits: int               # RSA modulus bits, or the curve's bits
     subject: str
     not_after: str          # ISO 8601, UTC
@@ -105,6 +106,36 @@ def refuse_ca_certificate(leaf: x509.Certificate, kp: Keypair) -> None:
         raise refuse("keyUsage keyCertSign")
 
 
+def _der_items(der: bytes) -> list[bytes]:
+    """The elements (whole TLVs) of the DER SEQUENCE `der`."""
+    def tlv(buf: bytes, i: int) -> int:    # the end of the TLV at i
+        n = buf[i + 1]
+        if n < 0x80:
+            return i + 2 + n
+        k = n & 0x7F
+        return i + 2 + k + int.from_bytes(buf[i + 2:i + 2 + k], "big")
+    if der[1] < 0x80:
+        start = 2
+    else:
+        start = 2 + (der[1] & 0x7F)
+    end, items, i = tlv(der, 0), [], start
+    while i < end:
+        j = tlv(der, i)
+        items.append(der[i:j])
+        i = j
+    return items
+
+
+def spki_der(leaf: x509.Certificate) -> bytes:
+    """The certificate's SubjectPublicKeyInfo as it is in the certificate.
+    cryptography re-encodes an id-RSASSA-PSS key as rsaEncryption (losing
+    its PSS restrictions), so it is cut out of the TBSCertificate."""
+    items = _der_items(leaf.tbs_certificate_bytes)
+    if items[0][0] == 0xA0:                 # [0] version
+        items = items[1:]
+    return items[5]     # serial, signature, issuer, validity, subject, spki
+
+
 def load_cert(kp: Keypair) -> Cert:
     pem = _read(kp.cert, "certificate", kp)
     try:
@@ -115,7 +146,8 @@ def load_cert(kp: Keypair) -> Cert:
     refuse_ca_certificate(leaf, kp)
     pub = leaf.public_key()
     if isinstance(pub, rsa.RSAPublicKey):
-        kind, bits = "rsa", pub.key_size
+        pss = leaf.public_key_algorithm_oid == PublicKeyAlgorithmOID.RSASSA_PSS
+        kind, bits = "rsa-pss" if pss else "rsa", pub.key_size
         if not RSA_BITS[0] <= bits <= RSA_BITS[1]:
             raise ConfigError(kp.where.file, kp.where.line,
                               f"{kp.cert}: RSA-{bits} not supported "
@@ -128,9 +160,13 @@ def load_cert(kp: Keypair) -> Cert:
         kind, bits = "ec", pub.curve.key_size
     else:
         raise ConfigError(kp.where.file, kp.where.line,
-                          f"{kp.cert}: only RSA and ECDSA keys are supported")
-    spki = pub.public_bytes(serialization.Encoding.DER,
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
+                          f"{kp.cert}: only RSA, RSA-PSS and ECDSA keys are "
+                          "supported")
+    if kind == "rsa-pss":
+        spki = spki_der(leaf)
+    else:
+        spki = pub.public_bytes(serialization.Encoding.DER,
+                                serialization.PublicFormat.SubjectPublicKeyInfo)
     return Cert(kp, pem, hashlib.sha256(spki).digest(), kind, bits,
                 leaf.subject.rfc4514_string(),
                 leaf.not_valid_after_utc.isoformat())

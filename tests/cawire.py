@@ -147,7 +147,13 @@ def unpack_header(data: bytes) -> RawHeader:
 
 
 def spki_keyid(cert: x509.Certificate) -> bytes:
-    """A key's id on the wire: SHA-256 of the DER SubjectPublicKeyInfo."""
+    """A key's id on the wire: SHA-256 of the DER SubjectPublicKeyInfo (an
+    RSA-PSS key's as in the certificate: cryptography re-encodes it)."""
+    from cryptography.x509.oid import PublicKeyAlgorithmOID
+
+    from pyprivsep.keys import spki_der
+    if cert.public_key_algorithm_oid == PublicKeyAlgorithmOID.RSASSA_PSS:
+        return hashlib.sha256(spki_der(cert)).digest()
     spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(spki).digest()
 

@@ -11,6 +11,9 @@
  *       the same hash and a salt as long as the hash;
  *   RSA, PPS_PAD_PKCS1: a DigestInfo of SHA-256/384/512 with a digest of
  *       exactly that length (TLS 1.2 and 1.3 sign nothing else: SHA-1 never);
+ *   RSA-PSS (id-RSASSA-PSS) keys: PPS_PAD_NONE only, checked as above,
+ *       and within the key's own restrictions when it has them: its hash
+ *       (and MGF1 hash), a salt of at least its minimum salt length;
  *   ECDSA: a digest of 20 to 64 bytes;
  *   anything else, RSA decryption always, is refused.
  * Each check needs only the public key's size.  The check decides the
@@ -144,8 +147,29 @@ pss_db_ok(const uint8_t *em, size_t emlen, int top, const EVP_MD *md)
 	return acc == 0 && db[pslen] == 0x01;
 }
 
+/*
+ * The hashes an RSA-PSS key's restrictions leave (any for a plain RSA key):
+ * a key restricted to one hash allows it alone; an MGF1 hash other than
+ * the hash, or a minimum salt longer than the hash (TLS salts with the
+ * hash's length), allows none.
+ */
 static int
-check_pss(const uint8_t *block, size_t len, int bits)
+pss_allowed(const struct pps_cakey *key, const EVP_MD *md)
+{
+	int kmd, kmgf1, saltlen;
+
+	if (!pps_cakey_pss(key, &kmd, &kmgf1, &saltlen))
+		return 1;
+	if (kmd != NID_undef && kmd != EVP_MD_type(md))
+		return 0;
+	if (kmgf1 != NID_undef && kmgf1 != EVP_MD_type(md))
+		return 0;
+	return saltlen <= EVP_MD_size(md);
+}
+
+static int
+check_pss(const struct pps_cakey *key, const uint8_t *block, size_t len,
+    int bits)
 {
 	const EVP_MD *mds[3];
 	size_t k = (bits + 7) / 8, emlen;
@@ -172,10 +196,11 @@ check_pss(const uint8_t *block, size_t len, int bits)
 	mds[1] = EVP_sha384();
 	mds[2] = EVP_sha512();
 	for (i = 0; i < 3; i++)
-		if (pss_db_ok(em, emlen, top, mds[i]))
+		if (pss_allowed(key, mds[i]) &&
+		    pss_db_ok(em, emlen, top, mds[i]))
 			return PPS_OK;
 	return refuse(PPS_ERR_POLICY, "not a PSS encoding with SHA-2 and a "
-	    "digest-length salt");
+	    "digest-length salt (within the key's PSS restrictions)");
 }
 
 /*
@@ -186,13 +211,17 @@ static int
 policy_check(const struct pps_cakey *key, int op, int arg, const uint8_t *in,
     size_t len, enum pps_signop *how)
 {
-	int is_rsa = pps_cakey_type(key) == EVP_PKEY_RSA, status;
+	int is_pss = pps_cakey_type(key) == EVP_PKEY_RSA_PSS;
+	int is_rsa = pps_cakey_type(key) == EVP_PKEY_RSA || is_pss, status;
 
 	if (op == PPS_OP_RSA_PRIV_ENC && is_rsa) {
 		if (arg == PPS_PAD_NONE) {
 			*how = PPS_SIGN_RSA_RAW;
-			return check_pss(in, len, pps_cakey_bits(key));
+			return check_pss(key, in, len, pps_cakey_bits(key));
 		}
+		if (arg == PPS_PAD_PKCS1 && is_pss)
+			return refuse(PPS_ERR_OP, "PKCS#1 v1.5 on an RSA-PSS "
+			    "key");
 		if (arg == PPS_PAD_PKCS1) {
 			*how = PPS_SIGN_RSA_PKCS1;
 			return check_digestinfo(in, len);

@@ -6,6 +6,10 @@
  *   PPS_SIGN_RSA_PKCS1: PKCS#1 v1.5 type 1 padding over the DigestInfo
  *   PPS_SIGN_RSA_RAW:   the raw private operation on a full block
  *   PPS_SIGN_ECDSA:     ECDSA over the digest, DER ECDSA-Sig-Value out
+ * An RSA-PSS key (id-RSASSA-PSS) signs with PPS_SIGN_RSA_RAW only: OpenSSL
+ * allows nothing but PSS padding on such a key, so its private half is
+ * imported once into a plain RSA key for the raw operation, and its PSS
+ * parameter restrictions (if any) are kept for the policy (ca.c).
  */
 #include <string.h>
 
@@ -17,12 +21,112 @@
 
 #include "engine.h"
 
+/* RSA-PSS keys need OpenSSL 3's key import (OSSL_PARAM); not LibreSSL */
+#if !defined(LIBRESSL_VERSION_NUMBER) && OPENSSL_VERSION_NUMBER >= 0x30000000L
+#define PPS_RSA_PSS_KEYS 1
+#include <openssl/core_names.h>
+#include <openssl/params.h>
+#endif
+
 struct pps_cakey {
 	EVP_PKEY	*pkey;
 	EVP_PKEY_CTX	*ctx;		/* initialised for signing once */
-	int		 type;		/* EVP_PKEY_RSA or EVP_PKEY_EC */
+	int		 type;		/* EVP_PKEY_RSA, _RSA_PSS or _EC */
 	int		 bits;
+	int		 pss_md;	/* RSA-PSS restriction: NID or NID_undef */
+	int		 pss_mgf1_md;
+	int		 pss_saltlen;	/* minimum salt length, -1: none */
 };
+
+int
+pps_cakey_pss(const struct pps_cakey *k, int *md, int *mgf1_md, int *saltlen)
+{
+	*md = k->pss_md;
+	*mgf1_md = k->pss_mgf1_md;
+	*saltlen = k->pss_saltlen;
+	return k->type == EVP_PKEY_RSA_PSS;
+}
+
+#ifdef PPS_RSA_PSS_KEYS
+static int
+md_nid(const OSSL_PARAM *p)
+{
+	const char *name;
+	EVP_MD *md;
+	int nid;
+
+	if (p == NULL)
+		return NID_undef;
+	if (!OSSL_PARAM_get_utf8_string_ptr(p, &name))
+		return -1;
+	if ((md = EVP_MD_fetch(NULL, name, NULL)) == NULL)
+		return -1;
+	nid = EVP_MD_type(md);
+	EVP_MD_free(md);
+	return nid;
+}
+
+/*
+ * An RSA-PSS key: its restrictions into k, and a plain RSA key of the same
+ * numbers into *raw (the numbers stay in this process).
+ */
+static int
+pss_import(struct pps_cakey *k, EVP_PKEY *pkey, EVP_PKEY **raw)
+{
+	OSSL_PARAM *params = NULL, numbers[40];
+	const OSSL_PARAM *p;
+	EVP_PKEY_CTX *ctx = NULL;
+	size_t n;
+	int ok = 0;
+
+	*raw = NULL;
+	k->pss_md = k->pss_mgf1_md = NID_undef;
+	k->pss_saltlen = -1;
+	if (EVP_PKEY_todata(pkey, EVP_PKEY_KEYPAIR, &params) <= 0) {
+		pps_seterr_ssl("RSA-PSS key");
+		goto done;
+	}
+	k->pss_md = md_nid(OSSL_PARAM_locate_const(params,
+	    OSSL_PKEY_PARAM_RSA_DIGEST));
+	k->pss_mgf1_md = md_nid(OSSL_PARAM_locate_const(params,
+	    OSSL_PKEY_PARAM_RSA_MGF1_DIGEST));
+	if ((p = OSSL_PARAM_locate_const(params,
+	    OSSL_PKEY_PARAM_RSA_PSS_SALTLEN)) != NULL &&
+	    !OSSL_PARAM_get_int(p, &k->pss_saltlen))
+		k->pss_saltlen = -2;
+	if (k->pss_md == -1 || k->pss_mgf1_md == -1 || k->pss_saltlen < -1) {
+		pps_seterr("RSA-PSS key: unreadable parameter restrictions");
+		goto done;
+	}
+	/* the numbers only: a plain RSA key takes no PSS parameters */
+	for (n = 0, p = params; p->key != NULL; p++)
+		if ((strcmp(p->key, "n") == 0 || strcmp(p->key, "e") == 0 ||
+		    strcmp(p->key, "d") == 0 || strncmp(p->key, "rsa-", 4) == 0)
+		    && n < sizeof(numbers) / sizeof(numbers[0]) - 1)
+			numbers[n++] = *p;
+	numbers[n] = OSSL_PARAM_construct_end();
+	if ((ctx = EVP_PKEY_CTX_new_from_name(NULL, "RSA", NULL)) == NULL ||
+	    EVP_PKEY_fromdata_init(ctx) <= 0 ||
+	    EVP_PKEY_fromdata(ctx, raw, EVP_PKEY_KEYPAIR, numbers) <= 0) {
+		pps_seterr_ssl("RSA-PSS key: RSA import");
+		goto done;
+	}
+	ok = 1;
+done:
+	OSSL_PARAM_free(params);	/* clears the private numbers */
+	OPENSSL_cleanse(numbers, sizeof(numbers));	/* (pointers only) */
+	EVP_PKEY_CTX_free(ctx);
+	return ok;
+}
+#else
+static int
+pss_import(struct pps_cakey *k, EVP_PKEY *pkey, EVP_PKEY **raw)
+{
+	(void)k; (void)pkey;
+	*raw = NULL;
+	return pps_seterr("RSA-PSS keys need OpenSSL 3") + 1;
+}
+#endif
 
 int
 pps_cakey_type(const struct pps_cakey *k)
@@ -66,12 +170,29 @@ pps_cakey_load(const char *key_pem, size_t key_len, const char *cert_pem,
 		goto fail;
 	}
 	if (EVP_PKEY_base_id(pkey) != EVP_PKEY_RSA &&
+	    EVP_PKEY_base_id(pkey) != EVP_PKEY_RSA_PSS &&
 	    EVP_PKEY_base_id(pkey) != EVP_PKEY_EC) {
-		pps_seterr("key type not supported (RSA and ECDSA only)");
+		pps_seterr("key type not supported (RSA, RSA-PSS and ECDSA "
+		    "only)");
 		goto fail;
 	}
 	if ((k = calloc(1, sizeof(*k))) == NULL)
 		goto ssl_fail;
+	k->pss_md = k->pss_mgf1_md = NID_undef;
+	k->pss_saltlen = -1;
+	k->type = EVP_PKEY_base_id(pkey);
+	k->bits = EVP_PKEY_bits(pkey);
+	if (k->type == EVP_PKEY_RSA_PSS) {
+		EVP_PKEY *raw;
+
+		if (!pss_import(k, pkey, &raw)) {
+			free(k);
+			k = NULL;
+			goto fail;
+		}
+		EVP_PKEY_free(pkey);
+		pkey = raw;
+	}
 	if ((k->ctx = EVP_PKEY_CTX_new(pkey, NULL)) == NULL ||
 	    EVP_PKEY_sign_init(k->ctx) <= 0) {
 		pps_seterr_ssl("EVP_PKEY_sign_init");
@@ -81,8 +202,6 @@ pps_cakey_load(const char *key_pem, size_t key_len, const char *cert_pem,
 		goto fail;
 	}
 	k->pkey = pkey;
-	k->type = EVP_PKEY_base_id(pkey);
-	k->bits = EVP_PKEY_bits(pkey);
 	pkey = NULL;
 	goto done;
 ssl_fail:
@@ -130,7 +249,8 @@ pps_cakey_sign(struct pps_cakey *k, enum pps_signop how, const uint8_t *in,
 		return pps_seterr("unknown operation %d", (int)how);
 	}
 	/* the policy matched the key already; a mismatch is a bug, not a key */
-	if (k->type != type)
+	if (k->type != type && !(k->type == EVP_PKEY_RSA_PSS &&
+	    how == PPS_SIGN_RSA_RAW))
 		return pps_seterr("operation %d not for this key", (int)how);
 	ok = (pad == 0 || EVP_PKEY_CTX_set_rsa_padding(k->ctx, pad) > 0) &&
 	    EVP_PKEY_sign(k->ctx, out, &outlen, in, inlen) > 0;

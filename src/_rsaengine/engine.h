@@ -80,6 +80,8 @@ int	pps_cakey_sign(struct pps_cakey *, enum pps_signop, const uint8_t *in,
 	    size_t inlen, uint8_t *out, size_t outsize);
 int	pps_cakey_type(const struct pps_cakey *);
 int	pps_cakey_bits(const struct pps_cakey *);
+int	pps_cakey_pss(const struct pps_cakey *, int *md, int *mgf1_md,
+	    int *saltlen);
 
 /* A private key that lives in the ca: what the shim sends with a request. */
 struct keyref {

@@ -157,6 +157,49 @@ fail:
 	return NULL;
 }
 
+/*
+ * An RSA-PSS (id-RSASSA-PSS) certificate key: an EVP_PKEY_RSA_PSS whose RSA
+ * has our method and the certificate's PSS restrictions, so that libssl
+ * offers rsa_pss_pss_* (only the restricted hash, if any) and OpenSSL
+ * PSS-encodes before calling shim_rsa_priv_enc() with RSA_NO_PADDING, as
+ * for rsa_pss_rsae_*.  The RSA is decoded afresh from the public key's DER
+ * (it is the one way to carry the restrictions over with the public API),
+ * so the certificate's own key is untouched.
+ */
+static EVP_PKEY *
+shim_rsa_pss(EVP_PKEY *pub, const struct keyref *k)
+{
+#if defined(LIBRESSL_VERSION_NUMBER) || OPENSSL_VERSION_NUMBER < 0x30000000L
+	(void)pub; (void)k;
+	pps_seterr("RSA-PSS certificate keys need OpenSSL 3");
+	return NULL;
+#else
+	unsigned char *der = NULL;
+	const unsigned char *p;
+	EVP_PKEY *pkey = NULL;
+	RSA *rsa = NULL;
+	int len;
+
+	if ((len = i2d_PUBKEY(pub, &der)) <= 0)
+		goto fail;
+	p = der;
+	if ((rsa = d2i_RSA_PUBKEY(NULL, &p, len)) == NULL ||
+	    !RSA_set_method(rsa, rsa_meth) ||
+	    !RSA_set_ex_data(rsa, rsa_idx, (void *)k) ||
+	    (pkey = EVP_PKEY_new()) == NULL ||
+	    !EVP_PKEY_assign(pkey, EVP_PKEY_RSA_PSS, rsa))
+		goto fail;
+	OPENSSL_free(der);
+	return pkey;
+fail:
+	pps_seterr_ssl("RSA-PSS shim key");
+	OPENSSL_free(der);
+	RSA_free(rsa);
+	EVP_PKEY_free(pkey);
+	return NULL;
+#endif
+}
+
 static EVP_PKEY *
 shim_ec(const EC_KEY *pub, const struct keyref *k)
 {
@@ -192,11 +235,13 @@ shim_pkey(X509 *cert, const struct keyref *k)
 	switch (EVP_PKEY_base_id(pub)) {
 	case EVP_PKEY_RSA:
 		return shim_rsa(EVP_PKEY_get0_RSA(pub), k);
+	case EVP_PKEY_RSA_PSS:
+		return shim_rsa_pss(pub, k);
 	case EVP_PKEY_EC:
 		return shim_ec(EVP_PKEY_get0_EC_KEY(pub), k);
 	default:
-		pps_seterr("certificate key type %d not supported (RSA and "
-		    "ECDSA only)", EVP_PKEY_base_id(pub));
+		pps_seterr("certificate key type %d not supported (RSA, "
+		    "RSA-PSS and ECDSA only)", EVP_PKEY_base_id(pub));
 		return NULL;
 	}
 }
