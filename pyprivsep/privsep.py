@@ -93,6 +93,9 @@ def drop_privileges(cfg: Config, role: str) -> None:
 # that one that has work (its other sessions' bytes) takes the CPU from a ca
 # in the middle of a long signature (RSA-4096: milliseconds) at once: the
 # signature is not late for it, the waiting session's round trip is.
+# Relative to the daemon's own priority (os.nice), so that a daemon started
+# niced (nice -n 19 make test) still can: a ca that is no longer root may
+# raise its nice value but not lower it, and the kernel stops at 19.
 CA_NICE = 10
 
 
@@ -102,5 +105,5 @@ def sandbox(role: str) -> None:
     After drop_privileges (setuid resets the dumpable flag the ca clears,
     and chroot needs a syscall the filter refuses)."""
     if role != "relay":
-        os.setpriority(os.PRIO_PROCESS, 0, CA_NICE)
+        os.nice(CA_NICE)
     native.sandbox(role)
