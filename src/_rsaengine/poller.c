@@ -11,11 +11,18 @@
 #include <unistd.h>
 
 #include "engine.h"
+#include "poller.h"
 
-#ifdef __linux__
+#if defined(PPS_POLLER_EPOLL)	/* poller.h: build_ffi.py's choice */
 #include <sys/epoll.h>
 
 static int pfd = -1;
+
+const char *
+pps_poller(void)
+{
+	return "epoll";
+}
 
 int
 poller_init(void)
@@ -86,12 +93,18 @@ poller_wait(struct pps_event *out, int max, int timeout_ms)
 	return n;
 }
 
-#else /* kqueue */
+#else /* PPS_POLLER_KQUEUE */
 #include <sys/types.h>
 #include <sys/event.h>
 #include <sys/time.h>
 
 static int kq = -1;
+
+const char *
+pps_poller(void)
+{
+	return "kqueue";
+}
 
 int
 poller_init(void)
