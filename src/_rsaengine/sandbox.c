@@ -17,8 +17,9 @@
  *
  * kqueue on Linux (make POLLER=kqueue, through libkqueue; poller.h): the
  * relay's filter also allows the ioctl()s libkqueue reads a socket's queue
- * sizes with, and the filter is installed on every thread (TSYNC), since
- * libkqueue runs a thread of its own.  The epoll build is left as it was.
+ * sizes with and the select() its signal thread waits in, and the filter
+ * is installed on every thread (TSYNC), since libkqueue runs threads of
+ * its own.  The epoll build is left as it was.
  *
  * OpenBSD: pledge(2), relay "stdio inet", ca "stdio", keyservice ca
  * "stdio unix" (accept, getsockopt SO_PEERCRED).
@@ -165,6 +166,24 @@ static const int relay_calls[] = {
 	-1
 };
 
+#if defined(PPS_POLLER_KQUEUE)
+/*
+ * A relay built with kqueue on Linux: libkqueue's signal thread waits in
+ * select() on its signalfd.  It blocks every signal, but a stop and a
+ * continue (SIGSTOP, the cgroup freezer, ptrace) restart the call it
+ * waits in, and a restarted call meets the filter again: without these
+ * the relay dies on its first thaw.  (Its other thread waits in
+ * epoll_wait, already listed.)
+ */
+static const int kqueue_calls[] = {
+#ifdef __NR_select
+	__NR_select,
+#endif
+	__NR_pselect6,
+	-1
+};
+#endif
+
 /* A ca: its SOCK_SEQPACKET, stderr or syslog; the common list is enough. */
 static const int ca_calls[] = {
 	-1
@@ -252,6 +271,8 @@ build(struct prog *p, int role)
 	    role == PPS_SANDBOX_KEYSERVICE ? keyservice_calls : ca_calls,
 	    SECCOMP_RET_ALLOW);
 #if defined(PPS_POLLER_KQUEUE)
+	if (role == PPS_SANDBOX_RELAY)
+		emit_list(p, kqueue_calls, SECCOMP_RET_ALLOW);
 	/*
 	 * libkqueue's EVFILT_READ and EVFILT_WRITE fill in kevent.data with
 	 * what a socket has queued: ioctl(SIOCINQ) (= FIONREAD, also for
