@@ -48,6 +48,7 @@ int	poller_add(struct evsrc *, unsigned mask, int exclusive);
 int	poller_set(struct evsrc *, unsigned mask);
 void	poller_del(struct evsrc *);
 int	poller_wait(struct pps_event *, int max, int timeout_ms);
+int	poller_sockerr(const struct evsrc *);	/* see poller.c */
 
 /*
  * cakey.c: the ca's keys.  ca.c decodes a request once, checks it against

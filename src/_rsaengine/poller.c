@@ -93,12 +93,45 @@ poller_wait(struct pps_event *out, int max, int timeout_ms)
 	return n;
 }
 
+/* epoll leaves a socket's error where it is, for SO_ERROR to read. */
+int
+poller_sockerr(const struct evsrc *src)
+{
+	(void)src;
+	return 0;
+}
+
 #else /* PPS_POLLER_KQUEUE */
 #include <sys/types.h>
 #include <sys/event.h>
 #include <sys/time.h>
 
 static int kq = -1;
+
+/*
+ * A socket error comes with EV_EOF, in fflags.  libkqueue (kqueue on
+ * Linux) has read it with getsockopt(SO_ERROR), which clears it: after a
+ * refused connect the relay's own SO_ERROR finds 0 and it would log no
+ * "Connection refused" (epoll leaves the error for SO_ERROR).  The errors
+ * of the events poller_wait returned last are kept here, for the handlers
+ * of those events to ask (relay.c, conn_connected).
+ */
+static struct {
+	const struct evsrc	*src;
+	int			 err;
+} errs[256];
+static int nerrs;
+
+int
+poller_sockerr(const struct evsrc *src)
+{
+	int i;
+
+	for (i = 0; i < nerrs; i++)
+		if (errs[i].src == src)
+			return errs[i].err;
+	return 0;
+}
 
 const char *
 pps_poller(void)
@@ -164,11 +197,16 @@ poller_wait(struct pps_event *out, int max, int timeout_ms)
 	ts.tv_sec = timeout_ms / 1000;
 	ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000;
 	n = kevent(kq, NULL, 0, evs, max, timeout_ms < 0 ? NULL : &ts);
+	nerrs = 0;
 	for (i = 0; i < n; i++) {
 		out[i].src = evs[i].udata;
 		out[i].events = (evs[i].filter == EVFILT_READ ? PPS_IN : 0) |
 		    (evs[i].filter == EVFILT_WRITE ? PPS_OUT : 0) |
 		    (evs[i].flags & (EV_EOF | EV_ERROR) ? PPS_ERR : 0);
+		if ((evs[i].flags & EV_EOF) && evs[i].fflags != 0) {
+			errs[nerrs].src = evs[i].udata;
+			errs[nerrs++].err = (int)evs[i].fflags;
+		}
 	}
 	return n;
 }
