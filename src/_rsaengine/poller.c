@@ -199,10 +199,19 @@ poller_wait(struct pps_event *out, int max, int timeout_ms)
 	n = kevent(kq, NULL, 0, evs, max, timeout_ms < 0 ? NULL : &ts);
 	nerrs = 0;
 	for (i = 0; i < n; i++) {
+		/*
+		 * PPS_ERR as epoll's EPOLLERR | EPOLLHUP: an error, or a
+		 * socket that can take nothing more.  EV_EOF on a read
+		 * filter alone is the peer's end of stream (half-close),
+		 * which epoll reports as readable only: data may still be
+		 * queued before it.
+		 */
 		out[i].src = evs[i].udata;
 		out[i].events = (evs[i].filter == EVFILT_READ ? PPS_IN : 0) |
 		    (evs[i].filter == EVFILT_WRITE ? PPS_OUT : 0) |
-		    (evs[i].flags & (EV_EOF | EV_ERROR) ? PPS_ERR : 0);
+		    ((evs[i].flags & EV_ERROR) || ((evs[i].flags & EV_EOF) &&
+		    (evs[i].fflags != 0 || evs[i].filter == EVFILT_WRITE)) ?
+		    PPS_ERR : 0);
 		if ((evs[i].flags & EV_EOF) && evs[i].fflags != 0) {
 			errs[nerrs].src = evs[i].udata;
 			errs[nerrs++].err = (int)evs[i].fflags;
