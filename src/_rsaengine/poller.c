@@ -1,10 +1,17 @@
 /*
- * Readiness notification: epoll on Linux, kqueue on the BSDs.  Level
+ * Readiness notification: epoll on Linux, kqueue on the BSDs (and on
+ * Linux through libkqueue: make POLLER=kqueue, poller.h).  Level
  * triggered; an event source asks for PPS_IN and/or PPS_OUT and the loop
  * changes that mask as the connection's needs change.  Listening sockets
  * shared by every relay process are registered "exclusive" so that one
- * connection wakes one process (EPOLLEXCLUSIVE; kqueue has no thundering
- * herd on accept to begin with).
+ * connection wakes one process (EPOLLEXCLUSIVE).  kqueue has no such
+ * flag: a connection may wake every relay's kqueue, and all but the one
+ * that accepts it find accept() EAGAIN (relay.c, on_listen).
+ *
+ * kqueue reports a source that is readable and writable as two events,
+ * one per filter, where epoll reports one with both bits; the handlers
+ * look at the connection's state, not at the bits, so a second call finds
+ * nothing more to do.
  */
 #include <errno.h>
 #include <string.h>
