@@ -115,7 +115,8 @@ def test_every_thread_has_the_filter(daemon2: Daemon) -> None:
             print(f"{child.role} {child.index} thread {tid} ({st.get('Name')}): "
                   f"NoNewPrivs: {st.get('NoNewPrivs')}  Seccomp: {st.get('Seccomp')}")
             assert (st.get("NoNewPrivs"), st.get("Seccomp")) == ("1", "2"), \
-                f"{child.role} {child.index}: thread {tid} ({st.get('Name')}): {st}"
+                f"{child.role} {child.index}: thread {tid} ({st.get('Name')}) unfiltered: " \
+                f"NoNewPrivs {st.get('NoNewPrivs')}, Seccomp {st.get('Seccomp')}"
     assert_serving(daemon2)
 
 
