@@ -103,14 +103,18 @@ bench: build $(ROOT_DEPS)
 	sh bench/bench.sh $(BENCH_ARGS)
 
 # The C sources must compile without a warning: the extension's and the
-# OpenSSL provider's (src/provider, not built against LibreSSL).
+# OpenSSL provider's (src/provider, not built against LibreSSL).  The
+# headers are build_ffi.py's: OPENSSL_PREFIX's, else pkg-config's.  LibreSSL
+# is told by its opensslv.h, not by a missing provider header: with
+# OpenSSL's headers in /usr/include too, <openssl/core_dispatch.h> is found
+# there and fails only by accident of the mix.
 warnings:
-	@inc="$$(pkg-config --cflags openssl 2>/dev/null) \
-	    $$( [ -n "$$OPENSSL_PREFIX" ] && echo -I$$OPENSSL_PREFIX/include )"; \
+	@if [ -n "$$OPENSSL_PREFIX" ]; then inc="-I$$OPENSSL_PREFIX/include"; \
+	else inc="$$(pkg-config --cflags openssl 2>/dev/null)"; fi; \
 	provider=src/provider/*.c; \
-	if ! printf '#include <openssl/core_dispatch.h>\n' | \
-	    cc -E $$inc -x c - >/dev/null 2>&1; then \
-		echo "no OpenSSL providers here (LibreSSL): src/provider skipped"; \
+	if printf '#include <openssl/opensslv.h>\n' | cc -dM -E $$inc -x c - | \
+	    grep -q '^#define LIBRESSL_VERSION_NUMBER'; then \
+		echo "LibreSSL has no OpenSSL providers: src/provider skipped"; \
 		provider=""; \
 	fi; \
 	for f in src/_rsaengine/*.c $$provider; do \

@@ -35,6 +35,23 @@ def provider_path() -> Path:
     return Path(__file__).resolve().with_name(PROVIDER_FILE)
 
 
+def provider_missing() -> str | None:
+    """None when the provider module is installed with this package, else
+    why it is not: LibreSSL has no providers, so setup.py does not build it
+    there; with OpenSSL it is a build that left it out (``make asan`` builds
+    the extension alone)."""
+    module = provider_path()
+    if module.exists():
+        return None
+    from pyprivsep import native  # keyref itself needs no TLS library
+    library = native.library_version()
+    if library.startswith("LibreSSL"):
+        return (f"pyprivsep is built against {library}, which has no OpenSSL "
+                f"providers: {PROVIDER_FILE} is not built (src/provider)")
+    return (f"{module} is missing: this build of pyprivsep against {library} "
+            f"did not make it (pip install does)")
+
+
 def _der(tag: int, content: bytes) -> bytes:
     n = len(content)
     if n < 0x80:
@@ -161,10 +178,9 @@ def openssl_conf_main(argv: list[str]) -> int:
         description="print an OpenSSL configuration that activates "
         "pyprivsep's provider")
     ap.parse_args(argv)
-    module = provider_path()
-    if not module.exists():
-        print(f"pyprivsep openssl-conf: {module} is not installed (built "
-              "against LibreSSL?)", file=sys.stderr)
+    why = provider_missing()
+    if why is not None:
+        print(f"pyprivsep openssl-conf: {why}", file=sys.stderr)
         return 1
-    sys.stdout.write(openssl_conf(module))
+    sys.stdout.write(openssl_conf(provider_path()))
     return 0

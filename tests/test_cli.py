@@ -13,6 +13,7 @@ from backends import BACKEND_PAGE, HttpBackend
 from basics import free_port
 from daemonctl import DaemonConfig, RelaySpec, StartDaemon, run_pyprivsep, simple_relay
 from keypairs import KEY_NAMES, Pki
+from pyprivsep import keyref, native
 from tlsclients import https_get
 
 HEADER = ["# pyprivsep test configuration", "", "prefork 1"]
@@ -240,3 +241,21 @@ def test_second_daemon_on_the_same_control_socket_refuses_to_start(
     relay = first.config.relays[0]
     kp = relay.keypairs[0]
     assert https_get(relay.listen_port, kp.dns_name, cafile=kp.cert_path) == BACKEND_PAGE
+
+
+def test_openssl_conf_says_why_there_is_no_provider() -> None:
+    """``pyprivsep openssl-conf`` prints a configuration naming the installed
+    provider module or, where there is none (LibreSSL: no providers), exits
+    1 saying why and prints nothing on stdout.  Runs against any library,
+    unlike tests/test_provider.py, which skips without the module."""
+    proc = run_pyprivsep("openssl-conf")
+    library = native.library_version()
+    why = keyref.provider_missing()
+    if library.startswith("LibreSSL"):
+        assert why is not None and f"{library}, which has no OpenSSL providers" in why
+    if why is None:
+        assert proc.returncode == 0, output(proc)
+        assert f"module = {keyref.provider_path()}" in proc.stdout
+    else:
+        assert proc.returncode == 1 and not proc.stdout, output(proc)
+        assert why in proc.stderr, output(proc)

@@ -164,6 +164,28 @@ def test_session_resumption_across_relays(env: RelayEnv, pki: Pki, tmp_path: Pat
         assert BACKEND_PAGE.decode() in again.stdout, again.describe()
 
 
+def test_a_resumed_tls13_session_gets_a_new_ticket(env: RelayEnv, pki: Pki, tmp_path: Path) -> None:
+    """As from a stock OpenSSL server (nginx on the same library sends one):
+    a TLS 1.3 ticket is for one use, so every resumption brings a fresh
+    one, before the application data; the fresh ticket resumes too."""
+    if not TLS13_RESUMES:
+        pytest.skip(NO_TLS13_RESUMPTION)
+    kp = pki["rsa2048"]
+    first, second = tmp_path / "first.pem", tmp_path / "second.pem"
+    full = s_client(env.www_port, servername=kp.dns_name, version="1.3", sess_out=first, request=HTTP_GET_ROOT)
+    assert full.handshake_ok and full.reused is False, full.describe()
+    resumed = s_client(env.www_port, servername=kp.dns_name, version="1.3", sess_in=first, sess_out=second,
+                       request=HTTP_GET_ROOT, extra=["-msg"])
+    assert resumed.reused is True, resumed.describe()
+    out = resumed.stdout
+    tickets = [line for line in out.splitlines() if line.startswith("<<< ") and "NewSessionTicket" in line]
+    assert len(tickets) == 1, f"{len(tickets)} tickets after a resumption\n{resumed.describe()}"
+    assert out.find("NewSessionTicket") < out.find(BACKEND_PAGE.decode()), resumed.describe()
+    assert first.read_bytes() != second.read_bytes(), "the resumption's ticket is the old one"
+    again = s_client(env.www_port, servername=kp.dns_name, version="1.3", sess_in=second, request=HTTP_GET_ROOT)
+    assert again.reused is True, again.describe()
+
+
 @pytest.mark.parametrize("mode", ["new", "reuse"])
 def test_s_time(env: RelayEnv, mode: Literal["new", "reuse"]) -> None:
     if mode == "reuse" and not TLS13_RESUMES:

@@ -41,8 +41,9 @@ def _openssl_tool() -> str:
 
 
 def _why_skip() -> str | None:
-    if not keyref.provider_path().exists():
-        return "no pyprivsep-provider.so (LibreSSL has no providers)"
+    why = keyref.provider_missing()
+    if why is not None:
+        return why
     # the provider must be loaded by the libcrypto it was built against;
     # the clients here (openssl, Python's ssl) are the system's
     ours, tool = native.library_version(), _openssl_tool()

@@ -377,9 +377,11 @@ ca_handle(struct pps_ca *ca, const uint8_t *req, size_t n, uint8_t *reply)
  * SIGTERM (the parent stops us) must end the ca whatever it is doing:
  * waiting for a request, waiting to send into a full channel (a relay that
  * stopped reading), or signing.  Its handler only sets a flag, looked at
- * between operations; the one place the ca waits, ppoll(), lets SIGTERM
- * in only while it waits, so that it cannot come between the look at the
- * flag and the wait.  Sends and receives never block, so never need it.
+ * between operations.  It is blocked for as long as the ca serves, and let
+ * in only inside the one place the ca waits, ppoll() (ca_ppoll), so that
+ * it cannot come between the look at the flag and the wait, and the wait
+ * costs no system call but itself.  Sends and receives never block; a
+ * SIGTERM that comes while the ca signs is let in at the next wait.
  */
 static volatile sig_atomic_t ca_stopping;
 
@@ -413,25 +415,36 @@ struct ca_io {
 /* What a step of the loop came to; IO_STOP: SIGTERM or the channel closed. */
 enum { IO_STOP = 0, IO_OK = 1, IO_TIMEOUT = 2, IO_AGAIN = 3, IO_ERR = -1 };
 
+/* ppoll() with io->term let in (timeout_ms -1: for ever). */
+static int
+ca_ppoll(const struct ca_io *io, struct pollfd *pfd, int n, int timeout_ms)
+{
+	struct timespec ts;
+
+	ts.tv_sec = timeout_ms / 1000;
+	ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000;
+	return ppoll(pfd, n, timeout_ms >= 0 ? &ts : NULL, &io->waitmask);
+}
+
+/* Block io->term while serving; *old gets the mask to restore. */
+static int
+ca_block_term(struct ca_io *io, sigset_t *old)
+{
+	if (sigprocmask(SIG_BLOCK, &io->term, old) == -1)
+		return pps_seterr("sigprocmask: %s", strerror(errno));
+	io->waitmask = *old;
+	return 0;
+}
+
 /* Wait for events on the channel (timeout_ms -1: for ever). */
 static int
 wait_fd(struct ca_io *io, short events, int timeout_ms, short *revents)
 {
 	struct pollfd pfd = { io->fd, events, 0 };
-	struct timespec ts, *tsp = NULL;
-	sigset_t mask;
 	int r, saved;
 
-	if (timeout_ms >= 0) {
-		ts.tv_sec = timeout_ms / 1000;
-		ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000;
-		tsp = &ts;
-	}
-	if (sigprocmask(SIG_BLOCK, &io->term, &mask) == -1)
-		return pps_seterr("sigprocmask: %s", strerror(errno));
-	r = ca_stopping ? 0 : ppoll(&pfd, 1, tsp, &io->waitmask);
+	r = ca_stopping ? 0 : ca_ppoll(io, &pfd, 1, timeout_ms);
 	saved = errno;
-	sigprocmask(SIG_SETMASK, &mask, NULL);
 	if (ca_stopping)
 		return IO_STOP;
 	if (r == -1) {
@@ -597,10 +610,6 @@ pps_ca_serve(struct pps_ca *ca, int fd)
 	io.fd = fd;
 	sigemptyset(&io.term);
 	sigaddset(&io.term, SIGTERM);
-	if (sigprocmask(SIG_SETMASK, NULL, &mask) == -1)
-		return pps_seterr("sigprocmask: %s", strerror(errno));
-	io.waitmask = mask;
-	sigdelset(&io.waitmask, SIGTERM);
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = ca_sigterm;
 	sigemptyset(&sa.sa_mask);
@@ -608,7 +617,13 @@ pps_ca_serve(struct pps_ca *ca, int fd)
 	ca_stopping = 0;
 	if (sigaction(SIGTERM, &sa, &oldsa) == -1)
 		return pps_seterr("sigaction: %s", strerror(errno));
+	if (ca_block_term(&io, &mask) == -1) {
+		sigaction(SIGTERM, &oldsa, NULL);
+		return -1;
+	}
+	sigdelset(&io.waitmask, SIGTERM);
 	r = serve(ca, &io);
+	sigprocmask(SIG_SETMASK, &mask, NULL);
 	sigaction(SIGTERM, &oldsa, NULL);
 	return r == IO_STOP ? 0 : -1;
 }
@@ -823,8 +838,6 @@ ks_serve_client(struct pps_ca *ca, struct ks *ks, struct ks_client *c)
 static int
 ks_loop(struct pps_ca *ca, struct ks *ks, struct ca_io *io)
 {
-	struct timespec ts, *tsp;
-	sigset_t mask;
 	int i, r, saved, n, base, timeout_ms, pending;
 
 	for (;;) {
@@ -855,18 +868,9 @@ ks_loop(struct pps_ca *ca, struct ks *ks, struct ca_io *io)
 			ks->pfd[i].revents = 0;
 		timeout_ms = pending || ks->pause ? 100 :
 		    ca->suppressed > 0 ? 1000 : -1;
-		tsp = NULL;
-		if (timeout_ms >= 0) {
-			ts.tv_sec = timeout_ms / 1000;
-			ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000;
-			tsp = &ts;
-		}
-		if (sigprocmask(SIG_BLOCK, &io->term, &mask) == -1)
-			return pps_seterr("sigprocmask: %s", strerror(errno));
 		r = ca_stopping || ks_draining != (ks->lfd == -1) ? 0 :
-		    ppoll(ks->pfd, n, tsp, &io->waitmask);
+		    ca_ppoll(io, ks->pfd, n, timeout_ms);
 		saved = errno;
-		sigprocmask(SIG_SETMASK, &mask, NULL);
 		if (ca_stopping)
 			return IO_STOP;
 		if (r == -1 && saved != EINTR)
@@ -932,11 +936,6 @@ pps_ca_serve_service(struct pps_ca *ca, int lfd, const uint32_t *uids,
 	sigemptyset(&io.term);
 	sigaddset(&io.term, SIGTERM);
 	sigaddset(&io.term, SIGUSR1);
-	if (sigprocmask(SIG_SETMASK, NULL, &mask) == -1)
-		return pps_seterr("sigprocmask: %s", strerror(errno));
-	io.waitmask = mask;
-	sigdelset(&io.waitmask, SIGTERM);
-	sigdelset(&io.waitmask, SIGUSR1);
 	memset(&sa, 0, sizeof(sa));
 	sigemptyset(&sa.sa_mask);
 	sa.sa_flags = 0;		/* no SA_RESTART: ppoll() must return */
@@ -950,9 +949,17 @@ pps_ca_serve_service(struct pps_ca *ca, int lfd, const uint32_t *uids,
 		sigaction(SIGTERM, &oldterm, NULL);
 		return pps_seterr("sigaction: %s", strerror(errno));
 	}
+	if (ca_block_term(&io, &mask) == -1) {
+		sigaction(SIGUSR1, &oldusr1, NULL);
+		sigaction(SIGTERM, &oldterm, NULL);
+		return -1;
+	}
+	sigdelset(&io.waitmask, SIGTERM);
+	sigdelset(&io.waitmask, SIGUSR1);
 	r = ks_loop(ca, &ks, &io);
 	for (i = 0; i < ks.nclients; i++)
 		close(ks.clients[i].fd);
+	sigprocmask(SIG_SETMASK, &mask, NULL);
 	sigaction(SIGUSR1, &oldusr1, NULL);
 	sigaction(SIGTERM, &oldterm, NULL);
 	return r == IO_STOP ? 0 : -1;

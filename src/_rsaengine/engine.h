@@ -32,11 +32,22 @@ struct evsrc {
 	enum ev_kind	 kind;
 	int		 fd;
 	unsigned	 mask;		/* PPS_IN | PPS_OUT, as registered */
+	unsigned	 flags;		/* PPS_POLL_*, as registered */
 };
 
 #define PPS_IN		0x1
 #define PPS_OUT		0x2
 #define PPS_ERR		0x4		/* only reported, never asked for */
+
+/* poller_add() flags */
+#define PPS_POLL_EXCLUSIVE	0x1	/* one waiter woken (shared listeners) */
+#define PPS_POLL_EDGE		0x2	/* reported when it becomes ready */
+
+/* wbuf.c: a connection's TLS output, written out once a step is over */
+int	wbuf_init(void);
+int	wbuf_attach(SSL *, int fd);
+int	wbuf_flush(SSL *);
+int	wbuf_pending(SSL *);
 
 /* poller.c: epoll on Linux, kqueue on the BSDs */
 struct pps_event {
@@ -44,9 +55,10 @@ struct pps_event {
 	unsigned	 events;
 };
 int	poller_init(void);
-int	poller_add(struct evsrc *, unsigned mask, int exclusive);
+int	poller_add(struct evsrc *, unsigned mask, unsigned flags);
 int	poller_set(struct evsrc *, unsigned mask);
 void	poller_del(struct evsrc *);
+void	poller_close(struct evsrc *);
 int	poller_wait(struct pps_event *, int max, int timeout_ms);
 int	poller_sockerr(const struct evsrc *);	/* see poller.c */
 

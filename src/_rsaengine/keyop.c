@@ -73,7 +73,7 @@ struct keyop {
 static struct keyop	*hash[KEYOP_HASH];
 static struct keyop	*oldest, *newest;	/* in flight */
 static struct keyop	*unsent, **unsent_tail = &unsent;
-static struct evsrc	 ca_src = { EV_CA, -1, 0 };
+static struct evsrc	 ca_src = { EV_CA, -1, 0, 0 };
 static uint64_t		 earliest = UINT64_MAX;	/* no deadline before */
 static struct keyop_ctx	*running;	/* whose handshake step runs now */
 static uint32_t		 next_id;
@@ -330,6 +330,10 @@ keyop_ca_event(unsigned events)
 		}
 		st = take_reply(op, &rep, payload);
 		finish(op, st, op->why);
+		/* nothing more in flight: no recv that could only find EAGAIN
+		 * (a late reply keeps the socket readable for the next turn) */
+		if (oldest == NULL)
+			return;
 	}
 	if (r == -1) {
 		pps_log(LOG_WARNING, "ca: channel closed");

@@ -1,17 +1,18 @@
 /*
  * Readiness notification: epoll on Linux, kqueue on the BSDs (and on
- * Linux through libkqueue: make POLLER=kqueue, poller.h).  Level
- * triggered; an event source asks for PPS_IN and/or PPS_OUT and the loop
- * changes that mask as the connection's needs change.  Listening sockets
- * shared by every relay process are registered "exclusive" so that one
- * connection wakes one process (EPOLLEXCLUSIVE).  kqueue has no such
+ * Linux through libkqueue: make POLLER=kqueue, poller.h).  An event
+ * source asks for PPS_IN and/or PPS_OUT.  Level triggered by default, the
+ * loop changing that mask as its needs change; PPS_POLL_EDGE sources (a
+ * connection's sockets) are reported when they become ready (EPOLLET,
+ * EV_CLEAR) and keep their mask, their owner remembering what it found
+ * ready, so that a connection costs no mask changes.  Listening sockets
+ * shared by every relay process are registered PPS_POLL_EXCLUSIVE so that
+ * one connection wakes one process (EPOLLEXCLUSIVE).  kqueue has no such
  * flag: a connection may wake every relay's kqueue, and all but the one
  * that accepts it find accept() EAGAIN (relay.c, on_listen).
  *
  * kqueue reports a source that is readable and writable as two events,
- * one per filter, where epoll reports one with both bits; the handlers
- * look at the connection's state, not at the bits, so a second call finds
- * nothing more to do.
+ * one per filter, where epoll reports one with both bits.
  */
 #include <errno.h>
 #include <string.h>
@@ -40,22 +41,25 @@ poller_init(void)
 }
 
 static uint32_t
-to_epoll(unsigned mask)
+to_epoll(unsigned mask, unsigned flags)
 {
-	return (mask & PPS_IN ? EPOLLIN : 0) | (mask & PPS_OUT ? EPOLLOUT : 0);
+	return (mask & PPS_IN ? EPOLLIN : 0) | (mask & PPS_OUT ? EPOLLOUT : 0) |
+	    (flags & PPS_POLL_EDGE ? EPOLLET : 0);
 }
 
 int
-poller_add(struct evsrc *src, unsigned mask, int exclusive)
+poller_add(struct evsrc *src, unsigned mask, unsigned flags)
 {
 	struct epoll_event ev;
 
 	memset(&ev, 0, sizeof(ev));
-	ev.events = to_epoll(mask) | (exclusive ? EPOLLEXCLUSIVE : 0);
+	ev.events = to_epoll(mask, flags) |
+	    (flags & PPS_POLL_EXCLUSIVE ? EPOLLEXCLUSIVE : 0);
 	ev.data.ptr = src;
 	if (epoll_ctl(pfd, EPOLL_CTL_ADD, src->fd, &ev) == -1)
 		return pps_seterr("epoll_ctl add: %s", strerror(errno));
 	src->mask = mask;
+	src->flags = flags;
 	return 0;
 }
 
@@ -67,7 +71,7 @@ poller_set(struct evsrc *src, unsigned mask)
 	if (src->mask == mask)
 		return 0;
 	memset(&ev, 0, sizeof(ev));
-	ev.events = to_epoll(mask);
+	ev.events = to_epoll(mask, src->flags);
 	ev.data.ptr = src;
 	if (epoll_ctl(pfd, EPOLL_CTL_MOD, src->fd, &ev) == -1)
 		return pps_seterr("epoll_ctl mod: %s", strerror(errno));
@@ -79,6 +83,15 @@ void
 poller_del(struct evsrc *src)
 {
 	(void)epoll_ctl(pfd, EPOLL_CTL_DEL, src->fd, NULL);
+	src->mask = 0;
+}
+
+/* Closing the only descriptor of a socket takes it out of the epoll set. */
+void
+poller_close(struct evsrc *src)
+{
+	(void)close(src->fd);
+	src->fd = -1;
 	src->mask = 0;
 }
 
@@ -160,12 +173,15 @@ kq_change(struct evsrc *src, unsigned mask)
 	struct kevent ch[2];
 	int n = 0;
 
+	unsigned short add = EV_ADD |
+	    (src->flags & PPS_POLL_EDGE ? EV_CLEAR : 0);
+
 	if ((mask ^ src->mask) & PPS_IN)
 		EV_SET(&ch[n++], src->fd, EVFILT_READ,
-		    mask & PPS_IN ? EV_ADD : EV_DELETE, 0, 0, src);
+		    mask & PPS_IN ? add : EV_DELETE, 0, 0, src);
 	if ((mask ^ src->mask) & PPS_OUT)
 		EV_SET(&ch[n++], src->fd, EVFILT_WRITE,
-		    mask & PPS_OUT ? EV_ADD : EV_DELETE, 0, 0, src);
+		    mask & PPS_OUT ? add : EV_DELETE, 0, 0, src);
 	if (n > 0 && kevent(kq, ch, n, NULL, 0, NULL) == -1)
 		return pps_seterr("kevent: %s", strerror(errno));
 	src->mask = mask;
@@ -173,10 +189,10 @@ kq_change(struct evsrc *src, unsigned mask)
 }
 
 int
-poller_add(struct evsrc *src, unsigned mask, int exclusive)
+poller_add(struct evsrc *src, unsigned mask, unsigned flags)
 {
-	(void)exclusive;
 	src->mask = 0;
+	src->flags = flags;
 	return kq_change(src, mask);
 }
 
@@ -190,6 +206,16 @@ void
 poller_del(struct evsrc *src)
 {
 	(void)kq_change(src, 0);
+}
+
+/* close() drops a descriptor's kevents; libkqueue's bookkeeping on Linux
+ * would not see it, so they go first. */
+void
+poller_close(struct evsrc *src)
+{
+	(void)kq_change(src, 0);
+	(void)close(src->fd);
+	src->fd = -1;
 }
 
 int

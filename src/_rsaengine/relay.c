@@ -38,9 +38,14 @@ time_t pps_now;
 static uint64_t now_ms;		/* per loop turn, like pps_now */
 
 struct buf {
-	size_t		off, len;
-	uint8_t		data[PPS_BUFSZ];
+	size_t		off, len, cap;
+	uint8_t		data[];
 };
+
+/* Client to backend: a record at a time.  Backend to client: four, so that
+ * a download takes one recv() and one write() (wbuf.c) per four records. */
+#define UP_BUFSZ	PPS_BUFSZ
+#define DOWN_BUFSZ	(4 * PPS_BUFSZ)
 
 enum conn_state { CS_HANDSHAKE, CS_CONNECTING, CS_RELAY };
 
@@ -58,6 +63,7 @@ struct conn {
 	enum conn_state	 state;
 	unsigned	 flags;
 	unsigned	 rd_want, wr_want;	/* what SSL_read/SSL_write wait for */
+	unsigned	 cready, bready;	/* client, backend: found ready */
 	struct buf	*up, *down;	/* client->backend, backend->client */
 	uint64_t	 deadline;	/* monotonic ms */
 	struct connlist	*list;
@@ -83,7 +89,7 @@ static struct listener	 listeners[PPS_MAX_LISTENERS];
 static int		 nlisteners;
 static int		 accepting = 1;
 static int		 nconns;
-static struct evsrc	 ctl_src = { EV_CTL, -1, 0 };
+static struct evsrc	 ctl_src = { EV_CTL, -1, 0, 0 };
 static struct conn	*ready;
 static struct pps_stats	 stats;
 static int		 draining;
@@ -96,9 +102,9 @@ static volatile sig_atomic_t stopping;
 /* ---- buffers: allocated when a direction first carries data ---- */
 
 static size_t
-buf_space(struct buf *b)
+buf_space(struct buf *b, size_t cap)
 {
-	return b == NULL ? PPS_BUFSZ : PPS_BUFSZ - b->off - b->len;
+	return b == NULL ? cap : b->cap - b->off - b->len;
 }
 
 static size_t
@@ -108,14 +114,15 @@ buf_len(struct buf *b)
 }
 
 static uint8_t *
-buf_tail(struct buf **bp)
+buf_tail(struct buf **bp, size_t cap)
 {
 	struct buf *b = *bp;
 
 	if (b == NULL) {
-		if ((b = *bp = malloc(sizeof(*b))) == NULL)
+		if ((b = *bp = malloc(sizeof(*b) + cap)) == NULL)
 			return NULL;
 		b->off = b->len = 0;
+		b->cap = cap;
 	}
 	return b->data + b->off + b->len;
 }
@@ -131,7 +138,7 @@ buf_drain(struct buf **bp, size_t n)
 	if (b->len == 0) {
 		free(b);
 		*bp = NULL;
-	} else if (b->off > PPS_BUFSZ / 2) {
+	} else if (b->off > b->cap / 2) {
 		memmove(b->data, b->data + b->off, b->len);
 		b->off = 0;
 	}
@@ -209,6 +216,7 @@ conn_close(struct conn *c, const char *why)
 		    (long long)(pps_now - c->started),
 		    (unsigned long long)c->bytes_in,
 		    (unsigned long long)c->bytes_out);
+	(void)wbuf_flush(c->ssl);	/* an alert, a close_notify: if it can */
 	keyop_abandon(c->ssl, &c->keyop);	/* a handshake waiting for the ca */
 	list_unlink(c);
 	if (c->on_ready)
@@ -217,12 +225,9 @@ conn_close(struct conn *c, const char *why)
 				*pp = c->ready_next;
 				break;
 			}
-	if (c->backend.fd != -1) {
-		poller_del(&c->backend);
-		close(c->backend.fd);
-	}
-	poller_del(&c->client);
-	close(c->client.fd);
+	if (c->backend.fd != -1)
+		poller_close(&c->backend);
+	poller_close(&c->client);
 	SSL_free(c->ssl);
 	free(c->up);
 	free(c->down);
@@ -247,12 +252,48 @@ ssl_reason(void)
 	return buf;
 }
 
-static void
-conn_wait(struct conn *c, unsigned cmask, unsigned bmask)
+/*
+ * A connection's two sockets are edge triggered (PPS_POLL_EDGE): an event
+ * says a socket became ready, cready and bready remember it, and a read or
+ * write that would block clears it again.  So nothing is tried that is
+ * known to block, and no event mask changes as the connection goes on.
+ */
+static unsigned
+ready_bits(unsigned events)
 {
-	if (poller_set(&c->client, cmask) == -1 ||
-	    (c->backend.fd != -1 && poller_set(&c->backend, bmask) == -1))
+	return events & PPS_ERR ? PPS_IN | PPS_OUT : events & (PPS_IN | PPS_OUT);
+}
+
+/* The client blocked on want: wait for it.  The client's socket is
+ * registered for PPS_IN only, until a write first blocks (a download
+ * faster than its client): PPS_OUT is added then, and stays. */
+static void
+client_blocked(struct conn *c, unsigned want)
+{
+	c->cready &= ~want;
+	if ((want & ~c->client.mask) != 0 &&
+	    poller_set(&c->client, c->client.mask | want) == -1)
 		pps_log(LOG_ERR, "%s", pps_error());
+}
+
+/* What this step of c wrote to the client, sent; -1: c is closed. */
+static int
+conn_flush(struct conn *c)
+{
+	if (!(c->cready & PPS_OUT) && wbuf_pending(c->ssl))
+		return 0;		/* still full: its event flushes */
+	switch (wbuf_flush(c->ssl)) {
+	case 1:
+		return 0;
+	case 0:
+		client_blocked(c, PPS_OUT);
+		return 0;
+	default:
+		pps_log(LOG_DEBUG, "relay %s: client write: %s", c->relay->name,
+		    ssl_reason());
+		conn_close(c, "i/o error");
+		return -1;
+	}
 }
 
 /* Run c again on the next loop turn, without waiting for an event. */
@@ -282,6 +323,7 @@ backend_connect(struct conn *c)
 	}
 	(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	c->backend.fd = fd;
+	c->bready = 0;
 	c->state = CS_CONNECTING;
 	if (connect(fd, (struct sockaddr *)&r->fwd, r->fwdlen) == -1 &&
 	    errno != EINPROGRESS) {
@@ -290,12 +332,10 @@ backend_connect(struct conn *c)
 		conn_close(c, NULL);
 		return;
 	}
-	if (poller_add(&c->backend, PPS_OUT, 0) == -1) {
+	if (poller_add(&c->backend, PPS_IN | PPS_OUT, PPS_POLL_EDGE) == -1) {
 		pps_log(LOG_ERR, "%s", pps_error());
 		conn_close(c, NULL);
-		return;
 	}
-	conn_wait(c, 0, PPS_OUT);
 }
 
 /* Why a handshake failed: the ca (it says why), else the client. */
@@ -328,6 +368,7 @@ conn_handshake(struct conn *c)
 		if (pps_conf.keyops_async)	/* reads and writes: no jobs */
 			SSL_clear_mode(c->ssl, SSL_MODE_ASYNC);
 #endif
+		c->rd_want = 0;		/* what the client sent on is read next */
 		if (SSL_session_reused(c->ssl))
 			stats.hs_resumed++;
 		else
@@ -342,32 +383,37 @@ conn_handshake(struct conn *c)
 	}
 	switch (SSL_get_error(c->ssl, r)) {
 	case SSL_ERROR_WANT_READ:
-		conn_wait(c, PPS_IN, 0);
+		c->rd_want = PPS_IN;
+		client_blocked(c, PPS_IN);
 		break;
 	case SSL_ERROR_WANT_WRITE:
-		conn_wait(c, PPS_OUT, 0);
+		c->rd_want = PPS_OUT;
+		client_blocked(c, PPS_OUT);
 		break;
 #ifndef OPENSSL_NO_ASYNC
 	case SSL_ERROR_WANT_ASYNC:	/* waiting for the ca: keyop.c resumes */
-		conn_wait(c, 0, 0);
 		break;
 	case SSL_ERROR_WANT_ASYNC_JOB:	/* no job to be had now: again soon */
-		conn_wait(c, 0, 0);
 		conn_ready(c);
 		break;
 #endif
 	default:
 		handshake_failed(c);
+		return;
 	}
+	(void)conn_flush(c);	/* the flight just made */
 }
 
+/* The backend's socket became writable: connected, unless it reports an
+ * error (then SO_ERROR says which). */
 static void
-conn_connected(struct conn *c)
+conn_connected(struct conn *c, unsigned events)
 {
 	int err = 0;
 	socklen_t len = sizeof(err);
 
-	if (getsockopt(c->backend.fd, SOL_SOCKET, SO_ERROR, &err, &len) == -1)
+	if (events & PPS_ERR &&
+	    getsockopt(c->backend.fd, SOL_SOCKET, SO_ERROR, &err, &len) == -1)
 		err = errno;
 	if (err == 0)		/* libkqueue read SO_ERROR first (poller.c) */
 		err = poller_sockerr(&c->backend);
@@ -392,12 +438,13 @@ pump_client_read(struct conn *c)
 	uint8_t *p;
 	int n;
 
-	c->rd_want = 0;
-	if (c->flags & CF_CLIENT_EOF || buf_space(c->up) == 0)
+	if (c->flags & CF_CLIENT_EOF || buf_space(c->up, UP_BUFSZ) == 0 ||
+	    (c->rd_want != 0 && !(c->cready & c->rd_want)))
 		return 0;
-	if ((p = buf_tail(&c->up)) == NULL)
+	if ((p = buf_tail(&c->up, UP_BUFSZ)) == NULL)
 		return -1;
-	if ((n = SSL_read(c->ssl, p, (int)buf_space(c->up))) > 0) {
+	if ((n = SSL_read(c->ssl, p, (int)buf_space(c->up, UP_BUFSZ))) > 0) {
+		c->rd_want = 0;
 		c->up->len += n;
 		c->bytes_in += n;
 		stats.bytes_in += n;
@@ -406,9 +453,11 @@ pump_client_read(struct conn *c)
 	switch (SSL_get_error(c->ssl, n)) {
 	case SSL_ERROR_WANT_READ:
 		c->rd_want = PPS_IN;
+		client_blocked(c, PPS_IN);
 		break;
 	case SSL_ERROR_WANT_WRITE:
 		c->rd_want = PPS_OUT;
+		client_blocked(c, PPS_OUT);
 		break;
 	case SSL_ERROR_ZERO_RETURN:
 		c->flags |= CF_CLIENT_EOF;
@@ -437,7 +486,8 @@ pump_backend_write(struct conn *c)
 {
 	ssize_t n;
 
-	if (c->state != CS_RELAY || buf_len(c->up) == 0)
+	if (c->state != CS_RELAY || buf_len(c->up) == 0 ||
+	    !(c->bready & PPS_OUT))
 		return 0;
 	n = send(c->backend.fd, c->up->data + c->up->off, c->up->len,
 	    MSG_NOSIGNAL);
@@ -445,8 +495,12 @@ pump_backend_write(struct conn *c)
 		buf_drain(&c->up, n);
 		return 1;
 	}
-	if (errno == EAGAIN || errno == EINTR)
+	if (errno == EINTR)
+		return 1;	/* try again */
+	if (errno == EAGAIN) {
+		c->bready &= ~PPS_OUT;
 		return 0;
+	}
 	pps_log(LOG_DEBUG, "relay %s: backend write: %s", c->relay->name,
 	    strerror(errno));
 	return -1;
@@ -459,11 +513,11 @@ pump_backend_read(struct conn *c)
 	ssize_t n;
 
 	if (c->state != CS_RELAY || c->flags & CF_BACKEND_EOF ||
-	    buf_space(c->down) == 0)
+	    buf_space(c->down, DOWN_BUFSZ) == 0 || !(c->bready & PPS_IN))
 		return 0;
-	if ((p = buf_tail(&c->down)) == NULL)
+	if ((p = buf_tail(&c->down, DOWN_BUFSZ)) == NULL)
 		return -1;
-	n = recv(c->backend.fd, p, buf_space(c->down), 0);
+	n = recv(c->backend.fd, p, buf_space(c->down, DOWN_BUFSZ), 0);
 	if (n > 0) {
 		c->down->len += n;
 		c->bytes_out += n;
@@ -478,8 +532,12 @@ pump_backend_read(struct conn *c)
 		c->flags |= CF_BACKEND_EOF;
 		return 1;
 	}
-	if (errno == EAGAIN || errno == EINTR)
+	if (errno == EINTR)
+		return 1;	/* try again */
+	if (errno == EAGAIN) {
+		c->bready &= ~PPS_IN;
 		return 0;
+	}
 	pps_log(LOG_DEBUG, "relay %s: backend read: %s", c->relay->name,
 	    strerror(errno));
 	return -1;
@@ -490,20 +548,23 @@ pump_client_write(struct conn *c)
 {
 	int n;
 
-	c->wr_want = 0;
-	if (buf_len(c->down) == 0)
+	if (buf_len(c->down) == 0 ||
+	    (c->wr_want != 0 && !(c->cready & c->wr_want)))
 		return 0;
 	n = SSL_write(c->ssl, c->down->data + c->down->off, (int)c->down->len);
 	if (n > 0) {
+		c->wr_want = 0;
 		buf_drain(&c->down, n);
 		return 1;
 	}
 	switch (SSL_get_error(c->ssl, n)) {
 	case SSL_ERROR_WANT_READ:
 		c->wr_want = PPS_IN;
+		client_blocked(c, PPS_IN);
 		return 0;
 	case SSL_ERROR_WANT_WRITE:
 		c->wr_want = PPS_OUT;
+		client_blocked(c, PPS_OUT);
 		return 0;
 	default:
 		pps_log(LOG_DEBUG, "relay %s: client write: %s", c->relay->name,
@@ -518,7 +579,10 @@ pump_shutdowns(struct conn *c)
 {
 	if (c->flags & CF_CLIENT_EOF && !(c->flags & CF_BACKEND_SHUT) &&
 	    buf_len(c->up) == 0 && c->state == CS_RELAY) {
-		(void)shutdown(c->backend.fd, SHUT_WR);
+		/* when the backend has ended and all it sent is gone on, the
+		 * connection closes now, and close() sends the FIN */
+		if (!(c->flags & CF_BACKEND_EOF) || buf_len(c->down) > 0)
+			(void)shutdown(c->backend.fd, SHUT_WR);
 		c->flags |= CF_BACKEND_SHUT;
 	}
 	if (c->flags & CF_BACKEND_EOF && !(c->flags & CF_TLS_SHUT) &&
@@ -536,7 +600,6 @@ static void
 conn_pump(struct conn *c)
 {
 	int progress, rounds = 0, r;
-	unsigned cmask, bmask;
 
 	do {
 		progress = 0;
@@ -551,8 +614,10 @@ conn_pump(struct conn *c)
 		pump_shutdowns(c);
 	} while (progress && ++rounds < PUMP_ROUNDS);
 
+	if (conn_flush(c) == -1)
+		return;
 	if ((c->flags & (CF_TLS_SHUT | CF_BACKEND_SHUT)) ==
-	    (CF_TLS_SHUT | CF_BACKEND_SHUT)) {
+	    (CF_TLS_SHUT | CF_BACKEND_SHUT) && !wbuf_pending(c->ssl)) {
 		conn_close(c, "done");
 		return;
 	}
@@ -562,23 +627,12 @@ conn_pump(struct conn *c)
 	}
 	if (progress)	/* still going: the others get a turn first */
 		conn_ready(c);
-	cmask = c->rd_want | c->wr_want;
-	bmask = 0;
-	if (c->state == CS_RELAY) {
-		if (!(c->flags & CF_BACKEND_EOF) && buf_space(c->down) > 0)
-			bmask |= PPS_IN;
-		if (buf_len(c->up) > 0)
-			bmask |= PPS_OUT;
-	}
-	conn_wait(c, cmask, bmask);
 }
 
+/* Go on with c: from an event, or its turn on the ready list. */
 static void
-on_client(struct evsrc *src, unsigned events)
+conn_resume(struct conn *c)
 {
-	struct conn *c = CONN_OF(src, client);
-
-	(void)events;
 	if (c->closed || c->keyop.op != NULL)	/* keyop.c resumes it */
 		return;
 	if (c->state == CS_HANDSHAKE)
@@ -588,15 +642,28 @@ on_client(struct evsrc *src, unsigned events)
 }
 
 static void
+on_client(struct evsrc *src, unsigned events)
+{
+	struct conn *c = CONN_OF(src, client);
+
+	c->cready |= ready_bits(events);
+	/* a handshake goes on when what it waits for came */
+	if (c->state != CS_HANDSHAKE || (c->cready & c->rd_want) != 0)
+		conn_resume(c);
+}
+
+static void
 on_backend(struct evsrc *src, unsigned events)
 {
 	struct conn *c = CONN_OF(src, backend);
 
-	(void)events;
+	c->bready |= ready_bits(events);
 	if (c->closed)
 		return;
 	if (c->state == CS_CONNECTING) {
-		conn_connected(c);
+		if (!(c->bready & PPS_OUT))
+			return;
+		conn_connected(c, events);
 		if (c->state != CS_RELAY)
 			return;
 	}
@@ -613,7 +680,8 @@ listeners_enable(int on)
 	accepting = on;
 	for (i = 0; i < nlisteners; i++) {
 		if (on)
-			(void)poller_add(&listeners[i].src, PPS_IN, 1);
+			(void)poller_add(&listeners[i].src, PPS_IN,
+			    PPS_POLL_EXCLUSIVE);
 		else
 			poller_del(&listeners[i].src);
 	}
@@ -623,12 +691,15 @@ static void
 conn_new(struct listener *l, int fd, const struct sockaddr_storage *peer)
 {
 	struct conn *c;
+#ifndef __linux__
 	int one = 1;
 
+	/* Linux: inherited from the listener (pps_relay_listen) */
 	(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+#endif
 	if ((c = calloc(1, sizeof(*c))) == NULL ||
 	    (c->ssl = SSL_new(l->relay->kp[0].ctx)) == NULL ||
-	    !SSL_set_fd(c->ssl, fd)) {
+	    wbuf_attach(c->ssl, fd) == -1) {
 		pps_log(LOG_ERR, "relay %s: out of memory", l->relay->name);
 		if (c != NULL)
 			SSL_free(c->ssl);
@@ -652,7 +723,9 @@ conn_new(struct listener *l, int fd, const struct sockaddr_storage *peer)
 #endif
 	/* the handshake starts when the client has sent something: a silent
 	 * connection costs no TLS buffers */
-	if (poller_add(&c->client, PPS_IN, 0) == -1) {
+	c->rd_want = PPS_IN;
+	c->cready = PPS_OUT;	/* until a write finds it full */
+	if (poller_add(&c->client, PPS_IN, PPS_POLL_EDGE) == -1) {
 		pps_log(LOG_ERR, "%s", pps_error());
 		SSL_free(c->ssl);
 		close(fd);
@@ -664,36 +737,38 @@ conn_new(struct listener *l, int fd, const struct sockaddr_storage *peer)
 	list_touch(c, &c->relay->handshaking, pps_conf.handshake_timeout);
 }
 
-#define ACCEPT_BURST	32
-
+/*
+ * One connection a report: the listener is level triggered, so the next
+ * turn of the loop reports it again while more wait, and no accept4()
+ * ends in EAGAIN (nginx's multi_accept off).  Shared by every relay
+ * process, it wakes one of them (PPS_POLL_EXCLUSIVE).
+ */
 static void
 on_listen(struct evsrc *src, unsigned events)
 {
 	struct listener *l = (struct listener *)src;
 	struct sockaddr_storage peer;
-	socklen_t len;
-	int i, fd;
+	socklen_t len = sizeof(peer);
+	int fd;
 
 	(void)events;
-	for (i = 0; i < ACCEPT_BURST && accepting; i++) {
-		len = sizeof(peer);
-		memset(&peer, 0, sizeof(peer));
-		fd = accept4(src->fd, (struct sockaddr *)&peer, &len,
-		    SOCK_NONBLOCK | SOCK_CLOEXEC);
-		if (fd == -1) {
-			if (errno == EMFILE || errno == ENFILE) {
-				pps_log(LOG_WARNING, "accept: %s: pausing",
-				    strerror(errno));
-				listeners_enable(0);
-			}
-			return;
-		}
-		conn_new(l, fd, &peer);
-		if (nconns >= pps_conf.max_conns) {
-			pps_log(LOG_WARNING, "%d connections: pausing accept",
-			    nconns);
+	if (!accepting)
+		return;
+	memset(&peer, 0, sizeof(peer));
+	fd = accept4(src->fd, (struct sockaddr *)&peer, &len,
+	    SOCK_NONBLOCK | SOCK_CLOEXEC);
+	if (fd == -1) {
+		if (errno == EMFILE || errno == ENFILE) {
+			pps_log(LOG_WARNING, "accept: %s: pausing",
+			    strerror(errno));
 			listeners_enable(0);
 		}
+		return;
+	}
+	conn_new(l, fd, &peer);
+	if (nconns >= pps_conf.max_conns) {
+		pps_log(LOG_WARNING, "%d connections: pausing accept", nconns);
+		listeners_enable(0);
 	}
 }
 
@@ -991,7 +1066,7 @@ pps_engine_init(const struct pps_engine_conf *conf)
 	pps_log_setup(prefix, pps_conf.use_syslog, pps_conf.verbose);
 	if (OPENSSL_init_ssl(0, NULL) != 1)
 		return pps_seterr_ssl("OPENSSL_init_ssl");
-	if (keyop_init() == -1 ||
+	if (wbuf_init() == -1 || keyop_init() == -1 ||
 	    (pps_conf.ca_fd != -1 && shim_init() == -1))
 		return -1;
 	return poller_init();
@@ -1058,7 +1133,7 @@ pps_relay_listen(int index, int fd)
 {
 	struct relay *r = relay_get(index);
 	struct listener *l;
-	int flags;
+	int flags, one = 1;
 
 	if (r == NULL)
 		return -1;
@@ -1067,6 +1142,8 @@ pps_relay_listen(int index, int fd)
 	if ((flags = fcntl(fd, F_GETFL)) == -1 ||
 	    fcntl(fd, F_SETFL, flags | O_NONBLOCK) == -1)
 		return pps_seterr("listener: %s", strerror(errno));
+	/* the connections accepted inherit it (Linux) */
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	l = &listeners[nlisteners++];
 	l->src.kind = EV_LISTEN;
 	l->src.fd = fd;
@@ -1121,7 +1198,7 @@ pps_engine_run(void)
 		while ((c = ready) != NULL) {
 			ready = c->ready_next;
 			c->on_ready = 0;
-			on_client(&c->client, 0);
+			conn_resume(c);
 		}
 		for (i = 0; i < n; i++)
 			dispatch[evs[i].src->kind](evs[i].src, evs[i].events);

@@ -113,8 +113,12 @@ ticket_mac_init(HMAC_CTX *hctx, const struct ticket_key *k)
 #endif
 
 /*
- * Seal with the newest key; open with any key still held, and ask for a
- * fresh ticket (return 2) when it was not the newest.  No keys: no tickets.
+ * Seal with the newest key; open with any key still held.  A fresh ticket
+ * (return 2) for every TLS 1.3 session resumed, as a stock OpenSSL server
+ * sends one: a TLS 1.3 ticket is meant for one use (RFC 8446, C.4), and a
+ * client given none must reuse the old one or pay a full handshake.  TLS
+ * 1.2 gets a fresh one only when the ticket's key is not the newest.  No
+ * keys: no tickets.
  */
 static int
 ticket_cb(SSL *ssl, unsigned char *name, unsigned char *iv,
@@ -122,7 +126,6 @@ ticket_cb(SSL *ssl, unsigned char *name, unsigned char *iv,
 {
 	const struct ticket_key *k;
 
-	(void)ssl;
 	if (enc) {
 		if (ntickets == 0)
 			return 0;
@@ -135,7 +138,8 @@ ticket_cb(SSL *ssl, unsigned char *name, unsigned char *iv,
 	if (!ticket_mac_init(mctx, k) ||
 	    !EVP_CipherInit_ex(cctx, ticket_cipher, NULL, k->aes, iv, enc))
 		return -1;
-	return enc || k == &tickets[0] ? 1 : 2;
+	return enc || (k == &tickets[0] && SSL_version(ssl) != TLS1_3_VERSION) ?
+	    1 : 2;
 }
 
 /* SNI: switch to the first keypair whose certificate names the host. */
@@ -187,6 +191,9 @@ tls_ctx(struct relay *r)
 	SSL_CTX_set_options(ctx, opts);
 	SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE |
 	    SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
+	/* whole records and what follows them in one read(), not a header
+	 * then a body */
+	SSL_CTX_set_read_ahead(ctx, 1);
 	if (!SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) ||
 	    !SSL_CTX_set_cipher_list(ctx, ciphers)) {
 		pps_seterr_ssl("cipher list");

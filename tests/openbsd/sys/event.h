@@ -13,6 +13,7 @@
 
 #define EV_ADD		0x0001
 #define EV_DELETE	0x0002
+#define EV_CLEAR	0x0020
 #define EV_ERROR	0x4000
 #define EV_EOF		0x8000
 
