@@ -475,9 +475,32 @@ class Relay(Server):
         return [self.pid]
 
 
+# --tree LABEL=DIR: relays named pyprivsep-relay@LABEL run the pyprivsep of
+# DIR (another checkout, e.g. `git worktree add DIR COMMIT`), so that two
+# builds are measured side by side in one run.
+TREES: dict[str, Path] = {}
+
+
+def build_tree(tree: Path) -> None:
+    """The extension built in tree, as `make asan` builds its copy."""
+    if not list((tree / "pyprivsep").glob("_rsaengine*.so")):
+        log(f"bench: building the extension in {tree}")
+        subprocess.run([PYTHON, "build_ffi.py"], cwd=tree, check=True,
+                       stdout=subprocess.DEVNULL)
+
+
 class PyprivsepRelay(Relay):
+    @property
+    def kind(self) -> str:
+        return self.name.split("@")[0]
+
+    @property
+    def tree(self) -> Path:
+        return TREES[self.name.split("@")[1]] if "@" in self.name else REPO
+
     def launch(self) -> None:
-        prefork, keyops, inprocess = PPS_RELAYS[self.name]
+        build_tree(self.tree)
+        prefork, keyops, inprocess = PPS_RELAYS[self.kind]
         empty = self.workdir / "empty"
         empty.mkdir(mode=0o755, exist_ok=True)
         lines = [f"prefork {prefork}", f'chroot "{empty}"',
@@ -495,13 +518,13 @@ class PyprivsepRelay(Relay):
         ]
         conf = self.workdir / f"{self.name}.conf"
         conf.write_text("\n".join(lines) + "\n")
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.popen([PYTHON, "-m", "pyprivsep", "-d", "-f", str(conf)], cwd=REPO, env=env)
+        env = dict(os.environ, PYTHONPATH=str(self.tree))
+        self.popen([PYTHON, "-m", "pyprivsep", "-d", "-f", str(conf)], cwd=self.tree, env=env)
 
     def start(self) -> None:
         super().start()
         # every relay (and ca) up: the handshake above may have hit the first
-        prefork, _, inprocess = PPS_RELAYS[self.name]
+        prefork, _, inprocess = PPS_RELAYS[self.kind]
         want = prefork * (1 if inprocess else 2) + 1
         wait_until(lambda: len(process_tree(self.pid)) >= want, 15,
                    f"{self.name}: {want} processes", self.alive)
@@ -699,7 +722,7 @@ hosts:
 
 
 def make_relay(name: str, workdir: Path, cert: dict[str, Path], backend_port: int) -> Relay:
-    if name in PPS_RELAYS:
+    if name.split("@")[0] in PPS_RELAYS:
         return PyprivsepRelay(name, workdir, cert, backend_port)
     cls = {"nginx": NginxRelay, "nginx-keyservice": NginxKeyserviceRelay,
            "nginx-1w": NginxOneWorkerRelay, "haproxy": HaproxyRelay, "hitch": HitchRelay,
@@ -1063,13 +1086,14 @@ def roles_table(results: dict, relays: list[str], certs: list[str]) -> str:
     for cert in certs:
         for relay in relays:
             r = results[cert][relay]
-            full = {} if r.get("na") or relay not in split else r["summary"].get("full")
+            base = relay.split("@")[0]
+            full = {} if r.get("na") or base not in split else r["summary"].get("full")
             if not full:
                 continue
             by = dict(full.get("cpu_us_per_op_by_role", {}))
             if "neverbleed" in by:                  # h2o's key holder, its "ca"
                 by["ca"] = by.pop("neverbleed")
-            own = (by.get("relay") if relay in PPS_RELAYS
+            own = (by.get("relay") if base in PPS_RELAYS
                    else sum(v for k, v in by.items() if k not in ("ca", "parent")))
             lines.append(f"| {CERTS[cert]} | {relay} | {fmt(own)} | "
                          f"{fmt(by.get('ca')) if 'ca' in by else '–'} | "
@@ -1311,6 +1335,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    default=float(env_default("BENCH_SYSCALL_TIME", "1")),
                    help="seconds of full, then of resumed connections under strace -c -f per "
                         "relay, 0 skips the system call table (env BENCH_SYSCALL_TIME; default 1)")
+    p.add_argument("--tree", action="append", default=[], metavar="LABEL=DIR",
+                   help="another checkout to measure beside this one: relays named "
+                        "pps-async@LABEL (any pps-* relay) run DIR's pyprivsep, its extension "
+                        "built there if missing (env BENCH_TREES, comma-separated)")
     p.add_argument("--backend", default=env_default("BENCH_BACKEND", "auto"),
                    choices=["auto", "nginx", "demo"], help="plain-HTTP backend (env BENCH_BACKEND)")
     p.add_argument("--micro-json", default=None,
@@ -1328,8 +1356,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.relays = [r for r in a.relays.split(",") if r]
     a.certs = [c for c in a.certs.split(",") if c]
     a.measures = [m for m in a.measures.split(",") if m]
+    for t in a.tree + [t for t in env_default("BENCH_TREES", "").split(",") if t]:
+        label, sep, path = t.partition("=")
+        if not sep or not label or not Path(path, "build_ffi.py").is_file():
+            p.error(f"--tree {t!r}: LABEL=DIR, DIR a pyprivsep checkout")
+        TREES[label] = Path(path).resolve()
     for r in a.relays:
-        if r not in ALL_RELAYS:
+        base, at, label = r.partition("@")
+        if base not in ALL_RELAYS or (at and (base not in PPS_RELAYS or label not in TREES)):
             p.error(f"unknown relay {r!r}")
     for c in a.certs:
         if c not in CERTS:

@@ -32,12 +32,20 @@ KEYSERVICE_PREFORK = 2
 # The control socket when the configuration names none; `pyprivsep ctl`
 # looks there by default too.
 DEFAULT_SOCKET = "/var/run/pyprivsep.sock"
+# `forward to ... proxy protocol v1|v2`: the PROXY protocol header the relay
+# sends its backend first (off when not written).
+PROXY_PROTOCOLS = {"v1": 1, "v2": 2}
+# `tls alpn "h2,http/1.1"`: protocol names of 1 to 255 bytes (RFC 7301's
+# limit), printable ASCII without space or comma, at most ALPN_MAX_NAMES.
+ALPN_MAX_NAMES = 16
+_ALPN_NAME = re.compile(r"[!-+\--~]{1,255}\Z")
 
 KEYWORDS = frozenset({
     "ca", "certificate", "changes", "chroot", "ciphers", "connection", "connections",
-    "allow", "errors", "forward", "group", "handshake", "include", "inprocess", "key", "keyop",
+    "allow", "alpn", "errors", "forward", "group", "handshake", "include", "inprocess", "key", "keyop",
     "keyops", "keypair", "keys", "keyservice", "lifetime", "listen", "log", "max", "metrics",
-    "on", "port", "prefork", "relay", "session", "socket", "state", "ticket",
+    "on", "port", "prefork", "protocol", "proxy", "relay", "session", "socket", "state",
+    "ticket",
     "timeout", "tls", "to", "user",
 })
 _GLOBAL_ONLY = frozenset({
@@ -49,7 +57,7 @@ DEFAULT_USER = "_pyprivsep"
 DEFAULT_CA_USER = "_pyprivsep_ca"
 
 _RELAY_ONLY = frozenset({"forward", "listen", "session"})
-_RELAY_ONLY_TLS = frozenset({"certificate", "ciphers", "keypair"})
+_RELAY_ONLY_TLS = frozenset({"alpn", "certificate", "ciphers", "keypair"})
 
 _MACRO_NAME = re.compile(r"[A-Za-z0-9_]+\Z")
 _NUMBER = re.compile(r"[0-9]+\Z")
@@ -107,6 +115,8 @@ class Relay:
     keyop_timeout_ms: int  # resolved: relay override or global
     session_timeout: int  # resolved: relay override or global timeout
     where: Where
+    proxy_protocol: int = 0  # PROXY protocol version to the backend; 0: none
+    alpn: list[str] = field(default_factory=list)  # server's preference order
 
 
 @dataclass
@@ -316,6 +326,8 @@ class _RelayBuilder:
     ciphers: str | None = None
     keyop_timeout_ms: int | None = None
     session_timeout: int | None = None
+    proxy_protocol: int = 0
+    alpn: list[str] | None = None
 
     def build(self, config: Config) -> Relay:
         assert self.forward is not None
@@ -331,6 +343,8 @@ class _RelayBuilder:
             keyop_timeout_ms=config.keyop_timeout_ms if keyop is None else keyop,
             session_timeout=config.timeout if session is None else session,
             where=self.where,
+            proxy_protocol=self.proxy_protocol,
+            alpn=list(self.alpn or []),
         )
 
 
@@ -751,7 +765,38 @@ class _Parser:
         host = self._host("forward to", tok, allow_any=False)
         self._expect("forward to", tok, "port")
         relay.forward = (host, self._number("port", tok, PORT_RANGE))
+        if self.lex.peek().is_word("proxy"):
+            self.lex.next()
+            self._expect("forward to ... proxy", tok, "protocol")
+            version = self._arg("proxy protocol", tok)
+            if version.value not in PROXY_PROTOCOLS:
+                raise self._err(version.line, f'proxy protocol "{version.value}": '
+                                'expected "v1" or "v2"')
+            relay.proxy_protocol = PROXY_PROTOCOLS[version.value]
         self._eol("forward to")
+
+    def _alpn(self, relay: _RelayBuilder, tok: _Token) -> None:
+        """`tls alpn "h2,http/1.1"`: the names in the server's order of
+        preference, checked here so that `pyprivsep -n` refuses a list the
+        TLS library would (or that says something else than meant)."""
+        if relay.alpn is not None:
+            raise self._err(tok.line, f'relay "{relay.name}" has more than one "tls alpn"')
+        arg = self._arg("tls alpn", tok)
+        names = arg.value.split(",")
+        for name in names:
+            if not _ALPN_NAME.match(name):
+                what = f'"{name}"' if name else "an empty name"
+                raise self._err(arg.line, f'tls alpn "{arg.value}": {what} is not a '
+                                "protocol name (1-255 printable characters, no space "
+                                "or comma)")
+            if names.count(name) > 1:
+                raise self._err(arg.line, f'tls alpn "{arg.value}": "{name}" is '
+                                "listed twice")
+        if len(names) > ALPN_MAX_NAMES:
+            raise self._err(arg.line, f'tls alpn: {len(names)} protocols, at most '
+                            f"{ALPN_MAX_NAMES}")
+        relay.alpn = names
+        self._eol("tls alpn")
 
     def _keypair(self, sub: _Token, tok: _Token) -> Keypair | None:
         """`tls keypair NAME` or `tls certificate PATH key PATH`, or None."""
@@ -785,6 +830,8 @@ class _Parser:
             self._eol("tls ciphers")
         elif sub.is_word("keyop"):
             relay.keyop_timeout_ms = self._keyop(tok)
+        elif sub.is_word("alpn"):
+            self._alpn(relay, tok)
         else:
             raise self._err(tok.line, f'unknown directive "tls {sub.value}"')
 

@@ -163,11 +163,15 @@ def engine_init(*, id: int, ca_fd: int, ctl_fd: int, max_conns: int,
 
 
 def relay_new(name: str, fwd_addr: str, fwd_port: int, ciphers: str | None,
-              keyop_timeout_ms: int, idle_timeout: int) -> int:
+              keyop_timeout_ms: int, idle_timeout: int, proxy_protocol: int = 0,
+              alpn: list[str] | None = None) -> int:
+    """proxy_protocol: 0, 1 or 2; alpn: the protocols to choose from, in
+    the server's order of preference (none: no ALPN)."""
     return _check(lib.pps_relay_new(
         name.encode(), fwd_addr.encode(), fwd_port,
         ciphers.encode() if ciphers is not None else ffi.NULL,
-        keyop_timeout_ms, idle_timeout))
+        keyop_timeout_ms, idle_timeout, proxy_protocol,
+        ",".join(alpn).encode() if alpn else ffi.NULL))
 
 
 def relay_listen(relay: int, fd: int) -> None:

@@ -35,7 +35,8 @@ def configure(cfg: Config, certs: list[list[keys.Cert]], forward: list[str],
         try:
             rid = native.relay_new(r.name, forward[n], r.forward_port,
                                    r.ciphers, r.keyop_timeout_ms,
-                                   r.session_timeout)
+                                   r.session_timeout, r.proxy_protocol,
+                                   r.alpn)
             for sock in listeners[n]:
                 native.relay_listen(rid, sock.fileno())
         except native.NativeError as e:

@@ -29,12 +29,16 @@ class RelaySpec:
     forward_port: int
     keypairs: Sequence[KeyPair]
     listen_host: str = LOCALHOST  # rendered verbatim, so "$macro" works
+    forward_options: str = ""  # after "forward to ... port N": "proxy protocol v2"
+    options: Sequence[str] = ()  # more lines of the block: "tls alpn ...", "listen on ..."
+    forward_host: str = LOCALHOST
 
     def render(self) -> list[str]:
         lines = [
             f'relay "{self.name}" {{',
             f"    listen on {self.listen_host} port {self.listen_port} tls",
-            f"    forward to {LOCALHOST} port {self.forward_port}",
+            f"    forward to {self.forward_host} port {self.forward_port} {self.forward_options}".rstrip(),
+            *(f"    {line}" for line in self.options),
         ]
         lines += [f'    tls certificate "{kp.cert_path}" key "{kp.key_path}"' for kp in self.keypairs]
         lines.append("}")

@@ -360,7 +360,58 @@ ERRORS = [
      'ca user "_pyprivsep_ca" is the relays\' user too'),
     ("ca-user-is-default-user", 'ca user "_pyprivsep"\n', 1,
      'ca user "_pyprivsep" is the relays\' user too'),
+    # forward to ... proxy protocol v1|v2
+    ("proxy-bad-version", relay(LISTEN, FORWARD + " proxy protocol v3"), 3,
+     'proxy protocol "v3": expected "v1" or "v2"'),
+    ("proxy-bare-number", relay(LISTEN, FORWARD + " proxy protocol 2"), 3,
+     'proxy protocol "2": expected "v1" or "v2"'),
+    ("proxy-without-protocol", relay(LISTEN, FORWARD + " proxy v2"), 3,
+     'expected "protocol" in "forward to ... proxy", got "v2"'),
+    ("proxy-without-version", relay(LISTEN, FORWARD + " proxy protocol"), 3,
+     'missing argument for "proxy protocol"'),
+    ("proxy-extra", relay(LISTEN, FORWARD + " proxy protocol v1 v2"), 3,
+     'extra argument "v2" for "forward to"'),
+    ("forward-junk", relay(LISTEN, FORWARD + " haproxy"), 3,
+     'extra argument "haproxy" for "forward to"'),
+    # tls alpn
+    ("alpn-missing", relay(LISTEN, FORWARD, "tls alpn"), 4, 'missing argument for "tls alpn"'),
+    ("alpn-empty", relay(LISTEN, FORWARD, 'tls alpn ""'), 4,
+     'tls alpn "": an empty name is not a protocol name'),
+    ("alpn-empty-name", relay(LISTEN, FORWARD, 'tls alpn "h2,"'), 4,
+     'tls alpn "h2,": an empty name is not a protocol name'),
+    ("alpn-space", relay(LISTEN, FORWARD, 'tls alpn "h2, http/1.1"'), 4,
+     'tls alpn "h2, http/1.1": " http/1.1" is not a protocol name'),
+    ("alpn-too-long-name", relay(LISTEN, FORWARD, f'tls alpn "{"x" * 256}"'), 4,
+     "is not a protocol name (1-255 printable characters"),
+    ("alpn-twice-listed", relay(LISTEN, FORWARD, 'tls alpn "h2,http/1.1,h2"'), 4,
+     'tls alpn "h2,http/1.1,h2": "h2" is listed twice'),
+    ("alpn-too-many", relay(LISTEN, FORWARD, 'tls alpn "' + ",".join(f"p{i}" for i in range(17)) + '"'),
+     4, "tls alpn: 17 protocols, at most 16"),
+    ("alpn-two-directives", relay(LISTEN, FORWARD, "tls alpn h2", "tls alpn http/1.1"), 5,
+     'relay "r" has more than one "tls alpn"'),
+    ("alpn-at-top", 'tls alpn "h2"\n', 1, '"tls alpn" is only valid inside a relay block'),
+    ("alpn-in-keyservice", 'keyservice k {\n    tls alpn h2\n}\n', 2,
+     '"tls alpn" is not valid inside a keyservice block'),
 ]
+
+
+def test_proxy_protocol_and_alpn(tmp_path: Path) -> None:
+    cfg = parse_text(tmp_path, relay(LISTEN, FORWARD + " proxy protocol v1", KEYPAIR, name="one")
+                     + relay("listen on ::1 port 1 tls", "forward to ::1 port 2 proxy protocol v2",
+                             'tls alpn "h2,http/1.1"', KEYPAIR, name="two")
+                     + PLAIN)
+    one, two, plain = cfg.relays
+    assert (one.proxy_protocol, one.alpn) == (1, [])
+    assert (two.proxy_protocol, two.alpn) == (2, ["h2", "http/1.1"])
+    assert (two.forward_host, two.forward_port) == ("::1", 2)
+    # the defaults: no PROXY header, no ALPN
+    assert (plain.proxy_protocol, plain.alpn) == (0, [])
+
+
+def test_proxy_and_alpn_from_macros(tmp_path: Path) -> None:
+    cfg = parse_text(tmp_path, 'pp = v2\nprotos = "h2,http/1.1"\n'
+                     + relay(LISTEN, FORWARD + " proxy protocol $pp", "tls alpn $protos", KEYPAIR))
+    assert (cfg.relays[0].proxy_protocol, cfg.relays[0].alpn) == (2, ["h2", "http/1.1"])
 
 
 @pytest.mark.parametrize("text, line, message", [e[1:] for e in ERRORS],

@@ -26,8 +26,11 @@ struct pps_engine_conf {
 };
 
 int		 pps_engine_init(const struct pps_engine_conf *);
+/* proxy: 0, or the PROXY protocol version (1, 2) sent to the backend;
+ * alpn: NULL, or the protocols to choose from, "h2,http/1.1" */
 int		 pps_relay_new(const char *name, const char *fwd_addr, int fwd_port,
-		    const char *ciphers, int keyop_timeout_ms, int idle_timeout);
+		    const char *ciphers, int keyop_timeout_ms, int idle_timeout,
+		    int proxy, const char *alpn);
 int		 pps_relay_listen(int relay, int fd);
 int		 pps_relay_keypair(int relay, const char *chain_pem, size_t chain_len,
 		    const uint8_t *keyid, const char *key_pem, size_t key_len);

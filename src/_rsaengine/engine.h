@@ -14,11 +14,16 @@
 
 #include "protocol.h"
 #include "api.h"
+#include "proxy.h"
 
 #define PPS_MAX_RELAYS		64
 #define PPS_MAX_KEYPAIRS	32	/* per relay block */
 #define PPS_MAX_LISTENERS	64	/* per process */
 #define PPS_BUFSZ		16384	/* one TLS record */
+/* `tls alpn`: at most 16 names of at most 255 bytes, in the wire format
+ * (a length byte before each name) */
+#define PPS_ALPN_MAX_NAMES	16
+#define PPS_ALPN_MAX		(PPS_ALPN_MAX_NAMES * 256)
 #define PPS_FRAME_MAX		(sizeof(struct pps_hdr) + PPS_MAX_PAYLOAD)
 
 #if !defined(__GNUC__)
@@ -102,6 +107,9 @@ struct relay {
 	char		*ciphers;
 	int		 keyop_timeout_ms;
 	int		 idle_timeout;
+	int		 proxy;		/* PPS_PROXY_*: header to the backend */
+	uint8_t		*alpn;		/* wire format, server's order; NULL: no ALPN */
+	size_t		 alpn_len;
 	struct keypair	 kp[PPS_MAX_KEYPAIRS];
 	int		 nkp;
 	struct connlist	 handshaking;	/* deadline: handshake timeout */

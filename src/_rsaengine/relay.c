@@ -307,12 +307,63 @@ conn_ready(struct conn *c)
 	ready = c;
 }
 
+/*
+ * The PROXY protocol header, at the front of the client-to-backend buffer
+ * (empty until the backend is connected): it goes out with the first
+ * send(), with whatever the client sent by then behind it.  The
+ * destination is the address the client connected to.
+ */
+static int
+proxy_prepend(struct conn *c)
+{
+	struct sockaddr_storage local;
+	socklen_t len = sizeof(local);
+	struct proxy_info pi;
+	uint8_t hdr[PPS_PROXY_MAX];
+	const unsigned char *alpn = NULL;
+	unsigned alpn_len = 0;
+	int n;
+
+	memset(&local, 0, sizeof(local));
+	if (getsockname(c->client.fd, (struct sockaddr *)&local, &len) == -1) {
+		pps_log(LOG_WARNING, "relay %s: %s: getsockname: %s",
+		    c->relay->name, peer_name(c), strerror(errno));
+		return -1;
+	}
+	SSL_get0_alpn_selected(c->ssl, &alpn, &alpn_len);
+	memset(&pi, 0, sizeof(pi));
+	pi.src = &c->peer;
+	pi.dst = &local;
+	pi.alpn = alpn_len > 0 ? alpn : NULL;
+	pi.alpn_len = alpn_len;
+	pi.authority = SSL_get_servername(c->ssl, TLSEXT_NAMETYPE_host_name);
+	pi.tls_version = SSL_get_version(c->ssl);
+	pi.tls_cipher = SSL_get_cipher_name(c->ssl);
+	if ((n = proxy_header(c->relay->proxy, &pi, hdr, sizeof(hdr))) <= 0 ||
+	    buf_space(c->up, UP_BUFSZ) < (size_t)n ||
+	    buf_tail(&c->up, UP_BUFSZ) == NULL) {
+		pps_log(LOG_WARNING, "relay %s: %s: no PROXY header made",
+		    c->relay->name, peer_name(c));
+		return -1;
+	}
+	/* before anything already there (nothing is, as the loop runs) */
+	memmove(c->up->data + c->up->off + n, c->up->data + c->up->off,
+	    c->up->len);
+	memcpy(c->up->data + c->up->off, hdr, n);
+	c->up->len += n;
+	return 0;
+}
+
 static void
 backend_connect(struct conn *c)
 {
 	struct relay *r = c->relay;
 	int fd, one = 1;
 
+	if (r->proxy != PPS_PROXY_NONE && proxy_prepend(c) == -1) {
+		conn_close(c, NULL);
+		return;
+	}
 	fd = socket(r->fwd.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
 	    0);
 	if (fd == -1) {
@@ -1072,9 +1123,41 @@ pps_engine_init(const struct pps_engine_conf *conf)
 	return poller_init();
 }
 
+/* "h2,http/1.1" -> "\x02h2\x08http/1.1", the wire format OpenSSL takes:
+ * 1 to PPS_ALPN_MAX_NAMES names of 1 to 255 bytes (config.py refuses the
+ * rest first, naming the line). */
+static int
+alpn_wire(struct relay *r, const char *list)
+{
+	size_t len = strlen(list), off = 0, n;
+	const char *p = list, *comma;
+	int names = 0;
+
+	if (len == 0 || len + 1 > PPS_ALPN_MAX)
+		return pps_seterr("relay %s: bad ALPN list", r->name);
+	if ((r->alpn = malloc(len + 1)) == NULL)
+		return pps_seterr("out of memory");
+	for (;;) {
+		comma = strchr(p, ',');
+		n = comma != NULL ? (size_t)(comma - p) : strlen(p);
+		if (n == 0 || n > 255 || ++names > PPS_ALPN_MAX_NAMES)
+			return pps_seterr("relay %s: bad ALPN list \"%s\"",
+			    r->name, list);
+		r->alpn[off] = (uint8_t)n;
+		memcpy(r->alpn + off + 1, p, n);
+		off += n + 1;
+		if (comma == NULL)
+			break;
+		p = comma + 1;
+	}
+	r->alpn_len = off;	/* == len + 1: one length byte a name */
+	return 0;
+}
+
 int
 pps_relay_new(const char *name, const char *fwd_addr, int fwd_port,
-    const char *ciphers, int keyop_timeout_ms, int idle_timeout)
+    const char *ciphers, int keyop_timeout_ms, int idle_timeout, int proxy,
+    const char *alpn)
 {
 	struct relay *r;
 	struct sockaddr_in *sin;
@@ -1108,14 +1191,24 @@ pps_relay_new(const char *name, const char *fwd_addr, int fwd_port,
 	}
 	r->keyop_timeout_ms = keyop_timeout_ms;
 	r->idle_timeout = idle_timeout;
-	if (tls_check_relay(r) == -1) {
-		free(r->ciphers);
-		free(r);
-		return -1;
+	if (proxy != PPS_PROXY_NONE && proxy != PPS_PROXY_V1 &&
+	    proxy != PPS_PROXY_V2) {
+		pps_seterr("relay %s: no PROXY protocol version %d", name, proxy);
+		goto fail;
 	}
+	r->proxy = proxy;
+	if (alpn != NULL && alpn_wire(r, alpn) == -1)
+		goto fail;
+	if (tls_check_relay(r) == -1)
+		goto fail;
 	r->index = nrelays;
 	relays[nrelays] = r;
 	return nrelays++;
+fail:
+	free(r->alpn);
+	free(r->ciphers);
+	free(r);
+	return -1;
 }
 
 static struct relay *

@@ -163,6 +163,39 @@ sni_cb(SSL *ssl, int *alert, void *arg)
 	return SSL_TLSEXT_ERR_NOACK;	/* default certificate */
 }
 
+/*
+ * ALPN: the first of our protocols (`tls alpn`, in our order of
+ * preference) that the client offers.  None in common: the handshake goes
+ * on without ALPN (NOACK), as haproxy does, where nginx's HTTP module
+ * fails it (no_application_protocol): a client that offers only what the
+ * relay does not name still reaches the backend, whose PROXY v2 header
+ * then carries no ALPN TLV.  Our own loop rather than
+ * SSL_select_next_proto(), whose no-overlap answer points into the
+ * client's list (CVE-2024-5535 on an empty one).
+ */
+static int
+alpn_cb(SSL *ssl, const unsigned char **out, unsigned char *outlen,
+    const unsigned char *in, unsigned int inlen, void *arg)
+{
+	const struct relay *r = arg;
+	size_t s, c;
+
+	(void)ssl;
+	for (s = 0; s < r->alpn_len; s += 1 + r->alpn[s]) {
+		for (c = 0; c < inlen; c += 1 + in[c]) {
+			if (in[c] == 0 || in[c] > inlen - c - 1)
+				return SSL_TLSEXT_ERR_NOACK;	/* malformed */
+			if (in[c] == r->alpn[s] &&
+			    memcmp(in + c + 1, r->alpn + s + 1, in[c]) == 0) {
+				*out = in + c + 1;
+				*outlen = in[c];
+				return SSL_TLSEXT_ERR_OK;
+			}
+		}
+	}
+	return SSL_TLSEXT_ERR_NOACK;
+}
+
 static SSL_CTX *
 tls_ctx(struct relay *r)
 {
@@ -212,6 +245,8 @@ tls_ctx(struct relay *r)
 #endif
 	SSL_CTX_set_tlsext_servername_callback(ctx, sni_cb);
 	SSL_CTX_set_tlsext_servername_arg(ctx, r);
+	if (r->alpn != NULL)
+		SSL_CTX_set_alpn_select_cb(ctx, alpn_cb, r);
 	return ctx;
 }
 
