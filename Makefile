@@ -197,6 +197,13 @@ test-openssl4:
 	sh scripts/build-openssl4.sh
 	$(MAKE) test-lib OPENSSL_PREFIX=/opt/openssl4
 
+# OpenSSL 3.5 (Debian 13's), the same way into /opt/openssl35, with sonames
+# of its own beside the system's 3.0 (scripts/build-openssl.sh).
+.PHONY: test-openssl35
+test-openssl35:
+	sh scripts/build-openssl35.sh
+	$(MAKE) test-lib OPENSSL_PREFIX=/opt/openssl35
+
 clean:
 	rm -rf build $(VENV) pyprivsep/_rsaengine*.so pyprivsep/pyprivsep-provider.so pyprivsep/*.o *.egg-info
 

@@ -132,6 +132,29 @@ def library_version(flags: dict[str, list[str]]) -> tuple[str, int, str]:
     return kind, int(number, 16), text
 
 
+# What a build depends on besides the sources: the library (which, which
+# version, from where, with which flags) and the compiler settings and build
+# choices from the environment.  setup.py builds everything again when this
+# differs from the last build's, since file times cannot tell.
+BUILD_ENV = ("CC", "CFLAGS", "CPPFLAGS", "LDFLAGS", "LDSHARED",
+             "PYPRIVSEP_POLLER", "KQUEUE_PREFIX")
+
+
+def library_identity(flags: dict[str, list[str]], origin: str) -> dict:
+    return {"library": list(library_version(flags)), "origin": origin,
+            "flags": flags, "env": {k: os.environ.get(k) for k in BUILD_ENV}}
+
+
+# The library compiled against (src/_rsaengine/libversion.h) and the one
+# loaded, for pyprivsep/native.py's check at import.
+LIBVERSION_CDEF = """
+#define PPS_BUILT_OPENSSL ...
+#define PPS_BUILT_LIBRESSL ...
+static const char *const PPS_BUILT_TEXT;
+unsigned long OpenSSL_version_num(void);
+"""
+
+
 def check_library(flags: dict[str, list[str]], origin: str) -> None:
     """Say which library this is; refuse one too old."""
     kind, number, text = library_version(flags)
@@ -198,7 +221,7 @@ def poller_flags() -> tuple[dict[str, list[str]], str]:
 
 ffibuilder = FFI()
 ffibuilder.cdef(cdef_of(os.path.join(SRC, "protocol.h")) + "\n" +
-                cdef_of(os.path.join(SRC, "api.h")))
+                cdef_of(os.path.join(SRC, "api.h")) + LIBVERSION_CDEF)
 
 flags, origin = library_flags()
 check_library(flags, origin)
@@ -206,7 +229,7 @@ poller, poller_origin = poller_flags()
 print(f"build_ffi: poller: {poller_origin}", file=sys.stderr)
 ffibuilder.set_source(
     "pyprivsep._rsaengine",
-    '#include "engine.h"\n',
+    '#include "engine.h"\n#include "libversion.h"\n',
     sources=sorted(glob.glob(os.path.join("src", "_rsaengine", "*.c"))),
     include_dirs=[SRC] + flags["include_dirs"] + poller["include_dirs"],
     library_dirs=flags["library_dirs"] + poller["library_dirs"],

@@ -6,6 +6,7 @@ module, so it is built with its own fixed file name.  LibreSSL has no
 providers: there it is not built.
 """
 import glob
+import json
 import os
 import sys
 
@@ -13,14 +14,42 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from build_ffi import library_flags, library_version  # noqa: E402
+from build_ffi import library_flags, library_identity, library_version  # noqa: E402
 
 PROVIDER = "pyprivsep.pyprivsep-provider"
 PROVIDER_FILE = os.path.join("pyprivsep", "pyprivsep-provider.so")
 
 
 class BuildExt(build_ext):
-    """The provider keeps its plain name (no ABI tag, no PyInit_)."""
+    """The provider keeps its plain name (no ABI tag, no PyInit_).
+
+    A build for another TLS library (or other flags) compiles and links
+    everything again: build_ext only compares the sources' times with the
+    finished .so files, so against another library it kept the objects and
+    the .so in build/ that the last one made (pip builds in the tree).  The
+    last build's library and destination are in BUILD_TEMP/tls-library.json.
+    """
+
+    def run(self):
+        stamp = os.path.join(self.build_temp, "tls-library.json")
+        this = json.dumps({"library": library_identity(*library_flags()),
+                           "inplace": bool(self.inplace),
+                           "build_lib": os.path.abspath(self.build_lib)},
+                          sort_keys=True)
+        try:
+            with open(stamp, encoding="utf-8") as f:
+                last = f.read()
+        except OSError:
+            last = None
+        if last != this:
+            if last is not None and not self.force:
+                print("setup.py: the last build here was for another library "
+                      "or flags: building everything again", file=sys.stderr)
+            self.force = True
+        super().run()
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(stamp, "w", encoding="utf-8") as f:
+            f.write(this)
 
     def get_ext_filename(self, fullname):
         # called with the full name and with its last part alone

@@ -8,7 +8,7 @@ import os
 import sys
 
 from pyprivsep import (__version__, control, ctl, environment, keyref, keys,
-                       metrics, native, parent, privsep, relay)
+                       metrics, native, parent, privsep, relay, tables)
 from pyprivsep.config import Config, ConfigError, parse_config, parse_macro_arg
 
 DEFAULT_CONF = "/etc/pyprivsep.conf"
@@ -50,10 +50,13 @@ def setup_logging(foreground: bool, verbose: int) -> None:
 
 def check_config(cfg: Config) -> None:
     """-n: every certificate and key read, each key matched to its
-    certificate as a ca does, and every relay block set up as a relay
-    process would (keys in-process, no sockets).  This process exits right
+    certificate as a ca does, every OCSP response and client CA file
+    checked as the parent does (warnings logged), and every relay block
+    set up as a relay process would (keys in-process, no sockets).  This process exits right
     after; the daemon's parent never loads a key."""
-    certs = [[keys.load_cert(kp) for kp in r.keypairs] for r in cfg.relays]
+    certs = [parent.relay_certs(r) for r in cfg.relays]
+    client_cas = [None if r.client_ca is None else keys.load_client_ca(r.client_ca)
+                  for r in cfg.relays]
     for cert in (c for block in certs for c in block):
         keys.load_key(cert)
     for ks in cfg.keyservices:        # the same rules for a keyservice's keys
@@ -67,8 +70,9 @@ def check_config(cfg: Config) -> None:
                        log_errors="errors" in cfg.log,
                        ticket_lifetime=cfg.ticket_lifetime,
                        use_syslog=False, verbose=False)
-    relay.configure(cfg, certs, [parent.forward_address(r) for r in cfg.relays],
-                    [[] for _ in cfg.relays], inprocess=True)
+    relay.configure(cfg, certs, tables.hosts_of(cfg),
+                    [[] for _ in cfg.relays], inprocess=True,
+                    client_cas=client_cas)
 
 
 def control_server(cfg: Config) -> control.Server | None:

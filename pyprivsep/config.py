@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 SSL_DIR = "/etc/ssl"
 
 PREFORK_RANGE = (1, 64)
-TIMEOUT_RANGE = (1, 86400)
+TIMEOUT_RANGE = (1, 86400)            # `session timeout`, seconds
+# Health checks (relayd): global `interval` seconds (default 10) and
+# `timeout` milliseconds (default 200), each overridable per forward.
+INTERVAL_RANGE = (1, 3600)
+CHECK_TIMEOUT_RANGE = (1, 3600000)
+DEFAULT_INTERVAL = 10
+DEFAULT_CHECK_TIMEOUT = 200
+DEFAULT_SESSION_TIMEOUT = 600         # relayd's RELAY_TIMEOUT
+CHECK_CODE_RANGE = (100, 999)
+CHECK_MAX_DATA = 1024                 # `check send ... expect ...` strings
 KEYOP_TIMEOUT_RANGE = (10, 60000)
 PORT_RANGE = (1, 65535)
 MAX_CONNECTIONS_RANGE = (1, 1000000)
@@ -39,25 +48,34 @@ PROXY_PROTOCOLS = {"v1": 1, "v2": 2}
 # limit), printable ASCII without space or comma, at most ALPN_MAX_NAMES.
 ALPN_MAX_NAMES = 16
 _ALPN_NAME = re.compile(r"[!-+\--~]{1,255}\Z")
+# `forward to <table> port N mode M` (relayd's relay modes); the values
+# are protocol.h's PPS_MODE_*.
+MODES = {"roundrobin": 0, "loadbalance": 1, "hash": 2, "source-hash": 3,
+         "random": 4, "least-states": 5}
+DEFAULT_MODE = "roundrobin"
+TABLE_MAX_HOSTS = 64            # protocol.h PPS_MAX_HOSTS
+MAX_FORWARDS = 2                # protocol.h PPS_MAX_TABLES: a table, its fallback
+_TABLE_NAME = re.compile(r"<([A-Za-z0-9_.-]{1,63})>\Z")
 
 KEYWORDS = frozenset({
-    "ca", "certificate", "changes", "chroot", "ciphers", "connection", "connections",
-    "allow", "alpn", "errors", "forward", "group", "handshake", "include", "inprocess", "key", "keyop",
-    "keyops", "keypair", "keys", "keyservice", "lifetime", "listen", "log", "max", "metrics",
-    "on", "port", "prefork", "protocol", "proxy", "relay", "session", "socket", "state",
-    "ticket",
+    "ca", "certificate", "changes", "check", "chroot", "ciphers", "client", "code",
+    "connection", "connections", "allow", "alpn", "disable", "errors", "expect", "forward",
+    "group", "handshake", "include", "inprocess", "interval", "key", "keyop", "keyops",
+    "keypair", "keys", "keyservice", "lifetime", "listen", "log", "max", "metrics", "mode",
+    "ocsp", "on", "optional", "port", "prefork", "protocol", "proxy", "relay", "session",
+    "socket", "state", "table", "ticket",
     "timeout", "tls", "to", "user",
 })
 _GLOBAL_ONLY = frozenset({
     "ca", "chroot", "include", "keyops", "keys", "log", "max", "metrics", "prefork",
-    "socket", "timeout", "user",
+    "interval", "socket", "table", "timeout", "user",
 })
 # Debian/OpenBSD style system users, one per role (`make users` creates them).
 DEFAULT_USER = "_pyprivsep"
 DEFAULT_CA_USER = "_pyprivsep_ca"
 
 _RELAY_ONLY = frozenset({"forward", "listen", "session"})
-_RELAY_ONLY_TLS = frozenset({"alpn", "certificate", "ciphers", "keypair"})
+_RELAY_ONLY_TLS = frozenset({"alpn", "certificate", "ciphers", "client", "keypair", "ocsp"})
 
 _MACRO_NAME = re.compile(r"[A-Za-z0-9_]+\Z")
 _NUMBER = re.compile(r"[0-9]+\Z")
@@ -94,6 +112,20 @@ class Keypair:
     cert: str  # absolute path of the certificate chain PEM
     key: str  # absolute path of the private key PEM
     where: Where
+    # absolute path of a DER OCSP response to staple (`ocsp "file"` on the
+    # keypair's line: a response is for one certificate); None: none
+    ocsp: str | None = None
+
+
+@dataclass
+class ClientCa:
+    """`tls client ca "file" [optional]`: verify client certificates
+    against the CA certificates in file (PEM); without `optional` a client
+    that sends none is refused."""
+
+    path: str  # absolute
+    optional: bool
+    where: Where
 
 
 @dataclass
@@ -105,11 +137,56 @@ class Listen:
 
 
 @dataclass
+class Table:
+    """`table <name> [disable] { host, ... }`: hosts as written (addresses
+    or names, resolved when the configuration is loaded)."""
+
+    name: str
+    hosts: list[str]
+    disabled: bool
+    where: Where
+
+
+@dataclass(frozen=True)
+class Check:
+    """A health check of a table's hosts (relayd's `check ...`)."""
+
+    kind: str                       # "tcp", "tls", "http", "https", "send"
+    path: str = ""                  # http, https: the path to GET
+    code: int = 0                   # http, https: the status expected
+    send: str = ""                  # send: the bytes sent ("": none)
+    expect: str = ""                # send: an fnmatch(3) pattern
+    tls: bool = False               # send ... tls; https; tls
+
+    def describe(self) -> str:
+        if self.kind in ("http", "https"):
+            return f'{self.kind} "{self.path}" code {self.code}'
+        if self.kind == "send":
+            return (f'send "{self.send}" expect "{self.expect}"'
+                    + (" tls" if self.tls else ""))
+        return self.kind
+
+
+@dataclass
+class Forward:
+    """A `forward to` line: a table's hosts, or one address (table None)."""
+
+    table: str | None
+    hosts: list[str]
+    port: int
+    where: Where
+    mode: str = DEFAULT_MODE
+    disabled: bool = False          # `table <x> disable`: no host is used
+    check: Check | None = None      # None: every host is up
+    timeout_ms: int = DEFAULT_CHECK_TIMEOUT  # resolved: own or global
+    interval: int = DEFAULT_INTERVAL         # resolved: own or global
+
+
+@dataclass
 class Relay:
     name: str
     listens: list[Listen]
-    forward_host: str
-    forward_port: int
+    forwards: list[Forward]         # the first; then its fallback, if any
     keypairs: list[Keypair]
     ciphers: str | None
     keyop_timeout_ms: int  # resolved: relay override or global
@@ -117,6 +194,16 @@ class Relay:
     where: Where
     proxy_protocol: int = 0  # PROXY protocol version to the backend; 0: none
     alpn: list[str] = field(default_factory=list)  # server's preference order
+    client_ca: ClientCa | None = None  # None: no client certificates asked for
+
+    @property
+    def forward_host(self) -> str:
+        """The first forward's first host (as written)."""
+        return self.forwards[0].hosts[0]
+
+    @property
+    def forward_port(self) -> int:
+        return self.forwards[0].port
 
 
 @dataclass
@@ -146,7 +233,9 @@ class Config:
     ca_user: str = DEFAULT_CA_USER         # the cas
     ca_user_where: Where | None = None
     chroot: str = "/var/empty"
-    timeout: int = 600
+    timeout: int = DEFAULT_CHECK_TIMEOUT  # ms: health checks (relayd)
+    timeout_where: Where | None = None
+    interval: int = DEFAULT_INTERVAL       # s: health checks (relayd)
     keys_inprocess: bool = False
     keyop_timeout_ms: int = 1000
     max_connections: int = 10000      # per relay process
@@ -159,6 +248,7 @@ class Config:
     log: set[str] = field(default_factory=set)
     relays: list[Relay] = field(default_factory=list)
     keyservices: list[KeyService] = field(default_factory=list)
+    tables: dict[str, Table] = field(default_factory=dict)
 
 
 def parse_config(path: str, macros: dict[str, str] | None = None) -> Config:
@@ -321,30 +411,43 @@ class _RelayBuilder:
     name: str
     where: Where
     listens: list[Listen] = field(default_factory=list)
-    forward: tuple[str, int] | None = None
+    forwards: list[Forward] = field(default_factory=list)
+    proxy_where: int = 0            # the line that set proxy_protocol
+    # per forward: its own check timeout and interval (and where), if written
+    own: list[tuple[int | None, int | None, Where]] = field(default_factory=list)
     keypairs: list[Keypair] = field(default_factory=list)
     ciphers: str | None = None
     keyop_timeout_ms: int | None = None
     session_timeout: int | None = None
     proxy_protocol: int = 0
     alpn: list[str] | None = None
+    client_ca: ClientCa | None = None
 
     def build(self, config: Config) -> Relay:
-        assert self.forward is not None
+        assert self.forwards
+        for fwd, (timeout, interval, where) in zip(self.forwards, self.own):
+            fwd.timeout_ms = config.timeout if timeout is None else timeout
+            fwd.interval = config.interval if interval is None else interval
+            if fwd.interval % config.interval:
+                # relayd: a table's checks run every n-th round of the global ones
+                raise ConfigError(where.file, where.line,
+                                  f"interval {fwd.interval}: a table's interval must "
+                                  f"be a multiple of the global interval "
+                                  f"({config.interval})")
         keyop = self.keyop_timeout_ms
         session = self.session_timeout
         return Relay(
             name=self.name,
             listens=self.listens,
-            forward_host=self.forward[0],
-            forward_port=self.forward[1],
+            forwards=self.forwards,
             keypairs=self.keypairs,
             ciphers=self.ciphers,
             keyop_timeout_ms=config.keyop_timeout_ms if keyop is None else keyop,
-            session_timeout=config.timeout if session is None else session,
+            session_timeout=DEFAULT_SESSION_TIMEOUT if session is None else session,
             where=self.where,
             proxy_protocol=self.proxy_protocol,
             alpn=list(self.alpn or []),
+            client_ca=self.client_ca,
         )
 
 
@@ -428,6 +531,7 @@ class _Parser:
     def parse(self) -> Config:
         self._parse_file(self.config.path, None)
         self._check_users()
+        self._check_timeout()
         self.config.relays = [r.build(self.config) for r in self.relays]
         self.config.keyservices = [k.build() for k in self.services]
         for k in self.config.keyservices:
@@ -449,6 +553,24 @@ class _Parser:
         raise ConfigError(where.file, where.line,
                           f'ca user "{cfg.ca_user}" is the relays\' user too: '
                           "the cas need a user of their own")
+
+    def _check_timeout(self) -> None:
+        """The global `timeout` is relayd's: the health checks' timeout in
+        milliseconds.  pyprivsep used to read it as the idle timeout of
+        sessions in seconds (relayd's `session timeout`): an old file that
+        still says `timeout 600` must not silently get 600 ms checks of
+        nothing.  So `timeout` without any `check` to time is refused,
+        naming what the old meaning is called now."""
+        where = self.config.timeout_where
+        if where is None or any(f.check for r in self.relays for f in r.forwards):
+            return
+        raise ConfigError(where.file, where.line,
+                          f"timeout {self.config.timeout}: the global \"timeout\" "
+                          "is the health check timeout in milliseconds (as in "
+                          "relayd.conf(5)), and no \"forward to\" has a \"check\"; "
+                          "for the idle timeout of sessions in seconds (what "
+                          "\"timeout\" meant before), write \"session timeout "
+                          f"{self.config.timeout}\" in each relay block")
 
     def _err(self, line: int, msg: str) -> ConfigError:
         return ConfigError(self.file, line, msg)
@@ -571,6 +693,9 @@ class _Parser:
             return self._service(tok)
         if word == "allow":
             raise self._err(tok.line, '"allow" is only valid inside a keyservice block')
+        if word == "table":
+            self._table(tok)
+            return None
         if word == "prefork":
             self.config.prefork = self._number("prefork", tok, PREFORK_RANGE)
             self._eol("prefork")
@@ -590,8 +715,12 @@ class _Parser:
             self.config.chroot = path.value
             self._eol("chroot")
         elif word == "timeout":
-            self.config.timeout = self._number("timeout", tok, TIMEOUT_RANGE)
+            self.config.timeout = self._number("timeout", tok, CHECK_TIMEOUT_RANGE)
+            self.config.timeout_where = Where(self.file, tok.line)
             self._eol("timeout")
+        elif word == "interval":
+            self.config.interval = self._number("interval", tok, INTERVAL_RANGE)
+            self._eol("interval")
         elif word == "max":
             self._expect("max", tok, "connections")
             self.config.max_connections = self._number(
@@ -758,22 +887,167 @@ class _Parser:
         self.listens[key] = where
         relay.listens.append(Listen(host, port, tls, where))
 
-    def _forward(self, relay: _RelayBuilder, tok: _Token) -> None:
-        if relay.forward is not None:
-            raise self._err(tok.line, f'relay "{relay.name}" has more than one "forward to"')
-        self._expect("forward", tok, "to")
-        host = self._host("forward to", tok, allow_any=False)
-        self._expect("forward to", tok, "port")
-        relay.forward = (host, self._number("port", tok, PORT_RANGE))
-        if self.lex.peek().is_word("proxy"):
+    def _table(self, tok: _Token) -> None:
+        """`table <name> [disable] { host[,] ... } [disable]` (relayd's
+        tabledef): hosts are addresses or names, one per word, commas or
+        newlines between them."""
+        name = self._arg("table", tok)
+        m = _TABLE_NAME.match(name.value)
+        if name.kind != _WORD or m is None:
+            raise self._err(name.line, f'invalid table name "{name.value}": '
+                            "expected <name> (letters, digits, _ . -)")
+        if m[1] in self.config.tables:
+            raise self._err(name.line, f'duplicate table "<{m[1]}>" (already '
+                            f"defined at {self.config.tables[m[1]].where})")
+        table = Table(m[1], [], False, Where(self.file, tok.line))
+        nxt = self.lex.next()
+        if nxt.is_word("disable"):
+            table.disabled = True
+            nxt = self.lex.next()
+        while nxt.kind == _NL:
+            nxt = self.lex.next()
+        if nxt.kind != "{":
+            raise self._err(nxt.line, f'expected "{{" after table "<{m[1]}>", '
+                            f"got {nxt.describe()}")
+        seen: dict[str, int] = {}
+        while True:
+            nxt = self.lex.next()
+            if nxt.kind == "}":
+                break
+            if nxt.kind == _NL:
+                continue
+            if nxt.kind == _EOF:
+                raise self._err(nxt.line, f'missing "}}" (table "<{m[1]}>" '
+                                f"opened at line {tok.line})")
+            if not nxt.is_arg:
+                raise self._err(nxt.line, f"unexpected {nxt.describe()} in "
+                                f'table "<{m[1]}>"')
+            for host in filter(None, nxt.value.split(",")):
+                if not _valid_host(host, allow_any=False):
+                    raise self._err(nxt.line, f'invalid address "{host}" in '
+                                    f'table "<{m[1]}>"')
+                key = _host_key(host)
+                if key in seen:
+                    raise self._err(nxt.line, f'table "<{m[1]}>": host {host} '
+                                    f"listed twice (line {seen[key]})")
+                seen[key] = nxt.line
+                table.hosts.append(host)
+        if len(table.hosts) > TABLE_MAX_HOSTS:
+            raise self._err(tok.line, f'table "<{m[1]}>" has {len(table.hosts)} '
+                            f"hosts, at most {TABLE_MAX_HOSTS}")
+        if not table.hosts:
+            raise self._err(tok.line, f'table "<{m[1]}>" has no hosts')
+        if self.lex.peek().is_word("disable"):
             self.lex.next()
-            self._expect("forward to ... proxy", tok, "protocol")
-            version = self._arg("proxy protocol", tok)
-            if version.value not in PROXY_PROTOCOLS:
-                raise self._err(version.line, f'proxy protocol "{version.value}": '
-                                'expected "v1" or "v2"')
-            relay.proxy_protocol = PROXY_PROTOCOLS[version.value]
+            table.disabled = True
+        self._eol("table")
+        self.config.tables[m[1]] = table
+
+    def _forward(self, relay: _RelayBuilder, tok: _Token) -> None:
+        """`forward to <table>|ADDRESS port N [mode M] [proxy protocol vN]`;
+        a second line is the fallback, used while every host of the first
+        is down (relayd)."""
+        if len(relay.forwards) == MAX_FORWARDS:
+            raise self._err(tok.line, f'relay "{relay.name}" has more than two '
+                            '"forward to" (a table and its fallback)')
+        self._expect("forward", tok, "to")
+        target = self._arg("forward to", tok)
+        where = Where(self.file, tok.line)
+        if target.kind == _WORD and target.value.startswith("<"):
+            m = _TABLE_NAME.match(target.value)
+            if m is None:
+                raise self._err(target.line, f'invalid table name "{target.value}"')
+            table = self.config.tables.get(m[1])
+            if table is None:
+                raise self._err(target.line, f'table "<{m[1]}>" is not defined '
+                                "(define it above the relay)")
+            fwd = Forward(m[1], list(table.hosts), 0, where,
+                          disabled=table.disabled)
+        else:
+            if not _valid_host(target.value, allow_any=False):
+                raise self._err(target.line, f'invalid address "{target.value}" '
+                                'in "forward to"')
+            fwd = Forward(None, [target.value], 0, where)
+        self._expect("forward to", tok, "port")
+        fwd.port = self._number("port", tok, PORT_RANGE)
+        timeout: int | None = None
+        interval: int | None = None
+        while not self.lex.peek().ends_statement:
+            opt = self.lex.next()
+            if opt.kind == _WORD and opt.value in ("check", "timeout", "interval") \
+                    and fwd.table is None:
+                raise self._err(opt.line, f'"{opt.value}" needs a table: forward '
+                                f"to <table> port N {opt.value} ...")
+            if opt.is_word("check"):
+                if fwd.check is not None:
+                    raise self._err(opt.line, 'more than one "check" in "forward to"')
+                fwd.check = self._check(tok)
+                continue
+            if opt.is_word("timeout"):
+                timeout = self._number("timeout", tok, CHECK_TIMEOUT_RANGE)
+                continue
+            if opt.is_word("interval"):
+                interval = self._number("interval", tok, INTERVAL_RANGE)
+                continue
+            if opt.is_word("proxy"):
+                self._expect("forward to ... proxy", tok, "protocol")
+                version = self._arg("proxy protocol", tok)
+                if version.value not in PROXY_PROTOCOLS:
+                    raise self._err(version.line, f'proxy protocol "{version.value}": '
+                                    'expected "v1" or "v2"')
+                value = PROXY_PROTOCOLS[version.value]
+                if relay.proxy_where and relay.proxy_protocol != value:
+                    raise self._err(version.line, f'proxy protocol {version.value}: '
+                                    f"line {relay.proxy_where} says another version "
+                                    "(one version a relay)")
+                relay.proxy_protocol, relay.proxy_where = value, tok.line
+            elif opt.is_word("mode"):
+                if fwd.table is None:
+                    raise self._err(opt.line, '"mode" needs a table: '
+                                    "forward to <table> port N mode M")
+                mode = self._arg("mode", tok)
+                if mode.value not in MODES:
+                    raise self._err(mode.line, f'unknown mode "{mode.value}": expected '
+                                    + ", ".join(MODES))
+                fwd.mode = mode.value
+            else:
+                raise self._err(opt.line, f'extra argument {opt.describe()} for '
+                                '"forward to"')
         self._eol("forward to")
+        relay.forwards.append(fwd)
+        relay.own.append((timeout, interval, where))
+
+    def _check(self, start: _Token) -> Check:
+        """relayd's `check tcp | tls | http PATH code N | https PATH code N
+        | send DATA expect PATTERN [tls]`."""
+        kind = self._arg("check", start)
+        if kind.is_word("tcp") or kind.is_word("tls"):
+            return Check(kind.value, tls=kind.value == "tls")
+        if kind.is_word("http") or kind.is_word("https"):
+            path = self._arg(f"check {kind.value}", start)
+            if not path.value.startswith("/") or any(c in path.value for c in " \r\n"):
+                raise self._err(path.line, f'check {kind.value} "{path.value}": '
+                                'expected a path from "/", without spaces')
+            self._expect(f"check {kind.value}", start, "code")
+            code = self._number("code", start, CHECK_CODE_RANGE)
+            return Check(kind.value, path=path.value, code=code,
+                         tls=kind.value == "https")
+        if kind.is_word("send"):
+            send = self._arg("check send", start)
+            self._expect("check send", start, "expect")
+            expect = self._arg("check send ... expect", start)
+            for tok in (send, expect):
+                if len(tok.value.encode()) > CHECK_MAX_DATA:
+                    raise self._err(tok.line, f"check send: more than {CHECK_MAX_DATA} "
+                                    "bytes")
+            if not expect.value:
+                raise self._err(expect.line, 'check send: empty "expect"')
+            tls = self.lex.peek().is_word("tls")
+            if tls:
+                self.lex.next()
+            return Check("send", send=send.value, expect=expect.value, tls=tls)
+        raise self._err(kind.line, f'unknown check "{kind.value}": expected tcp, tls, '
+                        "http, https or send")
 
     def _alpn(self, relay: _RelayBuilder, tok: _Token) -> None:
         """`tls alpn "h2,http/1.1"`: the names in the server's order of
@@ -799,23 +1073,46 @@ class _Parser:
         self._eol("tls alpn")
 
     def _keypair(self, sub: _Token, tok: _Token) -> Keypair | None:
-        """`tls keypair NAME` or `tls certificate PATH key PATH`, or None."""
+        """`tls keypair NAME` or `tls certificate PATH key PATH`, each with
+        an optional `ocsp PATH` after it, or None."""
         where = Where(self.file, tok.line)
         if sub.is_word("keypair"):
             name = self._arg("tls keypair", tok)
             if name.value in ("", ".", "..") or "/" in name.value:
                 raise self._err(name.line, f'invalid keypair name "{name.value}"')
+            ocsp = self._ocsp("tls keypair", tok)
             self._eol("tls keypair")
             cert = os.path.join(SSL_DIR, f"{name.value}.crt")
             key = os.path.join(SSL_DIR, "private", f"{name.value}.key")
-            return Keypair(cert, key, where)
+            return Keypair(cert, key, where, ocsp)
         if sub.is_word("certificate"):
             cert = self._path(self._arg("tls certificate", tok))
             self._expect("tls certificate", tok, "key")
             key = self._path(self._arg("tls certificate key", tok))
+            ocsp = self._ocsp("tls certificate", tok)
             self._eol("tls certificate")
-            return Keypair(cert, key, where)
+            return Keypair(cert, key, where, ocsp)
         return None
+
+    def _ocsp(self, what: str, tok: _Token) -> str | None:
+        """`ocsp PATH` at the end of a keypair's line: the response to
+        staple for that certificate."""
+        if not self.lex.peek().is_word("ocsp"):
+            return None
+        self.lex.next()
+        return self._path(self._arg(f"{what} ocsp", tok))
+
+    def _client_ca(self, relay: _RelayBuilder, tok: _Token) -> None:
+        self._expect("tls client", tok, "ca")
+        path = self._path(self._arg("tls client ca", tok))
+        optional = self.lex.peek().is_word("optional")
+        if optional:
+            self.lex.next()
+        self._eol("tls client ca")
+        if relay.client_ca is not None:
+            raise self._err(tok.line, f'relay "{relay.name}" has more than one '
+                            f'"tls client ca" (first at {relay.client_ca.where})')
+        relay.client_ca = ClientCa(path, optional, Where(self.file, tok.line))
 
     def _relay_tls(self, relay: _RelayBuilder, tok: _Token) -> None:
         sub = self._arg("tls", tok)
@@ -832,6 +1129,13 @@ class _Parser:
             relay.keyop_timeout_ms = self._keyop(tok)
         elif sub.is_word("alpn"):
             self._alpn(relay, tok)
+        elif sub.is_word("client"):
+            self._client_ca(relay, tok)
+        elif sub.is_word("ocsp"):
+            # a response is for one certificate: it goes on that one's line
+            raise self._err(tok.line, '"tls ocsp" belongs on its certificate\'s '
+                            'line: tls certificate "CERT" key "KEY" ocsp "FILE" '
+                            '(or tls keypair NAME ocsp "FILE")')
         else:
             raise self._err(tok.line, f'unknown directive "tls {sub.value}"')
 
@@ -839,7 +1143,7 @@ class _Parser:
         line, name = relay.where.line, relay.name
         if not relay.listens:
             raise self._err(line, f'relay "{name}" has no "listen on"')
-        if relay.forward is None:
+        if not relay.forwards:
             raise self._err(line, f'relay "{name}" has no "forward to"')
         # every listen is tls (see _listen), so every relay needs a keypair
         if not relay.keypairs:
@@ -894,6 +1198,9 @@ class _Parser:
             if kp is None:
                 raise self._err(tok.line, f'"tls {sub.value}" is not valid inside '
                                 'a keyservice block')
+            if kp.ocsp is not None:
+                raise self._err(tok.line, '"ocsp" is not valid inside a keyservice '
+                                'block: its programs staple their own responses')
             service.keypairs.append(kp)
         elif word in ("relay", "keyservice"):
             raise self._err(tok.line, f"nested {word} blocks are not allowed")

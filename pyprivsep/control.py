@@ -11,14 +11,16 @@ relay answered or its deadline passed.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
 import socket
 import stat
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from pyprivsep import __version__, native, netserve
+from pyprivsep import __version__, keys, native, netserve
 
 if TYPE_CHECKING:
     from pyprivsep.parent import Parent
@@ -78,6 +80,22 @@ def keyservices(parent: "Parent") -> list[dict[str, Any]]:
     return out
 
 
+def ocsp_state(cert: keys.Cert) -> dict[str, Any] | None:
+    """What a keypair staples: its response file, the response's
+    nextUpdate, and whether the relays staple it now (not when it was out
+    of date at the last start or reload, nor past its nextUpdate)."""
+    if cert.keypair.ocsp is None:
+        return None
+    staple = cert.staple
+    until = None if staple is None or staple.not_after == 0 else \
+        datetime.datetime.fromtimestamp(staple.not_after, datetime.timezone.utc)
+    now = time.time()
+    return {"file": cert.keypair.ocsp,
+            "next_update": None if until is None else until.isoformat(),
+            "stapled": staple is not None and staple.not_before <= now
+            and (staple.not_after == 0 or now < staple.not_after)}
+
+
 def show_keys(parent: "Parent") -> dict[str, Any]:
     held_by = ("the relays (keys inprocess)" if parent.cfg.keys_inprocess
                else f"ca 1-{parent.cfg.prefork}")
@@ -85,7 +103,7 @@ def show_keys(parent: "Parent") -> dict[str, Any]:
         {"relay": r.name, "certificate": c.keypair.cert,
          "subject": c.subject, "type": f"{c.kind.upper()}-{c.bits}",
          "not_after": c.not_after, "key_id": c.keyid.hex()[:16],
-         "held_by": held_by}
+         "held_by": held_by, "ocsp": ocsp_state(c)}
         for r, certs in zip(parent.cfg.relays, parent.setup.certs)
         for c in certs] + [
         {"keyservice": svc.ks.name, "socket": svc.ks.socket,
@@ -96,6 +114,13 @@ def show_keys(parent: "Parent") -> dict[str, Any]:
          "ca_pids": [sca.pids.get("ca") for sca in parent.kscas
                      if sca.service is svc]}
         for svc in parent.services for c in svc.certs]}
+
+
+def show_hosts(parent: "Parent") -> dict[str, Any]:
+    """Every host of every forward, with its health (the parent's own
+    record of what the hce reported)."""
+    return {"hosts": parent.hosts.show(),
+            "hce_pid": parent.hce.pids.get("hce") if parent.hce else None}
 
 
 def show_sessions(parent: "Parent", respond: Respond) -> None:
@@ -136,6 +161,7 @@ COMMANDS: dict[tuple[str, ...], Callable[["Parent", Respond], None]] = {
     ("show", "summary"): show_summary,
     ("show", "sessions"): show_sessions,
     ("show", "keys"): now(show_keys),
+    ("show", "hosts"): now(show_hosts),
     ("reload",): do_reload,
     ("stop",): now(do_stop),
     ("log", "brief"): now(log_level(False)),

@@ -61,6 +61,15 @@ def human_summary(a: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def staple(ocsp: dict[str, Any] | None) -> str:
+    """A keypair's OCSP column: none, stapled until when, or not stapled."""
+    if ocsp is None:
+        return "-"
+    if not ocsp["stapled"]:
+        return "not stapled (out of date)"
+    return f"stapled until {ocsp['next_update']}" if ocsp["next_update"] else "stapled"
+
+
 def human(words: list[str], a: dict[str, Any]) -> str:
     if "error" in a:
         return f"error: {a['error']}"
@@ -69,15 +78,22 @@ def human(words: list[str], a: dict[str, Any]) -> str:
     if words == ["show", "summary"]:
         return human_summary(a)
     if words == ["show", "sessions"]:
-        return table([[s["relay_process"], s["relay"], s["client"], s["state"],
-                       s["age"], s["idle"], s["bytes_in"], s["bytes_out"]]
+        return table([[s["relay_process"], s["relay"], s["client"],
+                       s.get("backend", ""), s["state"], s["age"], s["idle"],
+                       s["bytes_in"], s["bytes_out"]]
                       for s in a["sessions"]],
-                     ["process", "relay", "client", "state", "age", "idle",
-                      "bytes in", "bytes out"])
+                     ["process", "relay", "client", "backend", "state", "age",
+                      "idle", "bytes in", "bytes out"])
+    if words == ["show", "hosts"]:
+        return table([[h["relay"], h["table"] + (" (fallback)" if h["fallback"] else ""),
+                       h["host"], h["port"], h["check"], h["state"], h["reason"]]
+                      for h in a["hosts"]],
+                     ["relay", "table", "host", "port", "check", "state", "last check"])
     if words == ["show", "keys"]:
-        return table([[k["relay"], k["type"], k["subject"], k["not_after"],
-                       k["key_id"], k["held_by"]] for k in a["keys"]],
-                     ["relay", "key", "subject", "expires", "key id", "held by"])
+        return table([[k.get("relay", k.get("keyservice")), k["type"], k["subject"],
+                       k["not_after"], k["key_id"], k["held_by"], staple(k.get("ocsp"))]
+                      for k in a["keys"]],
+                     ["relay", "key", "subject", "expires", "key id", "held by", "ocsp"])
     return json.dumps(a, indent=2)
 
 
@@ -85,6 +101,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(
         prog="pyprivsep ctl", usage="pyprivsep ctl [-j] [-s socket] command",
         description="commands: show summary | show sessions | show keys | "
+                    "show hosts | "
                     "reload | stop | log brief | log verbose")
     ap.add_argument("-j", action="store_true", help="answer in JSON")
     ap.add_argument("-s", default=DEFAULT_SOCKET, metavar="socket",

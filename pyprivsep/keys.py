@@ -8,21 +8,43 @@ DER SubjectPublicKeyInfo, as relayd names keys by a hash of the public key.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import pwd
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509 import ocsp
 
-from pyprivsep.config import ConfigError, Keypair
-from pyprivsep.native import CaKey, NativeError
+from pyprivsep.config import ClientCa, ConfigError, Keypair
+from pyprivsep.native import P, CaKey, NativeError
 
 EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
 RSA_BITS = (2048, 8192)
+# An OCSP response is a few KiB at most (one response, maybe a responder
+# certificate); the relay copies it for every handshake that asks.  Bigger
+# is not an OCSP response file.  The C side enforces the same bound.
+OCSP_MAX = P.PPS_OCSP_MAX
+# A CA file for client certificates: bundles of hundreds of CAs stay far
+# below this.
+CLIENT_CA_MAX = P.PPS_CLIENT_CA_MAX
+# thisUpdate may be this far ahead of our clock (the responder's clock).
+OCSP_SKEW = datetime.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Staple:
+    """An OCSP response to staple: DER, checked to be a successful response
+    for its certificate; stapled from not_before to not_after (Unix
+    seconds; not_after 0: the response has no nextUpdate)."""
+
+    der: bytes
+    not_before: int
+    not_after: int
 
 
 @dataclass(frozen=True)
@@ -36,6 +58,7 @@ class Cert:
     bits: int               # RSA modulus bits, or the curve's bits
     subject: str
     not_after: str          # ISO 8601, UTC
+    staple: Staple | None = None   # the parent's load_staple(), relays only
 
     def describe(self) -> str:
         return f"{self.kind.upper()}-{self.bits} {self.subject}"
@@ -111,6 +134,130 @@ def load_cert(kp: Keypair) -> Cert:
     return Cert(kp, pem, hashlib.sha256(spki).digest(), kind, bits,
                 leaf.subject.rfc4514_string(),
                 leaf.not_valid_after_utc.isoformat())
+
+
+def _issuer(leaf: x509.Certificate, pem: bytes) -> x509.Certificate | None:
+    """The leaf's issuer, if the chain file holds it (a self-issued leaf is
+    its own)."""
+    if leaf.issuer == leaf.subject:
+        return leaf
+    try:
+        chain = x509.load_pem_x509_certificates(pem)[1:]
+    except ValueError:
+        return None
+    for c in chain:
+        if c.subject == leaf.issuer:
+            return c
+    return None
+
+
+def _unix(t: datetime.datetime) -> int:
+    return int(t.timestamp())
+
+
+def load_staple(cert: Cert, now: datetime.datetime | None = None
+                ) -> tuple[Cert, str | None]:
+    """Read the keypair's OCSP response (the parent, before any chroot, at
+    start, reload and -n) and check it is one to staple for this
+    certificate.  Returns the Cert with its staple, and a warning or None.
+
+    Refused (ConfigError: nothing about it will change without the
+    operator): a file that cannot be read, is not a DER OCSP response, or
+    whose status is not "successful", or no single response of which is
+    for this certificate (serial and issuer name hash; the issuer key hash
+    too when the chain holds the issuer).  Not stapled, with a warning:
+    a response past its nextUpdate, or not valid yet: a late fetcher must
+    not stop the daemon from starting or reloading, and a client is better
+    served by no staple than by a stale one.  Revoked: stapled (it is the
+    truth), with a warning."""
+    kp = cert.keypair
+    if kp.ocsp is None:
+        return cert, None
+    path = kp.ocsp
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(kp.where.file, kp.where.line, f"ocsp {path}: {why}")
+    try:
+        with open(path, "rb") as f:
+            der = f.read(OCSP_MAX + 1)
+    except OSError as e:
+        raise refuse(f"cannot read: {e.strerror}") from None
+    if len(der) > OCSP_MAX:
+        raise refuse(f"more than {OCSP_MAX} bytes: not an OCSP response")
+    try:
+        resp = ocsp.load_der_ocsp_response(der)
+    except ValueError as e:
+        raise refuse(f"not a DER OCSP response ({e})") from None
+    if resp.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+        raise refuse(f"response status {resp.response_status.name.lower()}: "
+                     "nothing to staple")
+    leaf = x509.load_pem_x509_certificate(cert.chain_pem)
+    issuer = _issuer(leaf, cert.chain_pem)
+    try:
+        singles = list(resp.responses)
+    except ValueError as e:
+        raise refuse(f"unreadable single responses ({e})") from None
+    single = None
+    for one in singles:
+        alg = one.hash_algorithm
+        if one.serial_number != leaf.serial_number:
+            continue
+        name_hash = hashlib.new(alg.name, leaf.issuer.public_bytes()).digest()
+        if one.issuer_name_hash != name_hash:
+            continue
+        if issuer is not None:
+            req = ocsp.OCSPRequestBuilder().add_certificate(
+                leaf, issuer, alg).build()
+            if one.issuer_key_hash != req.issuer_key_hash:
+                continue
+        single = one
+        break
+    if single is None:
+        serials = ", ".join(f"{s.serial_number:x}" for s in singles)
+        raise refuse(f"not for certificate {kp.cert} (serial "
+                     f"{leaf.serial_number:x}, issuer {leaf.issuer.rfc4514_string()}"
+                     f"{'' if issuer is not None else ', not in the chain: issuer key not compared'}); "
+                     f"it answers for serial {serials or 'nothing'}")
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    this_update, next_update = single.this_update_utc, single.next_update_utc
+    where = f"{kp.where}: ocsp {path}"
+    if next_update is not None and next_update <= now:
+        return cert, (f"{where}: expired at {next_update.isoformat()} "
+                      "(nextUpdate): not stapled until a fresh one is "
+                      "installed and pyprivsep reloaded")
+    if this_update > now + OCSP_SKEW:
+        return cert, (f"{where}: not valid before {this_update.isoformat()} "
+                      "(thisUpdate): not stapled")
+    warning = None
+    if single.certificate_status == ocsp.OCSPCertStatus.REVOKED:
+        warning = f"{where}: the certificate is REVOKED; stapling that answer"
+    elif single.certificate_status == ocsp.OCSPCertStatus.UNKNOWN:
+        warning = f"{where}: the responder does not know the certificate (status unknown)"
+    staple = Staple(der, _unix(this_update - OCSP_SKEW),
+                    0 if next_update is None else _unix(next_update))
+    return replace(cert, staple=staple), warning
+
+
+def load_client_ca(ca: ClientCa) -> bytes:
+    """The PEM of `tls client ca`, read by the parent (before any chroot)
+    and checked to hold certificates only."""
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(ca.where.file, ca.where.line,
+                           f"tls client ca {ca.path}: {why}")
+    try:
+        with open(ca.path, "rb") as f:
+            pem = f.read(CLIENT_CA_MAX + 1)
+    except OSError as e:
+        raise refuse(f"cannot read: {e.strerror}") from None
+    if len(pem) > CLIENT_CA_MAX:
+        raise refuse(f"more than {CLIENT_CA_MAX} bytes")
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise refuse("no PEM certificate in it")
+    return pem
 
 
 def _user(uid: int) -> str:

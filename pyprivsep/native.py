@@ -7,9 +7,56 @@ the extension's message; nothing else.
 """
 from __future__ import annotations
 
+import re
+
 from pyprivsep._rsaengine import ffi, lib
 
 __all__ = ["ffi", "lib", "P", "HDR_SIZE", "FRAME_MAX"]
+
+
+class LibraryMismatch(ImportError):
+    """The extension runs with another TLS library than it was built for."""
+
+
+def _release(number: int) -> tuple[int, int]:
+    """(major, minor) of an OpenSSL 3+ (0xMNN00PP0L) or LibreSSL
+    (0xMNNFF00fL) version number."""
+    return number >> 28, (number >> 20) & 0xff
+
+
+def check_library(built_openssl: int, built_libressl: int, built_text: str,
+                  loaded_number: int, loaded_text: str) -> None:
+    """Raise LibraryMismatch unless the TLS library loaded is the one the
+    extension was compiled against: OpenSSL or LibreSSL the same, and the
+    same release (major.minor), whose ABI and features the extension's
+    #ifs were decided for.  A patch release differs only in fixes: a
+    security update of the library must not stop the daemon.
+
+    built_*: OPENSSL_VERSION_NUMBER, LIBRESSL_VERSION_NUMBER (0 for
+    OpenSSL) and the version text, at compile time; loaded_*:
+    OpenSSL_version_num() and OpenSSL_version(OPENSSL_VERSION) at run time.
+    LibreSSL's OpenSSL_version_num() is always 0x20000000, so a LibreSSL's
+    release comes from its text ("LibreSSL 4.3.2")."""
+    loaded_libressl = loaded_text.startswith("LibreSSL")
+    if built_libressl:
+        m = re.match(r"LibreSSL (\d+)\.(\d+)\b", loaded_text)
+        same = (loaded_libressl and m is not None and
+                (int(m.group(1)), int(m.group(2))) == _release(built_libressl))
+    else:
+        same = (not loaded_libressl and
+                _release(loaded_number) == _release(built_openssl))
+    if not same:
+        raise LibraryMismatch(
+            f"pyprivsep._rsaengine was compiled against {built_text} but "
+            f"runs with {loaded_text}: build it again "
+            f"against the library it runs with (pip install, OPENSSL_PREFIX), "
+            f"or run it with the one it was built for")
+
+
+check_library(lib.PPS_BUILT_OPENSSL, lib.PPS_BUILT_LIBRESSL,
+              ffi.string(lib.PPS_BUILT_TEXT).decode(),
+              lib.OpenSSL_version_num(),
+              ffi.string(lib.pps_library_version()).decode())
 
 P = lib                                   # protocol constants: P.PPS_*
 HDR_SIZE: int = ffi.sizeof("struct pps_hdr")
@@ -37,7 +84,8 @@ def poller() -> str:
 
 SANDBOX_ROLES: dict[str, int] = {"relay": lib.PPS_SANDBOX_RELAY,
                                   "ca": lib.PPS_SANDBOX_CA,
-                                  "keyservice": lib.PPS_SANDBOX_KEYSERVICE}
+                                  "keyservice": lib.PPS_SANDBOX_KEYSERVICE,
+                                  "hce": lib.PPS_SANDBOX_HCE}
 
 
 def sandbox(role: str) -> None:
@@ -162,16 +210,27 @@ def engine_init(*, id: int, ca_fd: int, ctl_fd: int, max_conns: int,
     _check(lib.pps_engine_init(conf))
 
 
-def relay_new(name: str, fwd_addr: str, fwd_port: int, ciphers: str | None,
-              keyop_timeout_ms: int, idle_timeout: int, proxy_protocol: int = 0,
+def relay_new(name: str, ciphers: str | None, keyop_timeout_ms: int,
+              idle_timeout: int, proxy_protocol: int = 0,
               alpn: list[str] | None = None) -> int:
     """proxy_protocol: 0, 1 or 2; alpn: the protocols to choose from, in
-    the server's order of preference (none: no ALPN)."""
+    the server's order of preference (none: no ALPN).  Its backends come
+    next: relay_table(), relay_host()."""
     return _check(lib.pps_relay_new(
-        name.encode(), fwd_addr.encode(), fwd_port,
-        ciphers.encode() if ciphers is not None else ffi.NULL,
+        name.encode(), ciphers.encode() if ciphers is not None else ffi.NULL,
         keyop_timeout_ms, idle_timeout, proxy_protocol,
         ",".join(alpn).encode() if alpn else ffi.NULL))
+
+
+def relay_table(relay: int, mode: int) -> int:
+    """A table of the relay (the first, then its fallback): its index."""
+    return _check(lib.pps_relay_table(relay, mode))
+
+
+def relay_host(relay: int, table: int, id: int, address: str, port: int,
+               up: bool) -> None:
+    _check(lib.pps_relay_host(relay, table, id, address.encode(), port,
+                              int(up)))
 
 
 def relay_listen(relay: int, fd: int) -> None:
@@ -186,6 +245,19 @@ def relay_keypair(relay: int, chain_pem: bytes, keyid: bytes,
         relay, chain_pem, len(chain_pem), keyid,
         key_pem if key_pem is not None else ffi.NULL,
         len(key_pem) if key_pem is not None else 0))
+
+
+def relay_client_ca(relay: int, pem: bytes, optional: bool) -> None:
+    """Ask clients of `relay` for a certificate and verify it against the
+    CA certificates in pem; without `optional` refuse a client with none.
+    Before the relay's first keypair."""
+    _check(lib.pps_relay_client_ca(relay, pem, len(pem), int(optional)))
+
+
+def relay_ocsp(relay: int, der: bytes, not_before: int, not_after: int) -> None:
+    """Staple the DER OCSP response der for the keypair added last, from
+    not_before to not_after (Unix seconds; 0: no end)."""
+    _check(lib.pps_relay_ocsp(relay, der, len(der), not_before, not_after))
 
 
 def ticket_keys(keys: bytes) -> None:

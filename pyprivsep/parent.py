@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 import selectors
 from typing import Any, Callable, Optional
 
-from pyprivsep import ca, keys, native, privsep, relay
+from pyprivsep import ca, hce, keys, native, privsep, relay, tables
+from pyprivsep.hoststate import HostStates, host_state_payload
 from pyprivsep.channel import (Answer, Channel, decode_sessions,
                                decode_stats)
-from pyprivsep.config import (Config, ConfigError, KeyService, Listen, Relay,
+from pyprivsep.config import (Config, ConfigError, KeyService, Listen,
                               parse_config)
 from pyprivsep.native import Frame, P
 
@@ -91,18 +92,6 @@ def open_listener(ln: Listen) -> list[socket.socket]:
     return socks
 
 
-def forward_address(r: Relay) -> str:
-    """The backend's numeric address (the relays cannot resolve names)."""
-    try:
-        infos = socket.getaddrinfo(r.forward_host, r.forward_port,
-                                   type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise ConfigError(r.where.file, r.where.line,
-                          f"relay {r.name}: cannot resolve {r.forward_host}: "
-                          f"{e.strerror}") from None
-    return str(infos[0][4][0])
-
-
 Sockets = dict[tuple[str, int], list[socket.socket]]
 
 
@@ -112,10 +101,13 @@ def prepare(cfg: Config, use_syslog: bool, verbose: bool,
     certificates (public), the listening sockets, the backend addresses.
     On reload, listening sockets of `reuse` with the same address and port
     are kept, so no connection is refused while generations change."""
-    certs, listeners, forward = [], [], []
+    certs, listeners = [], []
+    client_cas: list[bytes | None] = []
     for r in cfg.relays:
-        certs.append([keys.load_cert(kp) for kp in r.keypairs])
-        forward.append(forward_address(r))
+        certs.append(relay_certs(r))
+        client_cas.append(None if r.client_ca is None
+                          else keys.load_client_ca(r.client_ca))
+    hosts = tables.hosts_of(cfg)
     opened: list[socket.socket] = []
     try:
         for r in cfg.relays:
@@ -131,8 +123,21 @@ def prepare(cfg: Config, use_syslog: bool, verbose: bool,
         for s in opened:
             s.close()
         raise
-    return relay.RelaySetup(cfg, certs, listeners, forward, b"",
-                            use_syslog, verbose)
+    return relay.RelaySetup(cfg, certs, listeners, hosts, set(), b"",
+                            use_syslog, verbose, client_cas)
+
+
+def relay_certs(r: Relay) -> list[keys.Cert]:
+    """A relay block's certificates with their OCSP responses, read here,
+    by the parent (at start and at every reload); what is wrong with a
+    response that may right itself (expired) is logged, not refused."""
+    out = []
+    for kp in r.keypairs:
+        cert, warning = keys.load_staple(keys.load_cert(kp))
+        if warning is not None:
+            log.warning("%s", warning)
+        out.append(cert)
+    return out
 
 
 def sockets_of(setup: relay.RelaySetup) -> Sockets:
@@ -228,8 +233,39 @@ class ServiceCa:
         pass                        # the socket is the Service's
 
 
-def label(pair: "Pair | ServiceCa", role: str) -> str:
+@dataclass(eq=False)
+class Hce:
+    """The health check process of a generation: no key, no listener, a
+    SOCK_SEQPACKET pair to the parent (kept across its restarts, like a
+    pair's), supervised as a pair with one role, "hce"."""
+
+    generation: int
+    sock: socket.socket             # the parent's end
+    child_end: socket.socket
+    pids: dict[str, int] = field(default_factory=dict)
+    started: dict[str, float] = field(default_factory=dict)
+    backoff: dict[str, float] = field(default_factory=dict)
+    due: dict[str, float] = field(default_factory=dict)
+    draining: bool = False
+    channel: Optional[Channel] = None   # none: it only reports
+    heartbeat: bool = False
+
+    @classmethod
+    def new(cls, generation: int) -> "Hce":
+        p, c = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        p.setblocking(False)
+        c.set_inheritable(True)
+        return cls(generation, p, c)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.child_end.close()
+
+
+def label(pair: "Pair | ServiceCa | Hce", role: str) -> str:
     """How logs and the process title name a child."""
+    if isinstance(pair, Hce):
+        return "hce"
     if isinstance(pair, ServiceCa):
         return f"keyservice {pair.service.ks.name} ca {pair.index}"
     return f"{role} {pair.index}"
@@ -343,6 +379,8 @@ class Parent:
         self.selector = selectors.DefaultSelector()
         self.control: Any = None            # control.Server
         self.metrics: Any = None            # metrics.Server
+        self.hosts = HostStates(cfg, setup.hosts)
+        self.hce: Hce | None = None
 
     @property
     def rotation(self) -> int:
@@ -381,6 +419,9 @@ class Parent:
             os._exit(status)
 
     def child(self, pair: Any, role: str) -> int:
+        if isinstance(pair, Hce):
+            privsep.close_fds_except({pair.child_end.fileno()} | log_fds())
+            return hce.main(self.cfg, self.setup.hosts, pair.child_end)
         if isinstance(pair, ServiceCa):
             svc = pair.service
             privsep.close_fds_except({svc.sock.fileno()} | log_fds())
@@ -398,6 +439,7 @@ class Parent:
         privsep.close_fds_except(keep)
         self.setup.ticket_keys = b"".join(self.tickets)
         self.setup.verbose = self.verbose
+        self.setup.down = self.hosts.down()
         return relay.main(self.setup, pair.index, ca_fd,
                           pair.ctl_relay.fileno())
 
@@ -406,8 +448,9 @@ class Parent:
         return self.pairs + [p for p in self.draining if isinstance(p, Pair)]
 
     def everyone(self) -> list[Any]:
-        """Every supervised child's record: pairs and keyservice cas."""
-        return self.pairs + self.kscas + self.draining
+        """Every supervised child's record: pairs, keyservice cas, hce."""
+        return self.pairs + self.kscas + ([self.hce] if self.hce else []) \
+            + self.draining
 
     def find(self, pid: int) -> tuple[Any, str] | None:
         for pair in self.everyone():
@@ -493,6 +536,51 @@ class Parent:
             self.draining.remove(pair)
             self.close_channel(pair)
             pair.close()
+
+    # ---- health checks -----------------------------------------------
+
+    def start_hce(self) -> None:
+        """A new generation's hce, if any forward has a check; the old
+        one (reload) is stopped: host ids are per generation."""
+        old, self.hce = self.hce, None
+        if old is not None:
+            self.selector.unregister(old.sock)
+            old.draining = True
+            old.due.clear()
+            self.draining.append(old)
+            if "hce" in old.pids:
+                kill(old.pids["hce"], signal.SIGTERM)
+            else:
+                self.drained(old, "hce")
+        if not self.hosts.checked:
+            return
+        self.hce = Hce.new(self.generation)
+        self.selector.register(self.hce.sock, selectors.EVENT_READ,
+                               lambda mask, h=self.hce: self.on_hce(h))
+        self.spawn(self.hce, "hce")
+
+    def on_hce(self, h: Hce) -> None:
+        """Host states from the hce: checked, logged, told to the relays."""
+        for _ in range(64):
+            try:
+                frame = h.sock.recv(hce.MAX_FRAME + 1, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                log.warning("hce: %s", e)
+                return
+            if not frame:
+                return
+            try:
+                host_id, up, ms, reason = hce.decode(frame)
+                changed = self.hosts.report(host_id, up, ms, reason)
+            except ValueError as e:
+                log.warning("hce: malformed report: %s", e)
+                continue
+            if changed:
+                for pair in self.pairs:
+                    self.tell(pair, P.PPS_CTL_HOST, 0,
+                              host_state_payload(host_id, up))
 
     # ---- control channels --------------------------------------------
 
@@ -700,11 +788,13 @@ class Parent:
                       for i in range(1, relay_processes(cfg) + 1)]
         self.services = services
         self.kscas = service_cas(services, self.generation)
+        self.hosts = HostStates(cfg, setup.hosts)
         for pair in self.pairs:
             for role in self.roles():
                 self.spawn(pair, role)
         for sca in self.kscas:
             self.spawn(sca, "ca")
+        self.start_hce()
         for svc in old_svcs:            # restarts: counted per service name
             for new in services:
                 if new.ks.name == svc.ks.name:
@@ -780,7 +870,9 @@ class Parent:
         """When the loop must next look at its timers."""
         now = time.monotonic()
         times = [now + TICK, self.next_rotation, self.next_heartbeat]
-        times += [t for p in self.pairs + self.kscas for t in p.due.values()]
+        times += [t for p in self.pairs + self.kscas + ([self.hce] if self.hce
+                                                          else [])
+                  for t in p.due.values()]
         times += [p.drain_until for p in self.draining
                   if isinstance(p, ServiceCa) and "ca" in p.pids]
         for pair in self.all_pairs():
@@ -819,6 +911,9 @@ class Parent:
         for sca in self.kscas:
             if not self.stopping and sca.due.get("ca", now + 1) <= now:
                 self.spawn(sca, "ca")
+        if self.hce is not None and not self.stopping \
+                and self.hce.due.get("hce", now + 1) <= now:
+            self.spawn(self.hce, "hce")
         for sca in self.draining:
             if isinstance(sca, ServiceCa) and "ca" in sca.pids \
                     and now >= sca.drain_until:
@@ -844,6 +939,7 @@ class Parent:
                 self.spawn(pair, role)
         for sca in self.kscas:
             self.spawn(sca, "ca")
+        self.start_hce()
         while not self.stopping:
             wait = max(min(self.deadlines()) - time.monotonic(), 0.0)
             for key, mask in self.selector.select(wait):
@@ -906,9 +1002,16 @@ def session_dict(s: Any, pair: Pair, names: list[str]) -> dict[str, Any]:
     raw = bytes(s.addr)
     addr = socket.inet_ntop(socket.AF_INET6, raw) if s.family == 6 else \
         socket.inet_ntop(socket.AF_INET, raw[:4])
+    backend = ""
+    if s.backend_family in (4, 6):
+        raw = bytes(s.backend)
+        host = socket.inet_ntop(socket.AF_INET6, raw) if s.backend_family == 6 \
+            else socket.inet_ntop(socket.AF_INET, raw[:4])
+        backend = f"[{host}]:{s.backend_port}" if s.backend_family == 6 \
+            else f"{host}:{s.backend_port}"
     return {"relay_process": pair.index, "generation": pair.generation,
             "relay": names[s.relay] if s.relay < len(names) else s.relay,
-            "client": f"{addr}:{s.port}",
+            "client": f"{addr}:{s.port}", "backend": backend,
             "state": SESSION_STATES.get(s.state, str(s.state)),
             "age": s.age, "idle": s.idle, "bytes_in": s.bytes_in,
             "bytes_out": s.bytes_out}

@@ -104,6 +104,6 @@ def sandbox(role: str) -> None:
     process can do only what its role needs (src/_rsaengine/sandbox.c).
     After drop_privileges (setuid resets the dumpable flag the ca clears,
     and chroot needs a syscall the filter refuses)."""
-    if role != "relay":
+    if role in ("ca", "keyservice"):
         os.nice(CA_NICE)
     native.sandbox(role)

@@ -116,8 +116,9 @@ class HttpBackend(BackgroundServer):
         self.page = page
 
 
-def http_backend_on(port: int, page: bytes = BACKEND_PAGE) -> BackgroundServer:
-    """An HttpBackend bound to a given port (e.g. one a relay already forwards to)."""
-    server = _HttpServer((LOCALHOST, port), _BackendHandler)
+def http_backend_on(port: int, page: bytes = BACKEND_PAGE, host: str = LOCALHOST) -> BackgroundServer:
+    """An HttpBackend bound to a given port (e.g. one a relay already forwards to),
+    on 127.0.0.1 or another loopback address (127.0.0.2: a second host of a table)."""
+    server = _HttpServer((host, port), _BackendHandler)
     server.page = page
     return BackgroundServer(server)

@@ -1,6 +1,6 @@
 """Fixtures for the pyprivsep end-to-end tests (helpers live in the modules
 named by purpose beside it: basics, keypairs, backends, procs, daemonctl,
-tlsclients, memscan, cawire)."""
+tlsclients, memscan, cawire, hosts)."""
 
 from __future__ import annotations
 

@@ -82,11 +82,14 @@ class DaemonConfig:
     chroot: Path | None = None
     user: str | None = None  # the relays' (None: the default, _pyprivsep)
     ca_user: str | None = None  # the cas' (None: the default, _pyprivsep_ca)
-    timeout: int | None = 600
+    # the global `timeout`: health checks, ms (relayd); refused without a
+    # `check` (a session's idle timeout is RelaySpec's "session timeout")
+    timeout: int | None = None
     keyservices: Sequence[KeyServiceSpec] = ()
+    globals: Sequence[str] = ()  # more top-level lines: "table <web> { ... }", "interval 1"
 
     def render(self) -> str:
-        lines = [f"prefork {self.prefork}"]
+        lines = [f"prefork {self.prefork}", *self.globals]
         if self.timeout is not None:
             lines.append(f"timeout {self.timeout}")
         if self.chroot is not None:

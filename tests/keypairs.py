@@ -13,7 +13,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from basics import LOCALHOST
 
@@ -176,3 +177,113 @@ def load_private_key(kp: KeyPair) -> PrivateKey:
     key = serialization.load_pem_private_key(kp.key_path.read_bytes(), password=None)
     assert isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey))
     return key
+
+
+# -- a CA, the certificates it issues, OCSP responses about them ------------
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """A CA of the tests' own: it issues server and client certificates
+    and signs OCSP responses about them (as its own responder)."""
+
+    name: str
+    key: PrivateKey
+    certificate: x509.Certificate
+    cert_path: Path  # its certificate alone (PEM): a client CA file
+
+
+def make_issuer(directory: Path, name: str) -> Issuer:
+    key = new_private_key("p256")
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                          crl_sign=True, encipher_only=False, decipher_only=False),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path = directory / f"{name}-ca.crt"
+    write_cert(cert_path, cert)
+    return Issuer(name, key, cert, cert_path)
+
+
+def make_issued_keypair(
+    directory: Path, name: str, issuer: Issuer, *, key_name: str = "rsa2048",
+    client: bool = False, chain: bool = True,
+) -> KeyPair:
+    """A leaf `issuer` signed: a server certificate for NAME.test (and
+    localhost), or with `client` a client certificate (clientAuth).  With
+    `chain` its file holds the issuer's certificate after it."""
+    key = new_private_key(key_name)
+    dns_name = f"{name}.test"
+    now = datetime.datetime.now(datetime.UTC)
+    usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)]))
+        .issuer_name(issuer.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    if not client:
+        san = [x509.DNSName(dns_name), x509.DNSName("localhost"), x509.IPAddress(IPv4Address(LOCALHOST))]
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    cert = builder.sign(issuer.key, hashes.SHA256())
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    if chain:
+        pem += issuer.certificate.public_bytes(serialization.Encoding.PEM)
+    cert_path.write_bytes(pem)
+    write_key(key_path, key)
+    return KeyPair(name, dns_name, cert_path, key_path, cert, key_secrets(key))
+
+
+OcspStatus = ocsp.OCSPCertStatus
+
+
+def ocsp_response(
+    leaf: x509.Certificate, issuer: Issuer, *, status: OcspStatus = OcspStatus.GOOD,
+    this_update: datetime.datetime | None = None, next_update: datetime.datetime | None = None,
+    hours: float = 24,
+) -> bytes:
+    """A DER OCSP response for `leaf` signed by its issuer, as a responder
+    would give it (and hitch's ocsp-dir, haproxy's .ocsp hold): good by
+    default, valid from an hour ago for `hours` unless told otherwise."""
+    now = datetime.datetime.now(datetime.UTC)
+    this_update = this_update or now - datetime.timedelta(hours=1)
+    next_update = next_update or now + datetime.timedelta(hours=hours)
+    revoked = status == OcspStatus.REVOKED
+    response = (
+        ocsp.OCSPResponseBuilder()
+        .add_response(
+            cert=leaf, issuer=issuer.certificate, algorithm=hashes.SHA1(), cert_status=status,
+            this_update=this_update, next_update=next_update,
+            revocation_time=this_update if revoked else None,
+            revocation_reason=x509.ReasonFlags.key_compromise if revoked else None,
+        )
+        .responder_id(ocsp.OCSPResponderEncoding.HASH, issuer.certificate)
+        .sign(issuer.key, hashes.SHA256())
+    )
+    return response.public_bytes(serialization.Encoding.DER)
+
+
+def ocsp_unsuccessful() -> bytes:
+    """A well-formed OCSP response whose status is not "successful"."""
+    return ocsp.OCSPResponseBuilder.build_unsuccessful(
+        ocsp.OCSPResponseStatus.TRY_LATER).public_bytes(serialization.Encoding.DER)

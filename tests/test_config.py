@@ -9,7 +9,7 @@ import pytest
 
 from pyprivsep import config
 from pyprivsep.config import (
-    Config, ConfigError, Keypair, Listen, Where, parse_config, parse_macro_arg,
+    ClientCa, Config, ConfigError, Keypair, Listen, Where, parse_config, parse_macro_arg,
 )
 
 # A minimal valid relay block, for cases that need one around the error.
@@ -66,6 +66,12 @@ relay api {
 
 timeout 120
 tls keyop timeout 2000
+table <t> { 10.0.0.3 }
+relay checked {
+    listen on 127.0.0.1 port 7443 tls
+    forward to <t> port 80 check tcp
+    tls keypair api
+}
 """
 
 
@@ -77,13 +83,14 @@ def test_full_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.prefork == 5
     assert cfg.user == "_relayd"
     assert cfg.chroot == "/var/chroot"
-    assert cfg.timeout == 120
+    assert cfg.timeout == 120  # ms: the health checks' (relayd)
     assert cfg.keys_inprocess is True
     assert cfg.keyop_timeout_ms == 2000
     assert cfg.log == {"connection", "state changes", "errors"}
-    assert [r.name for r in cfg.relays] == ["www", "api"]
+    assert [r.name for r in cfg.relays] == ["www", "api", "checked"]
 
-    www, api = cfg.relays
+    www, api, checked = cfg.relays
+    assert (checked.forwards[0].timeout_ms, checked.forwards[0].interval) == (120, 10)
     assert www.where == Where(path, 13)
     assert www.listens == [
         Listen("127.0.0.1", 8443, True, Where(path, 14)),
@@ -107,12 +114,13 @@ def test_full_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert api.keypairs == [Keypair("/ssl/api.crt", "/ssl/private/api.key", Where(path, 29))]
     assert api.ciphers is None
     assert api.keyop_timeout_ms == 2000
-    assert api.session_timeout == 120
+    assert api.session_timeout == 600  # relayd's default: `timeout` is the checks'
 
 
 def test_defaults(tmp_path: Path) -> None:
     cfg = parse_text(tmp_path, PLAIN)
-    assert (cfg.prefork, cfg.user, cfg.chroot, cfg.timeout) == (3, "_pyprivsep", "/var/empty", 600)
+    assert (cfg.prefork, cfg.user, cfg.chroot, cfg.timeout) == (3, "_pyprivsep", "/var/empty", 200)
+    assert cfg.interval == 10
     assert cfg.ca_user == "_pyprivsep_ca"
     assert (cfg.keys_inprocess, cfg.keyop_timeout_ms, cfg.log) == (False, 1000, set())
     relay = cfg.relays[0]
@@ -278,8 +286,8 @@ ERRORS = [
      'port "http" is not a number'),
     ("prefork-low", "prefork 0\n", 1, "prefork 0 out of range (1-64)"),
     ("prefork-high", "prefork 65\n", 1, "prefork 65 out of range (1-64)"),
-    ("timeout-low", "timeout 0\n", 1, "timeout 0 out of range (1-86400)"),
-    ("timeout-high", "timeout 86401\n", 1, "timeout 86401 out of range (1-86400)"),
+    ("timeout-low", "timeout 0\n", 1, "timeout 0 out of range (1-3600000)"),
+    ("timeout-high", "timeout 3600001\n", 1, "timeout 3600001 out of range (1-3600000)"),
     ("keyop-low", "tls keyop timeout 9\n", 1, "tls keyop timeout 9 out of range (10-60000)"),
     ("keyop-high", relay(LISTEN, FORWARD, "tls keyop timeout 60001"), 4,
      "tls keyop timeout 60001 out of range (10-60000)"),
@@ -309,8 +317,8 @@ ERRORS = [
      "macros must be defined at top level"),
     ("no-listen", "\n" + relay(FORWARD), 2, 'relay "r" has no "listen on"'),
     ("no-forward", relay(LISTEN), 1, 'relay "r" has no "forward to"'),
-    ("two-forwards", relay(LISTEN, FORWARD, "forward to ::1 port 1"), 4,
-     'relay "r" has more than one "forward to"'),
+    ("three-forwards", relay(LISTEN, FORWARD, "forward to ::1 port 1", "forward to ::1 port 2"), 5,
+     'relay "r" has more than two "forward to" (a table and its fallback)'),
     ("tls-without-keypair", relay(LISTEN, FORWARD), 1,
      'relay "r" listens with tls but has no keypair'),
     ("listen-without-tls", relay(LISTEN, "listen on ::1 port 8443", FORWARD, KEYPAIR), 3,
@@ -608,3 +616,236 @@ def test_keyservice_errors(tmp_path: Path, text: str, line: int, message: str) -
         parse_text(tmp_path, text)
     assert (exc.value.file, exc.value.line) == (str(tmp_path / "test.conf"), line)
     assert message in exc.value.msg
+
+
+# -- OCSP stapling and client certificates -------------------------------------
+
+
+def test_ocsp_on_the_keypair_line_and_client_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config, "SSL_DIR", "/ssl")
+    cfg = parse_text(tmp_path, relay(
+        LISTEN, FORWARD,
+        'tls certificate "a.crt" key "a.key" ocsp "ocsp/a.der"',
+        'tls keypair b ocsp "/abs/b.der"',
+        "tls keypair c",
+        'tls client ca "clients.pem"'))
+    path = str(tmp_path / "test.conf")
+    [r] = cfg.relays
+    assert r.keypairs == [
+        Keypair(str(tmp_path / "a.crt"), str(tmp_path / "a.key"), Where(path, 4), str(tmp_path / "ocsp/a.der")),
+        Keypair("/ssl/b.crt", "/ssl/private/b.key", Where(path, 5), "/abs/b.der"),
+        Keypair("/ssl/c.crt", "/ssl/private/c.key", Where(path, 6)),
+    ]
+    # required unless told optional
+    assert r.client_ca == ClientCa(str(tmp_path / "clients.pem"), False, Where(path, 7))
+
+
+def test_client_ca_optional_and_defaults(tmp_path: Path) -> None:
+    cfg = parse_text(tmp_path, relay(LISTEN, FORWARD, KEYPAIR, 'tls client ca "/c.pem" optional')
+                     + relay("listen on ::1 port 1 tls", FORWARD, KEYPAIR, name="s"))
+    first, second = cfg.relays
+    assert first.client_ca is not None and first.client_ca.optional
+    assert second.client_ca is None
+    assert all(kp.ocsp is None for r in cfg.relays for kp in r.keypairs)
+
+
+@pytest.mark.parametrize("text, line, message", [
+    (relay(LISTEN, FORWARD, KEYPAIR, 'tls ocsp "a.der"'), 5,
+     '"tls ocsp" belongs on its certificate\'s line: tls certificate "CERT" key "KEY" ocsp "FILE"'),
+    (relay(LISTEN, FORWARD, 'tls certificate "a" key "b" ocsp'), 4,
+     'missing argument for "tls certificate ocsp"'),
+    (relay(LISTEN, FORWARD, 'tls keypair a ocsp ""'), 4, "empty path"),
+    (relay(LISTEN, FORWARD, 'tls keypair a ocsp "x" "y"'), 4, 'extra argument "y" for "tls keypair"'),
+    (relay(LISTEN, FORWARD, 'tls certificate "a" ocsp "x" key "b"'), 4,
+     'expected "key" in "tls certificate", got "ocsp"'),
+    ('tls ocsp "a.der"\n', 1, '"tls ocsp" is only valid inside a relay block'),
+    ('tls client ca "c.pem"\n', 1, '"tls client" is only valid inside a relay block'),
+    (relay(LISTEN, FORWARD, KEYPAIR, "tls client"), 5, 'missing "ca" in "tls client"'),
+    (relay(LISTEN, FORWARD, KEYPAIR, 'tls client cert "c.pem"'), 5, 'expected "ca" in "tls client", got "cert"'),
+    (relay(LISTEN, FORWARD, KEYPAIR, "tls client ca"), 5, 'missing argument for "tls client ca"'),
+    (relay(LISTEN, FORWARD, KEYPAIR, 'tls client ca "c.pem" required'), 5,
+     'extra argument "required" for "tls client ca"'),
+    (relay(LISTEN, FORWARD, KEYPAIR, 'tls client ca "c.pem"', 'tls client ca "d.pem" optional'), 6,
+     'relay "r" has more than one "tls client ca" (first at {path}:5)'),
+    ('keyservice "a" {\n socket "/r/a"\n allow user root\n tls keypair a ocsp "a.der"\n}\n', 4,
+     '"ocsp" is not valid inside a keyservice block'),
+    ('keyservice "a" {\n tls client ca "c.pem"\n}\n', 2, '"tls client" is not valid inside a keyservice'),
+])
+def test_ocsp_and_client_ca_errors(tmp_path: Path, text: str, line: int, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        parse_config(path)
+    assert (info.value.file, info.value.line) == (path, line)
+    assert message.replace("{path}", path) in info.value.msg
+
+
+# -- tables, modes and the fallback (relayd's `table` and `forward to <t>`) ---
+
+TABLES = """\
+table <web> { 127.0.0.1, 127.0.0.2
+    ::1 }
+table <spare> disable { 10.0.0.9 }
+table <backup> { 10.0.0.7 } disable
+relay r {
+    listen on 127.0.0.1 port 8443 tls
+    forward to <web> port 8080 mode least-states proxy protocol v2
+    forward to <spare> port 80
+    tls keypair k
+}
+relay plain {
+    listen on 127.0.0.1 port 9443 tls
+    forward to 127.0.0.3 port 81 proxy protocol v1
+    tls keypair k
+}
+"""
+
+
+def test_tables_modes_and_fallback(tmp_path: Path) -> None:
+    cfg = parse_text(tmp_path, TABLES)
+    assert set(cfg.tables) == {"web", "spare", "backup"}
+    assert cfg.tables["web"].hosts == ["127.0.0.1", "127.0.0.2", "::1"]
+    assert [cfg.tables[t].disabled for t in ("web", "spare", "backup")] == [False, True, True]
+    r, plain = cfg.relays
+    first, fallback = r.forwards
+    assert (first.table, first.hosts, first.port, first.mode) == (
+        "web", ["127.0.0.1", "127.0.0.2", "::1"], 8080, "least-states")
+    assert (fallback.table, fallback.mode, fallback.disabled) == ("spare", "roundrobin", True)
+    assert r.proxy_protocol == 2
+    assert (r.forward_host, r.forward_port) == ("127.0.0.1", 8080)
+    # `forward to ADDRESS` is a table of one host
+    assert [(f.table, f.hosts, f.port) for f in plain.forwards] == [(None, ["127.0.0.3"], 81)]
+    assert plain.proxy_protocol == 1
+
+
+@pytest.mark.parametrize("mode", sorted(config.MODES))
+def test_every_mode(tmp_path: Path, mode: str) -> None:
+    cfg = parse_text(tmp_path, "table <t> { 127.0.0.1 }\n"
+                     + relay(LISTEN, f"forward to <t> port 80 mode {mode}", KEYPAIR))
+    assert cfg.relays[0].forwards[0].mode == mode
+
+
+TABLE_T = "table <t> { 127.0.0.1 127.0.0.2 }\n"
+
+TABLE_ERRORS = [
+    ("undefined", relay(LISTEN, "forward to <nope> port 80", KEYPAIR), 3,
+     'table "<nope>" is not defined'),
+    ("defined-after", relay(LISTEN, "forward to <t> port 80", KEYPAIR) + TABLE_T, 3,
+     'table "<t>" is not defined'),
+    ("bad-mode", TABLE_T + relay(LISTEN, "forward to <t> port 80 mode fastest", KEYPAIR), 4,
+     'unknown mode "fastest"'),
+    ("mode-without-table", relay(LISTEN, "forward to 127.0.0.1 port 80 mode random", KEYPAIR), 3,
+     '"mode" needs a table'),
+    ("mode-missing", TABLE_T + relay(LISTEN, "forward to <t> port 80 mode", KEYPAIR), 4,
+     'missing argument for "mode"'),
+    ("table-no-port", TABLE_T + relay(LISTEN, "forward to <t>", KEYPAIR), 4,
+     'missing "port" in "forward to"'),
+    ("duplicate-table", TABLE_T + "\n" + TABLE_T, 3, 'duplicate table "<t>" (already defined at'),
+    ("empty-table", "table <e> { }\n", 1, 'table "<e>" has no hosts'),
+    ("bad-table-name", "table web { 127.0.0.1 }\n", 1, 'invalid table name "web"'),
+    ("bad-host", "table <t> {\n 127.0.0.1\n 300.1.1.1\n}\n", 3,
+     'invalid address "300.1.1.1" in table "<t>"'),
+    ("host-twice", "table <t> {\n 127.0.0.1\n 127.0.0.1\n}\n", 3,
+     "host 127.0.0.1 listed twice (line 2)"),
+    ("unclosed-table", "table <t> { 127.0.0.1\n", 1, 'missing "}" (table "<t>" opened at line 1)'),
+    ("no-brace", "table <t> 127.0.0.1\n", 1, 'expected "{" after table "<t>"'),
+    ("table-in-relay", relay(LISTEN, "table <t> { 127.0.0.1 }"), 3,
+     '"table" is not allowed inside a relay block'),
+    ("proxy-versions-differ", TABLE_T + relay(LISTEN, "forward to <t> port 80 proxy protocol v1",
+                                              "forward to ::1 port 80 proxy protocol v2", KEYPAIR), 5,
+     "proxy protocol v2: line 4 says another version"),
+    ("table-junk", TABLE_T + relay(LISTEN, "forward to <t> port 80 fast", KEYPAIR), 4,
+     'extra argument "fast" for "forward to"'),
+    ("too-many-hosts", "table <big> {\n" + "".join(f" 10.0.{i // 250}.{i % 250 + 1}\n" for i in range(65))
+     + "}\n", 1, 'table "<big>" has 65 hosts, at most 64'),
+]
+
+
+@pytest.mark.parametrize("text, line, message", [e[1:] for e in TABLE_ERRORS],
+                         ids=[e[0] for e in TABLE_ERRORS])
+def test_table_errors(tmp_path: Path, text: str, line: int, message: str) -> None:
+    test_errors(tmp_path, text, line, message)
+
+
+# -- health checks; the global `timeout` is relayd's (ms), not the session's --
+
+CHECKED = """\
+interval 3
+timeout 500
+table <web> { 127.0.0.1, 127.0.0.2 }
+table <backup> { 127.0.0.3 }
+relay r {
+    listen on 127.0.0.1 port 8443 tls
+    forward to <web> port 80 mode roundrobin check http "/health" code 200 timeout 300
+    forward to <backup> port 81 check send "PING\\r\\n" expect "+PONG*" tls interval 6
+    tls keypair k
+}
+relay s {
+    listen on 127.0.0.1 port 9443 tls
+    forward to <web> port 443 check https "/" code 204
+    forward to <backup> port 443 check tls
+    tls keypair k
+}
+relay t {
+    listen on 127.0.0.1 port 7443 tls
+    forward to <web> port 22 check tcp
+    tls keypair k
+    session timeout 30
+}
+"""
+
+
+def test_checks_interval_and_timeouts(tmp_path: Path) -> None:
+    cfg = parse_text(tmp_path, CHECKED)
+    assert (cfg.interval, cfg.timeout) == (3, 500)
+    r, s, t = cfg.relays
+    web, backup = r.forwards
+    assert web.check == config.Check("http", path="/health", code=200)
+    assert (web.timeout_ms, web.interval) == (300, 3)
+    assert backup.check == config.Check("send", send="PING\\r\\n", expect="+PONG*", tls=True)
+    assert (backup.timeout_ms, backup.interval) == (500, 6)
+    assert s.forwards[0].check == config.Check("https", path="/", code=204, tls=True)
+    assert s.forwards[1].check == config.Check("tls", tls=True)
+    assert t.forwards[0].check == config.Check("tcp")
+    assert (r.session_timeout, t.session_timeout) == (600, 30)
+
+
+def test_old_timeout_is_refused_naming_session_timeout(tmp_path: Path) -> None:
+    """pyprivsep's `timeout 600` (idle seconds) must not become 600 ms
+    checks of nothing: refused, naming `session timeout`."""
+    path = write(tmp_path, "prefork 2\ntimeout 600\n" + PLAIN)
+    with pytest.raises(ConfigError) as info:
+        parse_config(path)
+    assert (info.value.file, info.value.line) == (path, 2)
+    assert 'write "session timeout 600" in each relay block' in info.value.msg
+    assert "health check timeout in milliseconds" in info.value.msg
+
+
+CHECK_ERRORS = [
+    ("check-on-address", relay(LISTEN, "forward to 127.0.0.1 port 80 check tcp", KEYPAIR), 3,
+     '"check" needs a table'),
+    ("unknown-check", TABLE_T + relay(LISTEN, "forward to <t> port 80 check icmp", KEYPAIR), 4,
+     'unknown check "icmp"'),
+    ("http-no-code", TABLE_T + relay(LISTEN, 'forward to <t> port 80 check http "/"', KEYPAIR), 4,
+     'missing "code" in "check http"'),
+    ("http-bad-path", TABLE_T + relay(LISTEN, 'forward to <t> port 80 check http "x" code 200', KEYPAIR),
+     4, 'check http "x": expected a path from "/"'),
+    ("http-bad-code", TABLE_T + relay(LISTEN, 'forward to <t> port 80 check http "/" code 99', KEYPAIR),
+     4, "code 99 out of range (100-999)"),
+    ("send-no-expect", TABLE_T + relay(LISTEN, 'forward to <t> port 80 check send "x"', KEYPAIR), 4,
+     'missing "expect" in "check send"'),
+    ("two-checks", TABLE_T + relay(LISTEN, "forward to <t> port 80 check tcp check tls", KEYPAIR), 4,
+     'more than one "check"'),
+    ("check-timeout-zero", TABLE_T + relay(LISTEN, "forward to <t> port 80 check tcp timeout 0",
+                                           KEYPAIR), 4, "timeout 0 out of range"),
+    ("interval-zero", "interval 0\n", 1, "interval 0 out of range (1-3600)"),
+    ("interval-not-multiple", "interval 2\n" + TABLE_T + relay(LISTEN, "forward to <t> port 80 check tcp interval 3",
+                                                             KEYPAIR), 5,
+     "interval 3: a table's interval must be a multiple of the global interval (2)"),
+    ("interval-in-relay", relay("interval 3"), 2, '"interval" is not allowed inside a relay block'),
+]
+
+
+@pytest.mark.parametrize("text, line, message", [e[1:] for e in CHECK_ERRORS],
+                         ids=[e[0] for e in CHECK_ERRORS])
+def test_check_errors(tmp_path: Path, text: str, line: int, message: str) -> None:
+    test_errors(tmp_path, text, line, message)

@@ -4,7 +4,8 @@
  * protocol.h) to cffi's cdef, so keep it free of preprocessor logic.
  *
  * A relay process builds one engine: pps_engine_init(), then per relay
- * block pps_relay_new() + pps_relay_listen() + pps_relay_keypair(), then
+ * block pps_relay_new() + pps_relay_table() + pps_relay_host() +
+ * pps_relay_listen() + pps_relay_keypair(), then
  * pps_engine_run() until it is told to stop.  A ca process loads its
  * keys (pps_cakey_load()), hands them to pps_ca_new() + pps_ca_add_key()
  * and runs pps_ca_serve().  Failures return -1 (or NULL) and leave a
@@ -28,12 +29,33 @@ struct pps_engine_conf {
 int		 pps_engine_init(const struct pps_engine_conf *);
 /* proxy: 0, or the PROXY protocol version (1, 2) sent to the backend;
  * alpn: NULL, or the protocols to choose from, "h2,http/1.1" */
-int		 pps_relay_new(const char *name, const char *fwd_addr, int fwd_port,
-		    const char *ciphers, int keyop_timeout_ms, int idle_timeout,
-		    int proxy, const char *alpn);
+int		 pps_relay_new(const char *name, const char *ciphers,
+		    int keyop_timeout_ms, int idle_timeout, int proxy,
+		    const char *alpn);
+/* The relay's tables, in order (the first, then its fallback): a table
+ * (its index) with a PPS_MODE_*, then its hosts: numeric address, port,
+ * the parent's host id, up (1) or down (0) to begin with. */
+int		 pps_relay_table(int relay, int mode);
+int		 pps_relay_host(int relay, int table, uint32_t id,
+		    const char *addr, int port, int up);
 int		 pps_relay_listen(int relay, int fd);
 int		 pps_relay_keypair(int relay, const char *chain_pem, size_t chain_len,
 		    const uint8_t *keyid, const char *key_pem, size_t key_len);
+/*
+ * Client certificates: ask for one, verify it against the CA certificates
+ * in pem; refuse a client without one unless optional.  Before the relay's
+ * first keypair.
+ */
+int		 pps_relay_client_ca(int relay, const char *pem, size_t len,
+		    int optional);
+/*
+ * The DER OCSP response to staple for the relay's last keypair, from
+ * not_before to not_after (Unix seconds; not_after 0: no end).
+ */
+#define PPS_OCSP_MAX		65536
+#define PPS_CLIENT_CA_MAX	4194304
+int		 pps_relay_ocsp(int relay, const uint8_t *der, size_t len,
+		    int64_t not_before, int64_t not_after);
 int		 pps_ticket_keys(const uint8_t *keys, size_t len);
 int		 pps_engine_run(void);
 
@@ -67,6 +89,7 @@ int		 pps_reply_parse(const uint8_t *frame, size_t n,
 #define PPS_SANDBOX_RELAY	1
 #define PPS_SANDBOX_CA		2
 #define PPS_SANDBOX_KEYSERVICE	3
+#define PPS_SANDBOX_HCE		4	/* health checks: connects, no accept */
 int		 pps_sandbox(int role);
 
 int		 pps_async_supported(void);

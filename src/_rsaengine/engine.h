@@ -92,6 +92,11 @@ struct keypair {
 	SSL_CTX		*ctx;
 	X509		*cert;		/* leaf, for SNI matching */
 	struct keyref	 ref;
+	unsigned char	*ocsp;		/* DER OCSP response to staple, or NULL */
+	size_t		 ocsp_len;
+	time_t		 ocsp_from;	/* staple from then ... */
+	time_t		 ocsp_until;	/* ... until then; 0: no end */
+	int		 ocsp_stale;	/* said once that it is out of date */
 };
 
 struct conn;
@@ -99,11 +104,27 @@ struct connlist {
 	struct conn	*head, *tail;	/* oldest deadline first */
 };
 
+/* A backend of a table; nconns: this process's connections to it. */
+struct host {
+	uint32_t	 id;		/* the parent's (PPS_CTL_HOST) */
+	int		 up;
+	int		 nconns;
+	struct sockaddr_storage addr;
+	socklen_t	 addrlen;
+};
+
+struct table {
+	int		 mode;		/* PPS_MODE_* */
+	unsigned	 rr;		/* roundrobin: the next one */
+	int		 nhosts;
+	struct host	 hosts[PPS_MAX_HOSTS];
+};
+
 struct relay {
 	int		 index;
 	char		 name[64];
-	struct sockaddr_storage fwd;
-	socklen_t	 fwdlen;
+	struct table	 tables[PPS_MAX_TABLES];	/* the first, its fallback */
+	int		 ntables;
 	char		*ciphers;
 	int		 keyop_timeout_ms;
 	int		 idle_timeout;
@@ -112,7 +133,12 @@ struct relay {
 	size_t		 alpn_len;
 	struct keypair	 kp[PPS_MAX_KEYPAIRS];
 	int		 nkp;
+	STACK_OF(X509)	*client_ca;	/* tls client ca; NULL: none asked */
+	int		 client_optional;
+	unsigned char	 sid_ctx[32];	/* the session id context */
+	unsigned int	 sid_ctx_len;
 	struct connlist	 handshaking;	/* deadline: handshake timeout */
+	struct connlist	 connecting;	/* deadline: PPS_CONNECT_TIMEOUT */
 	struct connlist	 established;	/* deadline: idle timeout */
 };
 
@@ -124,6 +150,8 @@ extern time_t	pps_now;		/* monotonic seconds, per loop turn */
 int	tls_keypair(struct relay *, const char *, size_t, const uint8_t *,
 	    const char *, size_t);
 int	tls_check_relay(struct relay *);
+int	tls_client_ca(struct relay *, const char *, size_t, int);
+int	tls_ocsp(struct relay *, const uint8_t *, size_t, int64_t, int64_t);
 
 /* shim.c */
 int	shim_init(void);

@@ -34,6 +34,7 @@
 #define PPS_CTL_SESSIONS_MAX	64	/* sessions in one answer */
 #define PPS_CTL_DRAIN		67	/* stop accepting; exit once every session ended */
 #define PPS_CTL_VERBOSE		68	/* arg: 0 brief, 1 verbose logging */
+#define PPS_CTL_HOST		69	/* payload: struct pps_host_state; no answer */
 
 /* hdr.arg of PPS_OP_RSA_PRIV_ENC */
 #define PPS_PAD_PKCS1		1	/* payload is a DigestInfo, PKCS#1 v1.5 type 1 */
@@ -101,4 +102,34 @@ struct pps_session {
 	uint32_t	idle;		/* seconds since last traffic */
 	uint64_t	bytes_in;
 	uint64_t	bytes_out;
+	uint8_t		backend[16];	/* the host chosen (IPv4 in the first 4) */
+	uint8_t		backend_family;	/* 4, 6; 0: none chosen yet */
+	uint8_t		pad;
+	uint16_t	backend_port;
+	uint32_t	backend_id;	/* its host id (PPS_CTL_HOST) */
+};
+
+/*
+ * Tables: `forward to <table> port N mode M`, and a second `forward to`
+ * used while every host of the first is down.  The parent numbers every
+ * host of every forward (relay blocks in order, forwards, hosts): the
+ * health checks (the hce) report by that id, and the parent tells the
+ * relays with PPS_CTL_HOST.
+ */
+#define PPS_MAX_TABLES		2	/* per relay block: the table, its fallback */
+#define PPS_MAX_HOSTS		64	/* per table */
+#define PPS_CONNECT_TIMEOUT	5	/* seconds for a backend to answer a connect */
+
+/* pps_relay_table() mode */
+#define PPS_MODE_ROUNDROBIN	0	/* per relay process rotation */
+#define PPS_MODE_LOADBALANCE	1	/* hash: client address, local address + port */
+#define PPS_MODE_HASH		2	/* hash: local address + port */
+#define PPS_MODE_SOURCEHASH	3	/* hash: client address */
+#define PPS_MODE_RANDOM		4
+#define PPS_MODE_LEASTSTATES	5	/* fewest connections of this process */
+
+/* PPS_CTL_HOST: a host went up or down. */
+struct pps_host_state {
+	uint32_t	id;		/* host id, as given to pps_relay_host() */
+	uint32_t	up;		/* 1 up, 0 down */
 };

@@ -72,6 +72,8 @@ struct conn {
 	int		 on_ready;
 	struct keyop_ctx keyop;		/* keyop.op: handshake waits for the ca */
 	struct sockaddr_storage peer;	/* the client */
+	struct host	*host;		/* the backend chosen; NULL: none yet */
+	int		 retried;	/* a connect failed: once another host */
 	time_t		 started, active;	/* accepted, last traffic */
 	uint64_t	 bytes_in, bytes_out;
 	int		 closed;	/* freed after this turn's events */
@@ -184,6 +186,16 @@ list_touch(struct conn *c, struct connlist *l, int timeout)
 
 static void listeners_enable(int);
 
+/* c's backend is h now (NULL: none): least-states counts them. */
+static void
+conn_host(struct conn *c, struct host *h)
+{
+	if (c->host != NULL)
+		c->host->nconns--;
+	if ((c->host = h) != NULL)
+		h->nconns++;
+}
+
 static const char *
 peer_name(const struct conn *c)
 {
@@ -218,6 +230,7 @@ conn_close(struct conn *c, const char *why)
 		    (unsigned long long)c->bytes_out);
 	(void)wbuf_flush(c->ssl);	/* an alert, a close_notify: if it can */
 	keyop_abandon(c->ssl, &c->keyop);	/* a handshake waiting for the ca */
+	conn_host(c, NULL);
 	list_unlink(c);
 	if (c->on_ready)
 		for (pp = &ready; *pp != NULL; pp = &(*pp)->ready_next)
@@ -354,46 +367,235 @@ proxy_prepend(struct conn *c)
 	return 0;
 }
 
-static void
-backend_connect(struct conn *c)
+/* ---- choosing a backend: tables and modes ---- */
+
+/* FNV-1a: the same in every relay process, so that every process sends a
+ * client (source-hash) to the same host. */
+static uint32_t
+hash_bytes(uint32_t h, const void *p, size_t n)
+{
+	const uint8_t *b = p;
+
+	while (n-- > 0)
+		h = (h ^ *b++) * 16777619u;
+	return h;
+}
+
+/* An address without its port (relayd's relay_hash_addr). */
+static uint32_t
+hash_addr(uint32_t h, const struct sockaddr_storage *ss)
+{
+	const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
+	const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)ss;
+
+	if (ss->ss_family == AF_INET6)
+		return hash_bytes(h, &sin6->sin6_addr, sizeof(sin6->sin6_addr));
+	return hash_bytes(h, &sin->sin_addr, sizeof(sin->sin_addr));
+}
+
+static uint32_t
+hash_local(uint32_t h, const struct conn *c)
+{
+	struct sockaddr_storage local;
+	socklen_t len = sizeof(local);
+	uint16_t port;
+
+	memset(&local, 0, sizeof(local));
+	if (getsockname(c->client.fd, (struct sockaddr *)&local, &len) == -1)
+		return h;
+	port = local.ss_family == AF_INET6 ?
+	    ((struct sockaddr_in6 *)&local)->sin6_port :
+	    ((struct sockaddr_in *)&local)->sin_port;
+	h = hash_addr(h, &local);
+	return hash_bytes(h, &port, sizeof(port));
+}
+
+static int
+usable(const struct host *h, const struct host *not)
+{
+	return h->up && h != not;
+}
+
+/*
+ * A host of t for c, per t's mode, other than `not` (the one that just
+ * refused); NULL if t has none up.  As relayd's relay_from_table(): the
+ * mode picks a slot, and a host that is down passes it on to the next
+ * one up, in the table's order.
+ */
+static struct host *
+table_pick(struct table *t, const struct conn *c, const struct host *not)
+{
+	struct host *best = NULL;
+	uint32_t h = 2166136261u, rnd;
+	int i, idx = 0;
+
+	for (i = 0; i < t->nhosts && !usable(&t->hosts[i], not); i++)
+		;
+	if (i == t->nhosts)
+		return NULL;
+	switch (t->mode) {
+	case PPS_MODE_ROUNDROBIN:
+		idx = t->rr++ % t->nhosts;
+		break;
+	case PPS_MODE_RANDOM:
+		if (RAND_bytes((unsigned char *)&rnd, sizeof(rnd)) != 1)
+			rnd = (uint32_t)now_ms;
+		idx = rnd % t->nhosts;
+		break;
+	case PPS_MODE_SOURCEHASH:
+		idx = hash_addr(h, &c->peer) % t->nhosts;
+		break;
+	case PPS_MODE_LOADBALANCE:
+		idx = hash_local(hash_addr(h, &c->peer), c) % t->nhosts;
+		break;
+	case PPS_MODE_HASH:
+		idx = hash_local(h, c) % t->nhosts;
+		break;
+	case PPS_MODE_LEASTSTATES:
+		for (i = 0; i < t->nhosts; i++)
+			if (usable(&t->hosts[i], not) &&
+			    (best == NULL || t->hosts[i].nconns < best->nconns))
+				best = &t->hosts[i];
+		return best;
+	}
+	for (i = 0; i < t->nhosts; i++, idx = (idx + 1) % t->nhosts)
+		if (usable(&t->hosts[idx], not))
+			return &t->hosts[idx];
+	return NULL;
+}
+
+/* The first table with a host up serves (the others are fallbacks). */
+static struct host *
+relay_pick(struct relay *r, const struct conn *c, const struct host *not)
+{
+	struct host *h;
+	int i;
+
+	for (i = 0; i < r->ntables; i++)
+		if ((h = table_pick(&r->tables[i], c, not)) != NULL)
+			return h;
+	return NULL;
+}
+
+/* Connect to a host of c's relay other than `not`: 0 under way, an errno
+ * if connect() failed at once (no socket left), -1 if there is no host up
+ * or no socket to be had (logged). */
+static int
+backend_try(struct conn *c, const struct host *not)
 {
 	struct relay *r = c->relay;
-	int fd, one = 1;
+	struct host *h;
+	int fd, err, one = 1;
 
-	if (r->proxy != PPS_PROXY_NONE && proxy_prepend(c) == -1) {
-		conn_close(c, NULL);
-		return;
+	if ((h = relay_pick(r, c, not)) == NULL) {
+		pps_log(LOG_WARNING, "relay %s: %s: no backend host up",
+		    r->name, peer_name(c));
+		return -1;
 	}
-	fd = socket(r->fwd.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
+	conn_host(c, h);
+	fd = socket(h->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
 	    0);
 	if (fd == -1) {
 		pps_log(LOG_WARNING, "relay %s: backend socket: %s", r->name,
 		    strerror(errno));
-		conn_close(c, NULL);
-		return;
+		return -1;
 	}
 	(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	if (connect(fd, (struct sockaddr *)&h->addr, h->addrlen) == -1 &&
+	    errno != EINPROGRESS) {
+		err = errno;
+		close(fd);
+		return err > 0 ? err : EIO;
+	}
 	c->backend.fd = fd;
 	c->bready = 0;
 	c->state = CS_CONNECTING;
-	if (connect(fd, (struct sockaddr *)&r->fwd, r->fwdlen) == -1 &&
-	    errno != EINPROGRESS) {
-		pps_log(LOG_WARNING, "relay %s: backend connect: %s", r->name,
-		    strerror(errno));
+	if (poller_add(&c->backend, PPS_IN | PPS_OUT, PPS_POLL_EDGE) == -1) {
+		pps_log(LOG_ERR, "%s", pps_error());
+		poller_close(&c->backend);
+		return -1;
+	}
+	/* a host that drops the SYN: another one after this long */
+	list_touch(c, &r->connecting, PPS_CONNECT_TIMEOUT);
+	return 0;
+}
+
+static const char *
+host_name(const struct host *h)
+{
+	static char buf[INET6_ADDRSTRLEN + 8];
+	char addr[INET6_ADDRSTRLEN] = "?";
+	const struct sockaddr_in *sin = (const struct sockaddr_in *)&h->addr;
+	const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)&h->addr;
+
+	if (h->addr.ss_family == AF_INET6) {
+		inet_ntop(AF_INET6, &sin6->sin6_addr, addr, sizeof(addr));
+		snprintf(buf, sizeof(buf), "[%s]:%u", addr, ntohs(sin6->sin6_port));
+	} else {
+		inet_ntop(AF_INET, &sin->sin_addr, addr, sizeof(addr));
+		snprintf(buf, sizeof(buf), "%s:%u", addr, ntohs(sin->sin_port));
+	}
+	return buf;
+}
+
+/*
+ * Connecting to c's host failed (err): once, another host up is tried,
+ * so that no client sees a failure while one is (the health checks take
+ * a dead host out within their interval; until then this hides it).
+ */
+static void
+backend_failed(struct conn *c, int err)
+{
+	struct host *failed = c->host;
+	int r = -1;
+
+	pps_log(LOG_WARNING, "relay %s: %s: backend: %s (host %s)",
+	    c->relay->name, peer_name(c), strerror(err),
+	    failed != NULL ? host_name(failed) : "?");
+	if (c->backend.fd != -1)
+		poller_close(&c->backend);
+	while (!c->retried) {
+		c->retried = 1;
+		if ((r = backend_try(c, failed)) > 0)
+			pps_log(LOG_WARNING, "relay %s: %s: backend: %s "
+			    "(host %s)", c->relay->name, peer_name(c),
+			    strerror(r), host_name(c->host));
+	}
+	if (r == 0)
+		return;
+	stats.fail_backend++;
+	/* tell the client politely that there is nobody behind us */
+	(void)SSL_shutdown(c->ssl);
+	conn_close(c, NULL);
+}
+
+static void
+backend_connect(struct conn *c)
+{
+	int r;
+
+	if (c->relay->proxy != PPS_PROXY_NONE && proxy_prepend(c) == -1) {
 		conn_close(c, NULL);
 		return;
 	}
-	if (poller_add(&c->backend, PPS_IN | PPS_OUT, PPS_POLL_EDGE) == -1) {
-		pps_log(LOG_ERR, "%s", pps_error());
+	c->state = CS_CONNECTING;
+	if ((r = backend_try(c, NULL)) > 0)
+		backend_failed(c, r);
+	else if (r == -1) {
+		stats.fail_backend++;
+		(void)SSL_shutdown(c->ssl);
 		conn_close(c, NULL);
 	}
 }
 
-/* Why a handshake failed: the ca (it says why), else the client. */
+/* Why a handshake failed: the ca (it says why), else the client, and
+ * what was wrong with its certificate when one was verified (tls client
+ * ca). */
 static void
 handshake_failed(struct conn *c)
 {
-	const char *why = c->keyop.failed;
+	const char *why = c->keyop.failed, *cert = "";
+	long verify = SSL_get_verify_result(c->ssl);
 
 	if (why != NULL) {
 		stats.fail_ca++;
@@ -402,9 +604,12 @@ handshake_failed(struct conn *c)
 		stats.fail_client++;
 		why = ssl_reason();
 	}
+	if (verify != X509_V_OK)
+		cert = X509_verify_cert_error_string(verify);
 	pps_log(pps_conf.log_errors ? LOG_WARNING : LOG_DEBUG,
-	    "relay %s: %s: handshake failed: %s", c->relay->name, peer_name(c),
-	    why);
+	    "relay %s: %s: handshake failed: %s%s%s%s", c->relay->name,
+	    peer_name(c), why, *cert ? " (client certificate: " : "", cert,
+	    *cert ? ")" : "");
 	conn_close(c, NULL);
 }
 
@@ -455,31 +660,27 @@ conn_handshake(struct conn *c)
 	(void)conn_flush(c);	/* the flight just made */
 }
 
-/* The backend's socket became writable: connected, unless it reports an
- * error (then SO_ERROR says which). */
+/* The backend's socket became writable: connected, unless SO_ERROR
+ * reports an error (a refusal comes as an error event). */
 static void
 conn_connected(struct conn *c, unsigned events)
 {
 	int err = 0;
 	socklen_t len = sizeof(err);
 
-	if (events & PPS_ERR &&
-	    getsockopt(c->backend.fd, SOL_SOCKET, SO_ERROR, &err, &len) == -1)
+	(void)events;
+	if (getsockopt(c->backend.fd, SOL_SOCKET, SO_ERROR, &err, &len) == -1)
 		err = errno;
 	if (err == 0)		/* libkqueue read SO_ERROR first (poller.c) */
 		err = poller_sockerr(&c->backend);
 	if (err == EINPROGRESS)
 		return;
 	if (err != 0) {
-		stats.fail_backend++;
-		pps_log(LOG_WARNING, "relay %s: %s: backend: %s", c->relay->name,
-		    peer_name(c), strerror(err));
-		/* tell the client politely that there is nobody behind us */
-		(void)SSL_shutdown(c->ssl);
-		conn_close(c, NULL);
+		backend_failed(c, err);	/* another host, or the end */
 		return;
 	}
 	c->state = CS_RELAY;
+	list_touch(c, &c->relay->established, c->relay->idle_timeout);
 }
 
 /* SSL_read into up; returns 1 on progress, 0 if blocked, -1 on error. */
@@ -892,6 +1093,20 @@ session_of(const struct conn *c, struct pps_session *s)
 	s->idle = pps_now - c->active;
 	s->bytes_in = c->bytes_in;
 	s->bytes_out = c->bytes_out;
+	if (c->host != NULL) {
+		sin = (const struct sockaddr_in *)&c->host->addr;
+		sin6 = (const struct sockaddr_in6 *)&c->host->addr;
+		if (c->host->addr.ss_family == AF_INET6) {
+			s->backend_family = 6;
+			memcpy(s->backend, &sin6->sin6_addr, 16);
+			s->backend_port = ntohs(sin6->sin6_port);
+		} else {
+			s->backend_family = 4;
+			memcpy(s->backend, &sin->sin_addr, 4);
+			s->backend_port = ntohs(sin->sin_port);
+		}
+		s->backend_id = c->host->id;
+	}
 }
 
 /* Every open connection, PPS_CTL_SESSIONS_MAX a frame, arg 1 while more. */
@@ -899,15 +1114,16 @@ static void
 ctl_sessions(const struct pps_hdr *q, const uint8_t *payload)
 {
 	struct pps_session batch[PPS_CTL_SESSIONS_MAX];
-	struct connlist *lists[2];
+	struct connlist *lists[3];
 	struct conn *c;
 	int i, l, n = 0;
 
 	(void)payload;
 	for (i = 0; i < nrelays; i++) {
 		lists[0] = &relays[i]->handshaking;
-		lists[1] = &relays[i]->established;
-		for (l = 0; l < 2; l++)
+		lists[1] = &relays[i]->connecting;
+		lists[2] = &relays[i]->established;
+		for (l = 0; l < 3; l++)
 			for (c = lists[l]->head; c != NULL; c = c->next) {
 				if (n == PPS_CTL_SESSIONS_MAX) {
 					ctl_answer(q, 1, batch, sizeof(batch));
@@ -944,12 +1160,39 @@ ctl_verbose(const struct pps_hdr *q, const uint8_t *payload)
 	pps_conf.verbose = q->arg != 0;
 }
 
+/* A host went up or down (the health checks): every slot with its id. */
+static void
+ctl_host(const struct pps_hdr *q, const uint8_t *payload)
+{
+	struct pps_host_state hs;
+	struct host *h;
+	int i, t, k;
+
+	if (q->len != sizeof(hs)) {
+		pps_log(LOG_WARNING, "parent: host state of %u bytes", q->len);
+		return;
+	}
+	memcpy(&hs, payload, sizeof(hs));
+	for (i = 0; i < nrelays; i++)
+		for (t = 0; t < relays[i]->ntables; t++)
+			for (k = 0; k < relays[i]->tables[t].nhosts; k++) {
+				h = &relays[i]->tables[t].hosts[k];
+				if (h->id == hs.id && h->up != (hs.up != 0)) {
+					h->up = hs.up != 0;
+					pps_log(LOG_DEBUG, "relay %s: host %s %s",
+					    relays[i]->name, host_name(h),
+					    h->up ? "up" : "down");
+				}
+			}
+}
+
 static void (*const ctl_dispatch[])(const struct pps_hdr *, const uint8_t *) = {
 	[PPS_CTL_TICKET_KEYS - PPS_CTL_TICKET_KEYS] =	ctl_ticket_keys,
 	[PPS_CTL_STATS - PPS_CTL_TICKET_KEYS] =		ctl_stats,
 	[PPS_CTL_SESSIONS - PPS_CTL_TICKET_KEYS] =	ctl_sessions,
 	[PPS_CTL_DRAIN - PPS_CTL_TICKET_KEYS] =		ctl_drain,
 	[PPS_CTL_VERBOSE - PPS_CTL_TICKET_KEYS] =	ctl_verbose,
+	[PPS_CTL_HOST - PPS_CTL_TICKET_KEYS] =		ctl_host,
 };
 
 static void
@@ -1024,6 +1267,19 @@ sweep(struct connlist *l, const char *what)
 	return n;
 }
 
+/* Backend connects that had no answer in time: another host, once (a
+ * retry is appended with a later deadline, so the loop ends). */
+static void
+sweep_connecting(struct connlist *l)
+{
+	struct conn *c;
+
+	while ((c = l->head) != NULL && c->deadline <= now_ms) {
+		list_unlink(c);
+		backend_failed(c, ETIMEDOUT);
+	}
+}
+
 /* Milliseconds until the next connection deadline, at most max. */
 static int
 next_deadline(int max)
@@ -1038,6 +1294,9 @@ next_deadline(int max)
 		if (relays[i]->established.head != NULL &&
 		    relays[i]->established.head->deadline < first)
 			first = relays[i]->established.head->deadline;
+		if (relays[i]->connecting.head != NULL &&
+		    relays[i]->connecting.head->deadline < first)
+			first = relays[i]->connecting.head->deadline;
 	}
 	return first <= now_ms ? 0 : (int)(first - now_ms);
 }
@@ -1054,6 +1313,7 @@ tick(void)
 	for (i = 0; i < nrelays; i++) {
 		closed += sweep(&relays[i]->handshaking, "handshake");
 		closed += sweep(&relays[i]->established, "idle");
+		sweep_connecting(&relays[i]->connecting);
 	}
 #ifdef __GLIBC__
 	/* a flood of idle connections just ended: give its memory back */
@@ -1073,6 +1333,8 @@ close_all(void)
 		while ((c = relays[i]->handshaking.head) != NULL)
 			conn_close(c, NULL);
 		while ((c = relays[i]->established.head) != NULL)
+			conn_close(c, NULL);
+		while ((c = relays[i]->connecting.head) != NULL)
 			conn_close(c, NULL);
 	}
 	while ((c = dead) != NULL) {
@@ -1155,36 +1417,16 @@ alpn_wire(struct relay *r, const char *list)
 }
 
 int
-pps_relay_new(const char *name, const char *fwd_addr, int fwd_port,
-    const char *ciphers, int keyop_timeout_ms, int idle_timeout, int proxy,
-    const char *alpn)
+pps_relay_new(const char *name, const char *ciphers, int keyop_timeout_ms,
+    int idle_timeout, int proxy, const char *alpn)
 {
 	struct relay *r;
-	struct sockaddr_in *sin;
-	struct sockaddr_in6 *sin6;
 
 	if (nrelays == PPS_MAX_RELAYS)
 		return pps_seterr("more than %d relays", PPS_MAX_RELAYS);
-	if (fwd_port < 1 || fwd_port > 65535)
-		return pps_seterr("relay %s: bad port %d", name, fwd_port);
 	if ((r = calloc(1, sizeof(*r))) == NULL)
 		return pps_seterr("out of memory");
 	snprintf(r->name, sizeof(r->name), "%s", name);
-	sin = (struct sockaddr_in *)&r->fwd;
-	sin6 = (struct sockaddr_in6 *)&r->fwd;
-	if (inet_pton(AF_INET, fwd_addr, &sin->sin_addr) == 1) {
-		sin->sin_family = AF_INET;
-		sin->sin_port = htons(fwd_port);
-		r->fwdlen = sizeof(*sin);
-	} else if (inet_pton(AF_INET6, fwd_addr, &sin6->sin6_addr) == 1) {
-		sin6->sin6_family = AF_INET6;
-		sin6->sin6_port = htons(fwd_port);
-		r->fwdlen = sizeof(*sin6);
-	} else {
-		free(r);
-		return pps_seterr("relay %s: forward address %s is not numeric",
-		    name, fwd_addr);
-	}
 	if (ciphers != NULL && (r->ciphers = strdup(ciphers)) == NULL) {
 		free(r);
 		return pps_seterr("out of memory");
@@ -1219,6 +1461,64 @@ relay_get(int index)
 		return NULL;
 	}
 	return relays[index];
+}
+
+int
+pps_relay_table(int index, int mode)
+{
+	struct relay *r = relay_get(index);
+
+	if (r == NULL)
+		return -1;
+	if (r->ntables == PPS_MAX_TABLES)
+		return pps_seterr("relay %s: more than %d tables", r->name,
+		    PPS_MAX_TABLES);
+	if (mode < PPS_MODE_ROUNDROBIN || mode > PPS_MODE_LEASTSTATES)
+		return pps_seterr("relay %s: no mode %d", r->name, mode);
+	memset(&r->tables[r->ntables], 0, sizeof(r->tables[0]));
+	r->tables[r->ntables].mode = mode;
+	return r->ntables++;
+}
+
+int
+pps_relay_host(int index, int table, uint32_t id, const char *addr, int port,
+    int up)
+{
+	struct relay *r = relay_get(index);
+	struct sockaddr_in *sin;
+	struct sockaddr_in6 *sin6;
+	struct table *t;
+	struct host *h;
+
+	if (r == NULL)
+		return -1;
+	if (table < 0 || table >= r->ntables)
+		return pps_seterr("relay %s: no table %d", r->name, table);
+	t = &r->tables[table];
+	if (t->nhosts == PPS_MAX_HOSTS)
+		return pps_seterr("relay %s: more than %d hosts in a table",
+		    r->name, PPS_MAX_HOSTS);
+	if (port < 1 || port > 65535)
+		return pps_seterr("relay %s: bad port %d", r->name, port);
+	h = &t->hosts[t->nhosts];
+	memset(h, 0, sizeof(*h));
+	sin = (struct sockaddr_in *)&h->addr;
+	sin6 = (struct sockaddr_in6 *)&h->addr;
+	if (inet_pton(AF_INET, addr, &sin->sin_addr) == 1) {
+		sin->sin_family = AF_INET;
+		sin->sin_port = htons(port);
+		h->addrlen = sizeof(*sin);
+	} else if (inet_pton(AF_INET6, addr, &sin6->sin6_addr) == 1) {
+		sin6->sin6_family = AF_INET6;
+		sin6->sin6_port = htons(port);
+		h->addrlen = sizeof(*sin6);
+	} else
+		return pps_seterr("relay %s: forward address %s is not numeric",
+		    r->name, addr);
+	h->id = id;
+	h->up = up != 0;
+	t->nhosts++;
+	return 0;
 }
 
 int
@@ -1258,16 +1558,42 @@ pps_relay_keypair(int index, const char *chain_pem, size_t chain_len,
 }
 
 int
+pps_relay_client_ca(int index, const char *pem, size_t len, int optional)
+{
+	struct relay *r = relay_get(index);
+
+	if (r == NULL)
+		return -1;
+	return tls_client_ca(r, pem, len, optional);
+}
+
+int
+pps_relay_ocsp(int index, const uint8_t *der, size_t len, int64_t not_before,
+    int64_t not_after)
+{
+	struct relay *r = relay_get(index);
+
+	if (r == NULL)
+		return -1;
+	return tls_ocsp(r, der, len, not_before, not_after);
+}
+
+int
 pps_engine_run(void)
 {
 	struct pps_event evs[256];
 	struct conn *c;
 	int i, n, wait;
 
-	for (i = 0; i < nrelays; i++)
+	for (i = 0; i < nrelays; i++) {
 		if (relays[i]->nkp == 0)
 			return pps_seterr("relay %s has no keypair",
 			    relays[i]->name);
+		if (relays[i]->ntables == 0 ||
+		    relays[i]->tables[0].nhosts == 0)
+			return pps_seterr("relay %s has no backend",
+			    relays[i]->name);
+	}
 	ctl_src.fd = pps_conf.ctl_fd;
 	if (keyop_start() == -1 ||
 	    (ctl_src.fd != -1 && poller_add(&ctl_src, PPS_IN, 0) == -1))

@@ -21,7 +21,7 @@
  * is installed on every thread (TSYNC), since libkqueue runs threads of
  * its own.  The epoll build is left as it was.
  *
- * OpenBSD: pledge(2), relay "stdio inet", ca "stdio", keyservice ca
+ * OpenBSD: pledge(2), relay and hce "stdio inet", ca "stdio", keyservice ca
  * "stdio unix" (accept, getsockopt SO_PEERCRED).
  *
  * Both: the ca (either kind) also gets no core dumps and is not dumpable (no ptrace or
@@ -38,12 +38,12 @@
 #include <sys/resource.h>
 
 #ifdef __linux__
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
-#include <sys/ioctl.h>
 #include <linux/sockios.h>
 #endif
 
@@ -184,6 +184,23 @@ static const int kqueue_calls[] = {
 };
 #endif
 
+/*
+ * The health checks (hce.py): Python connects to the hosts (with a
+ * timeout: non-blocking connect, poll, SO_ERROR), speaks TLS to some, and
+ * waits for its next check in epoll.  No accept, no listen, no bind.
+ * ioctl is FIONBIO only (Python's setblocking), filtered in build().
+ */
+static const int hce_calls[] = {
+#ifdef __NR_epoll_wait
+	__NR_epoll_wait,
+#endif
+	__NR_epoll_pwait,
+	__NR_epoll_ctl,
+	__NR_connect, __NR_shutdown,
+	__NR_setsockopt, __NR_getsockopt, __NR_getsockname, __NR_getpeername,
+	-1
+};
+
 /* A ca: its SOCK_SEQPACKET, stderr or syslog; the common list is enough. */
 static const int ca_calls[] = {
 	-1
@@ -268,8 +285,23 @@ build(struct prog *p, int role)
 #endif
 	emit_list(p, common_calls, SECCOMP_RET_ALLOW);
 	emit_list(p, role == PPS_SANDBOX_RELAY ? relay_calls :
+	    role == PPS_SANDBOX_HCE ? hce_calls :
 	    role == PPS_SANDBOX_KEYSERVICE ? keyservice_calls : ca_calls,
 	    SECCOMP_RET_ALLOW);
+	if (role == PPS_SANDBOX_HCE) {
+		/* ioctl(fd, FIONBIO, ...) only: nr is in A; on to the next
+		 * test (nr reloaded) for any other request */
+		emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
+		    __NR_ioctl, 0, 4));
+		emit(p, (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
+		    ARG_LO(1)));
+		emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
+		    FIONBIO, 0, 1));
+		emit(p, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K,
+		    SECCOMP_RET_ALLOW));
+		emit(p, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K,
+		    SECCOMP_RET_KILL_PROCESS));
+	}
 #if defined(PPS_POLLER_KQUEUE)
 	if (role == PPS_SANDBOX_RELAY)
 		emit_list(p, kqueue_calls, SECCOMP_RET_ALLOW);
@@ -304,8 +336,9 @@ build(struct prog *p, int role)
 	 * The kernel reads the family as an int: the low 32 bits decide.
 	 */
 	emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
-	    __NR_socket, 0, role == PPS_SANDBOX_RELAY ? 5 : 1));
-	if (role == PPS_SANDBOX_RELAY) {
+	    __NR_socket, 0, role == PPS_SANDBOX_RELAY ||
+	    role == PPS_SANDBOX_HCE ? 5 : 1));
+	if (role == PPS_SANDBOX_RELAY || role == PPS_SANDBOX_HCE) {
 		emit(p, (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
 		    ARG_LO(0)));
 		emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
@@ -388,9 +421,12 @@ pps_sandbox(int role)
 		name = "ca";
 	else if (role == PPS_SANDBOX_KEYSERVICE)
 		name = "keyservice ca";
+	else if (role == PPS_SANDBOX_HCE)
+		name = "hce";
 	else
 		return pps_seterr("sandbox: unknown role %d", role);
-	if (role != PPS_SANDBOX_RELAY && no_core_dumps() == -1)
+	if ((role == PPS_SANDBOX_CA || role == PPS_SANDBOX_KEYSERVICE) &&
+	    no_core_dumps() == -1)
 		return -1;
 #if defined(PPS_SANITIZED)
 	/* LeakSanitizer stops the process with ptrace to scan it */
@@ -400,7 +436,8 @@ pps_sandbox(int role)
 #elif defined(__linux__)
 	return seccomp_install(role, name);
 #elif defined(__OpenBSD__)
-	if (pledge(role == PPS_SANDBOX_RELAY ? "stdio inet" :
+	if (pledge(role == PPS_SANDBOX_RELAY || role == PPS_SANDBOX_HCE ?
+	    "stdio inet" :
 	    role == PPS_SANDBOX_KEYSERVICE ? "stdio unix" : "stdio",
 	    NULL) == -1)
 		return pps_seterr("%s: pledge: %s", name, strerror(errno));

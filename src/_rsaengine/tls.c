@@ -2,13 +2,17 @@
  * TLS contexts: one SSL_CTX per keypair of a relay block, the first one
  * the default and the others chosen by SNI; session tickets sealed with
  * keys that the parent gives every relay process, so that a session
- * resumes on any of them.
+ * resumes on any of them; OCSP responses stapled per keypair; client
+ * certificates verified per relay block.
  */
+#include <stdlib.h>
 #include <string.h>
 #include <syslog.h>
+#include <time.h>
 
 #include <openssl/err.h>
 #include <openssl/evp.h>
+#include <openssl/ocsp.h>
 #include <openssl/pem.h>
 #include <openssl/rand.h>
 #include <openssl/x509v3.h>
@@ -196,6 +200,28 @@ alpn_cb(SSL *ssl, const unsigned char **out, unsigned char *outlen,
 	return SSL_TLSEXT_ERR_NOACK;
 }
 
+/*
+ * Client certificates (tls client ca): the CAs to verify against, their
+ * names in the CertificateRequest, and the verify mode.
+ */
+static int
+tls_ctx_client_ca(SSL_CTX *ctx, struct relay *r)
+{
+	X509_STORE *store = SSL_CTX_get_cert_store(ctx);
+	X509 *x;
+	int i;
+
+	for (i = 0; i < sk_X509_num(r->client_ca); i++) {
+		x = sk_X509_value(r->client_ca, i);
+		if (!X509_STORE_add_cert(store, x) ||
+		    !SSL_CTX_add_client_CA(ctx, x))
+			return pps_seterr_ssl("client CA");
+	}
+	SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | (r->client_optional ? 0 :
+	    SSL_VERIFY_FAIL_IF_NO_PEER_CERT), NULL);
+	return 0;
+}
+
 static SSL_CTX *
 tls_ctx(struct relay *r)
 {
@@ -235,8 +261,15 @@ tls_ctx(struct relay *r)
 	}
 	/* no per-process cache: tickets carry sessions across relay processes */
 	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
-	SSL_CTX_set_session_id_context(ctx, (const unsigned char *)r->name,
-	    strlen(r->name));
+	if (r->sid_ctx_len > 0)
+		SSL_CTX_set_session_id_context(ctx, r->sid_ctx, r->sid_ctx_len);
+	else
+		SSL_CTX_set_session_id_context(ctx,
+		    (const unsigned char *)r->name, strlen(r->name));
+	if (r->client_ca != NULL && tls_ctx_client_ca(ctx, r) == -1) {
+		SSL_CTX_free(ctx);
+		return NULL;
+	}
 	SSL_CTX_set_timeout(ctx, pps_conf.ticket_lifetime);
 #ifdef PPS_TICKET_EVP
 	SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, ticket_cb);
@@ -343,4 +376,223 @@ fail:
 	X509_free(kp->cert);
 	memset(kp, 0, sizeof(*kp));
 	return -1;
+}
+
+/*
+ * tls client ca: the CA certificates (PEM) client certificates are
+ * verified against, before any keypair (each keypair's SSL_CTX gets them).
+ * The session id context becomes a digest of the relay's name, the mode
+ * and the CAs: a session (a ticket) made under other client certificate
+ * rules, e.g. before a reload changed them, does not resume.
+ */
+int
+tls_client_ca(struct relay *r, const char *pem, size_t len, int optional)
+{
+	STACK_OF(X509) *sk;
+	BIO *bio;
+	X509 *x;
+	EVP_MD_CTX *md = NULL;
+	unsigned char mode = optional ? 1 : 0;
+	unsigned int n = 0;
+	int ok = 0;
+
+	if (r->nkp > 0 || r->client_ca != NULL)
+		return pps_seterr("relay %s: client CA after a keypair or twice",
+		    r->name);
+	if (len == 0 || len > PPS_CLIENT_CA_MAX)
+		return pps_seterr("%zu bytes (1 to %d)", len, PPS_CLIENT_CA_MAX);
+	if ((sk = sk_X509_new_null()) == NULL)
+		return pps_seterr("out of memory");
+	if ((bio = BIO_new_mem_buf(pem, (int)len)) == NULL) {
+		sk_X509_free(sk);
+		return pps_seterr_ssl("BIO_new_mem_buf");
+	}
+	while ((x = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL) {
+		if (!sk_X509_push(sk, x)) {
+			X509_free(x);
+			pps_seterr("out of memory");
+			goto done;
+		}
+	}
+	ERR_clear_error();	/* the end of the PEM stream */
+	if (sk_X509_num(sk) == 0) {
+		pps_seterr("no PEM certificate in it");
+		goto done;
+	}
+	if ((md = EVP_MD_CTX_new()) == NULL ||
+	    !EVP_DigestInit_ex(md, EVP_sha256(), NULL) ||
+	    !EVP_DigestUpdate(md, r->name, strlen(r->name) + 1) ||
+	    !EVP_DigestUpdate(md, &mode, 1) ||
+	    !EVP_DigestUpdate(md, pem, len) ||
+	    !EVP_DigestFinal_ex(md, r->sid_ctx, &n) || n != sizeof(r->sid_ctx)) {
+		pps_seterr_ssl("session id context");
+		goto done;
+	}
+	r->sid_ctx_len = n;
+	r->client_ca = sk;
+	r->client_optional = optional;
+	ok = 1;
+done:
+	EVP_MD_CTX_free(md);
+	BIO_free(bio);
+	if (!ok)
+		sk_X509_pop_free(sk, X509_free);
+	return ok ? 0 : -1;
+}
+
+/* Staple the keypair's OCSP response when the client asks for one, while
+ * it is in date; OpenSSL frees the copy with the connection. */
+static int
+status_cb(SSL *ssl, void *arg)
+{
+	struct keypair *kp = arg;
+	unsigned char *copy;
+	char subject[256];
+	time_t now = time(NULL);
+
+	if (kp->ocsp == NULL)
+		return SSL_TLSEXT_ERR_NOACK;
+	if (now < kp->ocsp_from || (kp->ocsp_until != 0 &&
+	    now >= kp->ocsp_until)) {
+		if (!kp->ocsp_stale) {
+			kp->ocsp_stale = 1;
+			X509_NAME_oneline(X509_get_subject_name(kp->cert),
+			    subject, sizeof(subject));
+			pps_log(LOG_WARNING, "OCSP response for %s %s: not "
+			    "stapled", subject, now < kp->ocsp_from ?
+			    "not valid yet" : "past its nextUpdate");
+		}
+		return SSL_TLSEXT_ERR_NOACK;
+	}
+	if ((copy = OPENSSL_malloc(kp->ocsp_len)) == NULL)
+		return SSL_TLSEXT_ERR_NOACK;
+	memcpy(copy, kp->ocsp, kp->ocsp_len);
+	if (!SSL_set_tlsext_status_ocsp_resp(ssl, copy, (long)kp->ocsp_len)) {
+		OPENSSL_free(copy);
+		return SSL_TLSEXT_ERR_NOACK;
+	}
+	return SSL_TLSEXT_ERR_OK;
+}
+
+/* The issuer of the leaf among the chain's certificates (itself if
+ * self-issued), or NULL. */
+static X509 *
+chain_issuer(SSL_CTX *ctx, X509 *leaf)
+{
+	STACK_OF(X509) *chain = NULL;
+	int i;
+
+	if (X509_check_issued(leaf, leaf) == X509_V_OK)
+		return leaf;
+	if (!SSL_CTX_get0_chain_certs(ctx, &chain) || chain == NULL)
+		return NULL;
+	for (i = 0; i < sk_X509_num(chain); i++)
+		if (X509_check_issued(sk_X509_value(chain, i), leaf) ==
+		    X509_V_OK)
+			return sk_X509_value(chain, i);
+	return NULL;
+}
+
+/*
+ * Whether one single response of the basic response is for the leaf: the
+ * whole cert id (issuer name and key hashes, serial) against the issuer
+ * in the chain; without the issuer, the serial and the issuer name hash.
+ */
+static int
+ocsp_for_leaf(OCSP_BASICRESP *basic, X509 *leaf, X509 *issuer)
+{
+	const OCSP_CERTID *cid;
+	OCSP_CERTID *mine;
+	ASN1_OCTET_STRING *namehash;
+	ASN1_OBJECT *alg;
+	ASN1_INTEGER *serial;
+	const EVP_MD *md;
+	unsigned char buf[EVP_MAX_MD_SIZE];
+	unsigned int n;
+	int i, found = 0;
+
+	for (i = 0; i < OCSP_resp_count(basic) && !found; i++) {
+		cid = OCSP_SINGLERESP_get0_id(OCSP_resp_get0(basic, i));
+		if (cid == NULL || !OCSP_id_get0_info(&namehash, &alg, NULL,
+		    &serial, (OCSP_CERTID *)cid) ||
+		    (md = EVP_get_digestbyobj(alg)) == NULL)
+			continue;
+		if (issuer != NULL) {
+			if ((mine = OCSP_cert_to_id(md, leaf, issuer)) == NULL)
+				continue;
+			found = OCSP_id_cmp(mine, (OCSP_CERTID *)cid) == 0;
+			OCSP_CERTID_free(mine);
+			continue;
+		}
+		found = ASN1_INTEGER_cmp(serial,
+		    X509_get0_serialNumber(leaf)) == 0 &&
+		    X509_NAME_digest(X509_get_issuer_name(leaf), md, buf, &n) &&
+		    (int)n == ASN1_STRING_length(namehash) &&
+		    memcmp(buf, ASN1_STRING_get0_data(namehash), n) == 0;
+	}
+	ERR_clear_error();
+	return found;
+}
+
+/*
+ * tls ... ocsp: the response to staple for the relay's last keypair.
+ * The parent checked it already (keys.load_staple: its status, its cert
+ * id, its dates); here it is parsed again, by the library that will send
+ * it, and matched to the certificate this SSL_CTX serves.
+ */
+int
+tls_ocsp(struct relay *r, const uint8_t *der, size_t len, int64_t not_before,
+    int64_t not_after)
+{
+	struct keypair *kp;
+	const unsigned char *p = der;
+	OCSP_RESPONSE *resp;
+	OCSP_BASICRESP *basic = NULL;
+	int status, ok = 0;
+
+	if (r->nkp == 0)
+		return pps_seterr("relay %s: an OCSP response but no keypair",
+		    r->name);
+	kp = &r->kp[r->nkp - 1];
+	if (kp->ocsp != NULL)
+		return pps_seterr("a second OCSP response for one keypair");
+	if (len == 0 || len > PPS_OCSP_MAX)
+		return pps_seterr("%zu bytes (1 to %d)", len, PPS_OCSP_MAX);
+	if ((resp = d2i_OCSP_RESPONSE(NULL, &p, (long)len)) == NULL)
+		return pps_seterr_ssl("not a DER OCSP response");
+	if (p != der + len) {
+		pps_seterr("%zu bytes after the OCSP response",
+		    (size_t)(der + len - p));
+		goto done;
+	}
+	status = OCSP_response_status(resp);
+	if (status != OCSP_RESPONSE_STATUS_SUCCESSFUL) {
+		pps_seterr("response status %s: nothing to staple",
+		    OCSP_response_status_str(status));
+		goto done;
+	}
+	if ((basic = OCSP_response_get1_basic(resp)) == NULL) {
+		pps_seterr_ssl("no basic OCSP response");
+		goto done;
+	}
+	if (!ocsp_for_leaf(basic, kp->cert, chain_issuer(kp->ctx, kp->cert))) {
+		pps_seterr("not a response for this certificate");
+		goto done;
+	}
+	if ((kp->ocsp = malloc(len)) == NULL) {
+		pps_seterr("out of memory");
+		goto done;
+	}
+	memcpy(kp->ocsp, der, len);
+	kp->ocsp_len = len;
+	kp->ocsp_from = (time_t)not_before;
+	kp->ocsp_until = (time_t)not_after;
+	kp->ocsp_stale = 0;
+	SSL_CTX_set_tlsext_status_cb(kp->ctx, status_cb);
+	SSL_CTX_set_tlsext_status_arg(kp->ctx, kp);
+	ok = 1;
+done:
+	OCSP_BASICRESP_free(basic);
+	OCSP_RESPONSE_free(resp);
+	return ok ? 0 : -1;
 }

@@ -26,6 +26,7 @@ struct wbuf {
 };
 
 static BIO_METHOD *wbuf_method;
+static int wbuf_type;
 
 /* Write out what waits: 1 all gone, 0 the socket is full, -1 error. */
 static int
@@ -120,7 +121,8 @@ wbuf_init(void)
 {
 	if (wbuf_method != NULL)
 		return 0;
-	if ((wbuf_method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_FILTER,
+	wbuf_type = BIO_get_new_index() | BIO_TYPE_FILTER;
+	if ((wbuf_method = BIO_meth_new(wbuf_type,
 	    "pyprivsep write buffer")) == NULL ||
 	    !BIO_meth_set_write(wbuf_method, wbuf_write) ||
 	    !BIO_meth_set_ctrl(wbuf_method, wbuf_ctrl) ||
@@ -148,21 +150,35 @@ wbuf_attach(SSL *ssl, int fd)
 	return 0;
 }
 
+/*
+ * ssl's wbuf.  Not SSL_get_wbio() itself: LibreSSL's is its buffering BIO
+ * in front of ours during a TLS 1.2 handshake, whose data is not a struct
+ * wbuf (read as one, it sent the client whatever memory it pointed at).
+ */
+static BIO *
+wbuf_bio(SSL *ssl)
+{
+	return BIO_find_type(SSL_get_wbio(ssl), wbuf_type);
+}
+
 /* What ssl gathered, written out: 1 all gone (or nothing waited), 0 the
  * socket is full (wait for it to be writable), -1 error. */
 int
 wbuf_flush(SSL *ssl)
 {
-	BIO *b = SSL_get_wbio(ssl);
-	struct wbuf *w = BIO_get_data(b);
+	BIO *b = wbuf_bio(ssl);
+	struct wbuf *w;
 
+	if (b == NULL)
+		return -1;
+	w = BIO_get_data(b);
 	return w->len == 0 ? 1 : wbuf_push(b, w);
 }
 
 int
 wbuf_pending(SSL *ssl)
 {
-	struct wbuf *w = BIO_get_data(SSL_get_wbio(ssl));
+	BIO *b = wbuf_bio(ssl);
 
-	return w->len > 0;
+	return b != NULL && ((struct wbuf *)BIO_get_data(b))->len > 0;
 }
