@@ -12,7 +12,8 @@
  * that accepts it find accept() EAGAIN (relay.c, on_listen).
  *
  * kqueue reports a source that is readable and writable as two events,
- * one per filter, where epoll reports one with both bits.
+ * one per filter, where epoll reports one with both bits: poller_wait
+ * merges them into one.
  */
 #include <errno.h>
 #include <string.h>
@@ -153,6 +154,17 @@ poller_sockerr(const struct evsrc *src)
 	return 0;
 }
 
+/* An error kept for src belongs to the socket it had: forget it. */
+static void
+forget_err(const struct evsrc *src)
+{
+	int i;
+
+	for (i = 0; i < nerrs; i++)
+		if (errs[i].src == src)
+			errs[i].src = NULL;
+}
+
 const char *
 pps_poller(void)
 {
@@ -205,6 +217,7 @@ poller_set(struct evsrc *src, unsigned mask)
 void
 poller_del(struct evsrc *src)
 {
+	forget_err(src);
 	(void)kq_change(src, 0);
 }
 
@@ -213,6 +226,7 @@ poller_del(struct evsrc *src)
 void
 poller_close(struct evsrc *src)
 {
+	forget_err(src);
 	(void)kq_change(src, 0);
 	(void)close(src->fd);
 	src->fd = -1;
@@ -223,7 +237,7 @@ poller_wait(struct pps_event *out, int max, int timeout_ms)
 {
 	struct kevent evs[256];
 	struct timespec ts;
-	int i, n;
+	int i, j, m, n;
 
 	if (max > 256)
 		max = 256;
@@ -231,7 +245,8 @@ poller_wait(struct pps_event *out, int max, int timeout_ms)
 	ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000;
 	n = kevent(kq, NULL, 0, evs, max, timeout_ms < 0 ? NULL : &ts);
 	nerrs = 0;
-	for (i = 0; i < n; i++) {
+	for (i = 0, m = 0; i < n; i++) {
+		unsigned events;
 		/*
 		 * PPS_ERR as epoll's EPOLLERR | EPOLLHUP: an error, or a
 		 * socket that can take nothing more.  EV_EOF on a read
@@ -239,8 +254,7 @@ poller_wait(struct pps_event *out, int max, int timeout_ms)
 		 * which epoll reports as readable only: data may still be
 		 * queued before it.
 		 */
-		out[i].src = evs[i].udata;
-		out[i].events = (evs[i].filter == EVFILT_READ ? PPS_IN : 0) |
+		events = (evs[i].filter == EVFILT_READ ? PPS_IN : 0) |
 		    (evs[i].filter == EVFILT_WRITE ? PPS_OUT : 0) |
 		    ((evs[i].flags & EV_ERROR) || ((evs[i].flags & EV_EOF) &&
 		    (evs[i].fflags != 0 || evs[i].filter == EVFILT_WRITE)) ?
@@ -249,7 +263,23 @@ poller_wait(struct pps_event *out, int max, int timeout_ms)
 			errs[nerrs].src = evs[i].udata;
 			errs[nerrs++].err = (int)evs[i].fflags;
 		}
+		/*
+		 * One event a source, as epoll gives: kqueue reports a read
+		 * and a write filter apart, and a handler that closes the
+		 * source's socket and opens another on the same source (a
+		 * refused backend, retried on another host) must not see
+		 * the old socket's second event as the new one's.
+		 */
+		for (j = 0; j < m; j++)
+			if (out[j].src == evs[i].udata)
+				break;
+		if (j < m)
+			out[j].events |= events;
+		else {
+			out[m].src = evs[i].udata;
+			out[m++].events = events;
+		}
 	}
-	return n;
+	return m;
 }
 #endif
