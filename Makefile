@@ -7,7 +7,20 @@ SOURCES := setup.py pyproject.toml build_ffi.py $(wildcard src/_rsaengine/*.[ch]
            $(wildcard src/provider/*.[ch])
 CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -O2 -c -o /dev/null
 
-.PHONY: all build run test test-lib test-openssl4 bench asan fuzz warnings sysdeps testdeps users clean
+.PHONY: all build run test test-lib test-openssl4 test-kqueue bench asan fuzz warnings sysdeps testdeps users clean
+
+# The event loop's poller: empty for the system's own (epoll on Linux,
+# kqueue on the BSDs), or epoll or kqueue; build_ffi.py makes the choice
+# from PYPRIVSEP_POLLER.  kqueue on Linux needs libkqueue: KQUEUE_PREFIX=/path
+# where it is installed, or `pkg-config libkqueue`.  `make build
+# POLLER=kqueue` builds .venv so (a change of POLLER rebuilds it); `make
+# test POLLER=kqueue` runs the suite in a copy of the tree, build/kqueue
+# (below), leaving .venv as it is.
+POLLER        ?=
+KQUEUE_PREFIX ?=
+POLLER_ENV    := PYPRIVSEP_POLLER=$(POLLER) \
+                 $(if $(strip $(KQUEUE_PREFIX)),KQUEUE_PREFIX=$(abspath $(KQUEUE_PREFIX)))
+POLLER_STAMP  := $(VENV)/.poller-$(or $(strip $(POLLER)),default)
 
 all: build
 
@@ -63,21 +76,27 @@ ifeq ($(shell id -u),0)
 ROOT_DEPS := users
 endif
 
-$(STAMP): $(SOURCES) | sysdeps
+$(STAMP): $(SOURCES) $(POLLER_STAMP) | sysdeps
 	$(PYTHON) -m venv $(VENV)
-	env -u OPENSSL_PREFIX $(PY) -m pip install -q -e '.[test]'
+	env -u OPENSSL_PREFIX $(POLLER_ENV) $(PY) -m pip install -q -e '.[test]'
 	touch $@
+
+# which poller .venv was built with: another one rebuilds it
+$(POLLER_STAMP):
+	mkdir -p $(VENV) && rm -f $(VENV)/.poller-* && touch $@
 
 build: $(STAMP)
 
 run: build $(ROOT_DEPS)
 	$(PY) -m pyprivsep.demo
 
-ifeq ($(strip $(OPENSSL_PREFIX)),)
+ifneq ($(strip $(OPENSSL_PREFIX)),)
+test: test-lib
+else ifeq ($(strip $(POLLER)),kqueue)
+test: test-kqueue
+else
 test: build testdeps $(ROOT_DEPS)
 	$(PY) -m pytest -q
-else
-test: test-lib
 endif
 
 bench: build $(ROOT_DEPS)
@@ -151,6 +170,27 @@ test-lib: sysdeps testdeps $(ROOT_DEPS)
 	    $(LIB_PY) -m pip install -q -e '.[test]'
 	cd $(LIB_DIR) && $(LIB_PY) -m pyprivsep -V
 	cd $(LIB_DIR) && $(LIB_PY) -m pytest -q -rs -p no:cacheprovider tests
+
+# The whole test suite with the kqueue poller: on Linux through libkqueue
+# (KQUEUE_PREFIX=/path, or pkg-config libkqueue), which poller.c's kqueue
+# side, written for OpenBSD, runs on.  Like test-lib: a copy of the tree,
+# build/kqueue, installed in a venv of its own, build/venv-kqueue, against
+# the system's OpenSSL; the in-tree build and .venv stay as they are.
+KQ_DIR := build/kqueue
+KQ_PY  := $(CURDIR)/build/venv-kqueue/bin/python
+test-kqueue: sysdeps testdeps $(ROOT_DEPS)
+	rm -rf $(KQ_DIR) && mkdir -p $(KQ_DIR)
+	git ls-files -z --cached --others --exclude-standard | \
+	    tar -c --null -T - --ignore-failed-read -f - | tar -x -C $(KQ_DIR) -f -
+	[ -x $(KQ_PY) ] || $(PYTHON) -m venv build/venv-kqueue
+	cd $(KQ_DIR) && env -u OPENSSL_PREFIX PYPRIVSEP_POLLER=kqueue \
+	    $(if $(strip $(KQUEUE_PREFIX)),KQUEUE_PREFIX=$(abspath $(KQUEUE_PREFIX))) \
+	    $(KQ_PY) -m pip install -v -e '.[test]' > pip.log 2>&1 || \
+	    { cat pip.log; exit 1; }
+	cd $(KQ_DIR) && grep 'build_ffi:' pip.log | sort -u
+	cd $(KQ_DIR) && $(KQ_PY) -c 'from pyprivsep import native; \
+	    p = native.poller(); print("poller:", p); assert p == "kqueue", p'
+	cd $(KQ_DIR) && $(KQ_PY) -m pytest -q -rs -p no:cacheprovider tests
 
 # OpenSSL 4.0, built into /opt/openssl4 when it is not there yet.
 test-openssl4:

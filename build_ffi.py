@@ -165,22 +165,79 @@ def check_library(flags: dict[str, list[str]], origin: str) -> None:
     print(f"build_ffi: compiling against {text} ({origin})", file=sys.stderr)
 
 
+# The event loop's poller (src/_rsaengine/poller.c).  Chosen here and only
+# here: PYPRIVSEP_POLLER (the Makefile's POLLER) "epoll" or "kqueue" becomes
+# -DPPS_POLLER_EPOLL or -DPPS_POLLER_KQUEUE; unset, nothing is defined and
+# engine.h takes the system's own (epoll on Linux, kqueue on the BSDs).
+# kqueue where the system has none (Linux) needs a kqueue library, libkqueue:
+# KQUEUE_PREFIX=/path (headers in PATH/include/kqueue, as libkqueue installs
+# them, libraries in PATH/lib, found again at run time through an rpath),
+# else `pkg-config libkqueue`.
+def poller_flags() -> tuple[dict[str, list[str]], str]:
+    flags: dict[str, list[str]] = {"include_dirs": [], "library_dirs": [],
+                                   "libraries": [], "macros": [],
+                                   "link_args": []}
+    poller = os.environ.get("PYPRIVSEP_POLLER", "")
+    if poller == "":
+        return flags, "the system's (epoll on Linux, kqueue on the BSDs)"
+    if poller not in ("epoll", "kqueue"):
+        sys.exit(f"build_ffi: PYPRIVSEP_POLLER={poller}: epoll or kqueue")
+    flags["macros"].append((f"PPS_POLLER_{poller.upper()}", "1"))
+    if poller == "epoll" or not sys.platform.startswith("linux"):
+        return flags, poller
+    prefix = os.environ.get("KQUEUE_PREFIX")
+    if prefix:
+        prefix = os.path.abspath(prefix)
+        inc = os.path.join(prefix, "include", "kqueue")
+        if not os.path.isfile(os.path.join(inc, "sys", "event.h")):
+            sys.exit(f"build_ffi: KQUEUE_PREFIX={prefix}: no "
+                     "include/kqueue/sys/event.h there; point it at an "
+                     "installed libkqueue")
+        lib = next((d for d in ("lib", "lib64")
+                    if os.path.isdir(os.path.join(prefix, d))), "lib")
+        libdir = os.path.join(prefix, lib)
+        flags["include_dirs"].append(inc)
+        flags["library_dirs"].append(libdir)
+        flags["link_args"].append(f"-Wl,-rpath,{libdir}")
+        flags["libraries"].append("kqueue")
+        return flags, f"kqueue, libkqueue from KQUEUE_PREFIX={prefix}"
+    try:
+        out = subprocess.run(["pkg-config", "--cflags", "--libs", "libkqueue"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        sys.exit("build_ffi: PYPRIVSEP_POLLER=kqueue on Linux needs libkqueue: "
+                 "set KQUEUE_PREFIX to where it is installed, or make "
+                 "`pkg-config libkqueue` find it (PKG_CONFIG_PATH)")
+    for arg in shlex.split(out):
+        if arg.startswith("-I"):
+            flags["include_dirs"].append(arg[2:])
+        elif arg.startswith("-L"):
+            flags["library_dirs"].append(arg[2:])
+            flags["link_args"].append(f"-Wl,-rpath,{arg[2:]}")
+        elif arg.startswith("-l"):
+            flags["libraries"].append(arg[2:])
+    return flags, "kqueue, libkqueue from pkg-config libkqueue"
+
+
 ffibuilder = FFI()
 ffibuilder.cdef(cdef_of(os.path.join(SRC, "protocol.h")) + "\n" +
                 cdef_of(os.path.join(SRC, "api.h")) + LIBVERSION_CDEF)
 
 flags, origin = library_flags()
 check_library(flags, origin)
+poller, poller_origin = poller_flags()
+print(f"build_ffi: poller: {poller_origin}", file=sys.stderr)
 ffibuilder.set_source(
     "pyprivsep._rsaengine",
     '#include "engine.h"\n#include "libversion.h"\n',
     sources=sorted(glob.glob(os.path.join("src", "_rsaengine", "*.c"))),
-    include_dirs=[SRC] + flags["include_dirs"],
-    library_dirs=flags["library_dirs"],
-    libraries=["ssl", "crypto"],
+    include_dirs=[SRC] + flags["include_dirs"] + poller["include_dirs"],
+    library_dirs=flags["library_dirs"] + poller["library_dirs"],
+    libraries=["ssl", "crypto"] + poller["libraries"],
+    define_macros=poller["macros"],
     extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-O2",
                         *flags["compile_args"]],
-    extra_link_args=flags["link_args"],
+    extra_link_args=flags["link_args"] + poller["link_args"],
 )
 
 if __name__ == "__main__":

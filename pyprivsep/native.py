@@ -77,6 +77,11 @@ def library_version() -> str:
     return ffi.string(lib.pps_library_version()).decode()
 
 
+def poller() -> str:
+    """The event loop's poller the extension was built with: epoll or kqueue."""
+    return ffi.string(lib.pps_poller()).decode()
+
+
 SANDBOX_ROLES: dict[str, int] = {"relay": lib.PPS_SANDBOX_RELAY,
                                   "ca": lib.PPS_SANDBOX_CA,
                                   "keyservice": lib.PPS_SANDBOX_KEYSERVICE,

@@ -100,6 +100,26 @@ def test_each_role_has_its_user_and_a_filter(daemon2: Daemon) -> None:
     assert_serving(daemon2)
 
 
+@requires_root
+def test_every_thread_has_the_filter(daemon2: Daemon) -> None:
+    """The filter covers every thread of a relay and a ca, not only the one
+    that installed it: a kqueue build on Linux (make POLLER=kqueue) runs
+    libkqueue's own thread, started before the sandbox, which
+    prctl(PR_SET_SECCOMP) alone would leave unfiltered."""
+    wait_settled(daemon2)
+    print()
+    for child in daemon2.children():
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{child.pid}/task"))
+        for tid in tids:
+            st = proc_status(tid)
+            print(f"{child.role} {child.index} thread {tid} ({st.get('Name')}): "
+                  f"NoNewPrivs: {st.get('NoNewPrivs')}  Seccomp: {st.get('Seccomp')}")
+            assert (st.get("NoNewPrivs"), st.get("Seccomp")) == ("1", "2"), \
+                f"{child.role} {child.index}: thread {tid} ({st.get('Name')}) unfiltered: " \
+                f"NoNewPrivs {st.get('NoNewPrivs')}, Seccomp {st.get('Seccomp')}"
+    assert_serving(daemon2)
+
+
 def nice_of(pid: int) -> int:
     """The process's nice value: field 19 of /proc/PID/stat (after the
     parenthesised name, which may hold spaces)."""

@@ -97,3 +97,4 @@ int64_t		 pps_lat_bound(int bucket);
 void		 pps_leak_check(void);
 const char	*pps_error(void);
 const char	*pps_library_version(void);
+const char	*pps_poller(void);	/* "epoll" or "kqueue": poller.c's build */

@@ -65,6 +65,7 @@ int	poller_set(struct evsrc *, unsigned mask);
 void	poller_del(struct evsrc *);
 void	poller_close(struct evsrc *);
 int	poller_wait(struct pps_event *, int max, int timeout_ms);
+int	poller_sockerr(const struct evsrc *);	/* see poller.c */
 
 /*
  * cakey.c: the ca's keys.  ca.c decodes a request once, checks it against

@@ -1,24 +1,37 @@
 /*
- * Readiness notification: epoll on Linux, kqueue on the BSDs.  An event
+ * Readiness notification: epoll on Linux, kqueue on the BSDs (and on
+ * Linux through libkqueue: make POLLER=kqueue, poller.h).  An event
  * source asks for PPS_IN and/or PPS_OUT.  Level triggered by default, the
  * loop changing that mask as its needs change; PPS_POLL_EDGE sources (a
  * connection's sockets) are reported when they become ready (EPOLLET,
  * EV_CLEAR) and keep their mask, their owner remembering what it found
  * ready, so that a connection costs no mask changes.  Listening sockets
  * shared by every relay process are registered PPS_POLL_EXCLUSIVE so that
- * one connection wakes one process (EPOLLEXCLUSIVE; kqueue has no
- * thundering herd on accept to begin with).
+ * one connection wakes one process (EPOLLEXCLUSIVE).  kqueue has no such
+ * flag: a connection may wake every relay's kqueue, and all but the one
+ * that accepts it find accept() EAGAIN (relay.c, on_listen).
+ *
+ * kqueue reports a source that is readable and writable as two events,
+ * one per filter, where epoll reports one with both bits: poller_wait
+ * merges them into one.
  */
 #include <errno.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "engine.h"
+#include "poller.h"
 
-#ifdef __linux__
+#if defined(PPS_POLLER_EPOLL)	/* poller.h: build_ffi.py's choice */
 #include <sys/epoll.h>
 
 static int pfd = -1;
+
+const char *
+pps_poller(void)
+{
+	return "epoll";
+}
 
 int
 poller_init(void)
@@ -101,12 +114,62 @@ poller_wait(struct pps_event *out, int max, int timeout_ms)
 	return n;
 }
 
-#else /* kqueue */
+/* epoll leaves a socket's error where it is, for SO_ERROR to read. */
+int
+poller_sockerr(const struct evsrc *src)
+{
+	(void)src;
+	return 0;
+}
+
+#else /* PPS_POLLER_KQUEUE */
 #include <sys/types.h>
 #include <sys/event.h>
 #include <sys/time.h>
 
 static int kq = -1;
+
+/*
+ * A socket error comes with EV_EOF, in fflags.  libkqueue (kqueue on
+ * Linux) has read it with getsockopt(SO_ERROR), which clears it: after a
+ * refused connect the relay's own SO_ERROR finds 0 and it would log no
+ * "Connection refused" (epoll leaves the error for SO_ERROR).  The errors
+ * of the events poller_wait returned last are kept here, for the handlers
+ * of those events to ask (relay.c, conn_connected).
+ */
+static struct {
+	const struct evsrc	*src;
+	int			 err;
+} errs[256];
+static int nerrs;
+
+int
+poller_sockerr(const struct evsrc *src)
+{
+	int i;
+
+	for (i = 0; i < nerrs; i++)
+		if (errs[i].src == src)
+			return errs[i].err;
+	return 0;
+}
+
+/* An error kept for src belongs to the socket it had: forget it. */
+static void
+forget_err(const struct evsrc *src)
+{
+	int i;
+
+	for (i = 0; i < nerrs; i++)
+		if (errs[i].src == src)
+			errs[i].src = NULL;
+}
+
+const char *
+pps_poller(void)
+{
+	return "kqueue";
+}
 
 int
 poller_init(void)
@@ -154,6 +217,7 @@ poller_set(struct evsrc *src, unsigned mask)
 void
 poller_del(struct evsrc *src)
 {
+	forget_err(src);
 	(void)kq_change(src, 0);
 }
 
@@ -162,6 +226,7 @@ poller_del(struct evsrc *src)
 void
 poller_close(struct evsrc *src)
 {
+	forget_err(src);
 	(void)kq_change(src, 0);
 	(void)close(src->fd);
 	src->fd = -1;
@@ -172,19 +237,49 @@ poller_wait(struct pps_event *out, int max, int timeout_ms)
 {
 	struct kevent evs[256];
 	struct timespec ts;
-	int i, n;
+	int i, j, m, n;
 
 	if (max > 256)
 		max = 256;
 	ts.tv_sec = timeout_ms / 1000;
 	ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000;
 	n = kevent(kq, NULL, 0, evs, max, timeout_ms < 0 ? NULL : &ts);
-	for (i = 0; i < n; i++) {
-		out[i].src = evs[i].udata;
-		out[i].events = (evs[i].filter == EVFILT_READ ? PPS_IN : 0) |
+	nerrs = 0;
+	for (i = 0, m = 0; i < n; i++) {
+		unsigned events;
+		/*
+		 * PPS_ERR as epoll's EPOLLERR | EPOLLHUP: an error, or a
+		 * socket that can take nothing more.  EV_EOF on a read
+		 * filter alone is the peer's end of stream (half-close),
+		 * which epoll reports as readable only: data may still be
+		 * queued before it.
+		 */
+		events = (evs[i].filter == EVFILT_READ ? PPS_IN : 0) |
 		    (evs[i].filter == EVFILT_WRITE ? PPS_OUT : 0) |
-		    (evs[i].flags & (EV_EOF | EV_ERROR) ? PPS_ERR : 0);
+		    ((evs[i].flags & EV_ERROR) || ((evs[i].flags & EV_EOF) &&
+		    (evs[i].fflags != 0 || evs[i].filter == EVFILT_WRITE)) ?
+		    PPS_ERR : 0);
+		if ((evs[i].flags & EV_EOF) && evs[i].fflags != 0) {
+			errs[nerrs].src = evs[i].udata;
+			errs[nerrs++].err = (int)evs[i].fflags;
+		}
+		/*
+		 * One event a source, as epoll gives: kqueue reports a read
+		 * and a write filter apart, and a handler that closes the
+		 * source's socket and opens another on the same source (a
+		 * refused backend, retried on another host) must not see
+		 * the old socket's second event as the new one's.
+		 */
+		for (j = 0; j < m; j++)
+			if (out[j].src == evs[i].udata)
+				break;
+		if (j < m)
+			out[j].events |= events;
+		else {
+			out[m].src = evs[i].udata;
+			out[m++].events = events;
+		}
 	}
-	return n;
+	return m;
 }
 #endif

@@ -671,6 +671,8 @@ conn_connected(struct conn *c, unsigned events)
 	(void)events;
 	if (getsockopt(c->backend.fd, SOL_SOCKET, SO_ERROR, &err, &len) == -1)
 		err = errno;
+	if (err == 0)		/* libkqueue read SO_ERROR first (poller.c) */
+		err = poller_sockerr(&c->backend);
 	if (err == EINPROGRESS)
 		return;
 	if (err != 0) {

@@ -15,6 +15,12 @@
  * (OpenSSL's configuration, glibc's time zone, Python's linecache for a
  * traceback) and must see an ordinary failure.
  *
+ * kqueue on Linux (make POLLER=kqueue, through libkqueue; poller.h): the
+ * relay's filter also allows the ioctl()s libkqueue reads a socket's queue
+ * sizes with and the select() its signal thread waits in, and the filter
+ * is installed on every thread (TSYNC), since libkqueue runs threads of
+ * its own.  The epoll build is left as it was.
+ *
  * OpenBSD: pledge(2), relay and hce "stdio inet", ca "stdio", keyservice ca
  * "stdio unix" (accept, getsockopt SO_PEERCRED).
  *
@@ -38,9 +44,11 @@
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <linux/sockios.h>
 #endif
 
 #include "engine.h"
+#include "poller.h"
 
 /* gcc says __SANITIZE_ADDRESS__, clang __has_feature(address_sanitizer) */
 #if defined(__SANITIZE_ADDRESS__)
@@ -157,6 +165,24 @@ static const int relay_calls[] = {
 	__NR_setsockopt, __NR_getsockopt, __NR_getsockname, __NR_getpeername,
 	-1
 };
+
+#if defined(PPS_POLLER_KQUEUE)
+/*
+ * A relay built with kqueue on Linux: libkqueue's signal thread waits in
+ * select() on its signalfd.  It blocks every signal, but a stop and a
+ * continue (SIGSTOP, the cgroup freezer, ptrace) restart the call it
+ * waits in, and a restarted call meets the filter again: without these
+ * the relay dies on its first thaw.  (Its other thread waits in
+ * epoll_wait, already listed.)
+ */
+static const int kqueue_calls[] = {
+#ifdef __NR_select
+	__NR_select,
+#endif
+	__NR_pselect6,
+	-1
+};
+#endif
 
 /*
  * The health checks (hce.py): Python connects to the hosts (with a
@@ -276,6 +302,31 @@ build(struct prog *p, int role)
 		emit(p, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K,
 		    SECCOMP_RET_KILL_PROCESS));
 	}
+#if defined(PPS_POLLER_KQUEUE)
+	if (role == PPS_SANDBOX_RELAY)
+		emit_list(p, kqueue_calls, SECCOMP_RET_ALLOW);
+	/*
+	 * libkqueue's EVFILT_READ and EVFILT_WRITE fill in kevent.data with
+	 * what a socket has queued: ioctl(SIOCINQ) (= FIONREAD, also for
+	 * pipes) and ioctl(SIOCOUTQ), for each event.  Those two requests
+	 * pass in a relay; any other ioctl kills it, as before.  The kernel
+	 * reads the request as an unsigned int: the low 32 bits decide.
+	 */
+	if (role == PPS_SANDBOX_RELAY) {
+		emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
+		    __NR_ioctl, 0, 5));
+		emit(p, (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
+		    ARG_LO(1)));
+		emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
+		    SIOCINQ, 1, 0));
+		emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
+		    SIOCOUTQ, 0, 1));
+		emit(p, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K,
+		    SECCOMP_RET_ALLOW));
+		emit(p, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K,
+		    SECCOMP_RET_KILL_PROCESS));
+	}
+#endif
 	emit_list(p, eacces_calls, RET_ERRNO(EACCES));
 	/*
 	 * socket(): a relay connects to its backends over IPv4 or IPv6, so
@@ -327,8 +378,30 @@ seccomp_install(int role, const char *name)
 	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == -1)
 		return pps_seterr("prctl(PR_SET_NO_NEW_PRIVS): %s",
 		    strerror(errno));
+#if defined(PPS_POLLER_KQUEUE)
+	/*
+	 * prctl(PR_SET_SECCOMP) filters the calling thread only.  libkqueue's
+	 * first kqueue() started a thread (it watches for the kqueue's
+	 * descriptor being closed) before the sandbox: unfiltered, it would
+	 * be a way out for whoever owns the relay.  TSYNC puts the same
+	 * filter, and no_new_privs, on every thread of the process; a
+	 * positive return is a thread that could not take it.
+	 */
+	{
+		long r = syscall(__NR_seccomp, SECCOMP_SET_MODE_FILTER,
+		    SECCOMP_FILTER_FLAG_TSYNC, &fprog);
+
+		if (r == -1)
+			return pps_seterr("seccomp(TSYNC): %s",
+			    strerror(errno));
+		if (r != 0)
+			return pps_seterr("seccomp(TSYNC): thread %ld cannot "
+			    "take the filter", r);
+	}
+#else
 	if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &fprog, 0, 0) == -1)
 		return pps_seterr("prctl(PR_SET_SECCOMP): %s", strerror(errno));
+#endif
 	/* the log prefix already says which process; name the role's filter */
 	pps_log(LOG_DEBUG, "seccomp filter for a %s: %u instructions", name, p.n);
 	return 0;
