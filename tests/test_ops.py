@@ -908,7 +908,9 @@ def test_metrics_idle_connections_cost_the_parent_no_thread(
             idle.append(s)
         assert proc_status(pid)["Threads"] == "1", proc_status(pid)
         fds = len(os.listdir(f"/proc/{pid}/fd"))
-        assert fds <= fds_before + 16, f"{fds} descriptors, {fds_before} before"
+        # 16 connections held, and the one a loaded machine may catch
+        # between its accept and its close beyond the limit
+        assert fds <= fds_before + 16 + 1, f"{fds} descriptors, {fds_before} before"
 
         # each is dropped: at once beyond the limit, after its deadline otherwise
         def dropped(s: socket.socket) -> bool:
