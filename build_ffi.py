@@ -51,6 +51,23 @@ OPENSSL_MIN = (0x30000000, "3.0")
 LIBRESSL_MIN = (0x30800000, "3.8")
 
 
+def add_pkg_config(flags: dict[str, list[str]], out: str, *, libraries: bool) -> None:
+    """`pkg-config --cflags --libs` output into flags: include and library
+    directories (each with an rpath), the -l names when `libraries`, and
+    any other compiler argument."""
+    for arg in shlex.split(out):
+        if arg.startswith("-I"):
+            flags["include_dirs"].append(arg[2:])
+        elif arg.startswith("-L"):
+            flags["library_dirs"].append(arg[2:])
+            flags["link_args"].append(f"-Wl,-rpath,{arg[2:]}")
+        elif arg.startswith("-l"):
+            if libraries:
+                flags["libraries"].append(arg[2:])
+        else:
+            flags["compile_args"].append(arg)
+
+
 def library_flags() -> tuple[dict[str, list[str]], str]:
     """Compiler and linker flags for the TLS library, and where it is from."""
     flags: dict[str, list[str]] = {"include_dirs": [], "library_dirs": [],
@@ -74,16 +91,7 @@ def library_flags() -> tuple[dict[str, list[str]], str]:
                              capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return flags, "the compiler's default: no pkg-config openssl"
-    for arg in shlex.split(out):
-        if arg.startswith("-I"):
-            flags["include_dirs"].append(arg[2:])
-        elif arg.startswith("-L"):
-            flags["library_dirs"].append(arg[2:])
-            flags["link_args"].append(f"-Wl,-rpath,{arg[2:]}")
-        elif arg.startswith("-l"):
-            pass  # ssl and crypto, named below
-        else:
-            flags["compile_args"].append(arg)
+    add_pkg_config(flags, out, libraries=False)  # ssl and crypto, named below
     return flags, "pkg-config openssl"
 
 
@@ -176,7 +184,7 @@ def check_library(flags: dict[str, list[str]], origin: str) -> None:
 def poller_flags() -> tuple[dict[str, list[str]], str]:
     flags: dict[str, list[str]] = {"include_dirs": [], "library_dirs": [],
                                    "libraries": [], "macros": [],
-                                   "link_args": []}
+                                   "compile_args": [], "link_args": []}
     poller = os.environ.get("PYPRIVSEP_POLLER", "")
     if poller == "":
         return flags, "the system's (epoll on Linux, kqueue on the BSDs)"
@@ -208,14 +216,7 @@ def poller_flags() -> tuple[dict[str, list[str]], str]:
         sys.exit("build_ffi: PYPRIVSEP_POLLER=kqueue on Linux needs libkqueue: "
                  "set KQUEUE_PREFIX to where it is installed, or make "
                  "`pkg-config libkqueue` find it (PKG_CONFIG_PATH)")
-    for arg in shlex.split(out):
-        if arg.startswith("-I"):
-            flags["include_dirs"].append(arg[2:])
-        elif arg.startswith("-L"):
-            flags["library_dirs"].append(arg[2:])
-            flags["link_args"].append(f"-Wl,-rpath,{arg[2:]}")
-        elif arg.startswith("-l"):
-            flags["libraries"].append(arg[2:])
+    add_pkg_config(flags, out, libraries=True)
     return flags, "kqueue, libkqueue from pkg-config libkqueue"
 
 
@@ -236,7 +237,7 @@ ffibuilder.set_source(
     libraries=["ssl", "crypto"] + poller["libraries"],
     define_macros=poller["macros"],
     extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-O2",
-                        *flags["compile_args"]],
+                        *flags["compile_args"], *poller["compile_args"]],
     extra_link_args=flags["link_args"] + poller["link_args"],
 )
 
