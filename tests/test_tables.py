@@ -55,6 +55,50 @@ def test_source_hash_is_stable_per_client_address(start_daemon: StartDaemon, pki
     assert {h for hosts in chosen.values() for h in hosts} == {HOST_A, HOST_B}, chosen
 
 
+def test_loadbalance_is_stable_per_client_and_spreads(start_daemon: StartDaemon, pki: Pki) -> None:
+    """relayd's loadbalance: a hash of the client's address and the local
+    address and port.  One listener: each client always the same host,
+    from either relay process; the clients spread over both hosts."""
+    port = backend_port()
+    relay = RelaySpec("web", free_port(), port, [pki["p256"]], forward_host="<web>",
+                      forward_options="mode loadbalance")
+    cfg = DaemonConfig([relay], prefork=2, globals=[TWO])
+    sources = [f"127.0.2.{i}" for i in range(1, 13)]
+    with backends(port, (HOST_A, HOST_B)):
+        start_daemon(cfg)
+        chosen = {src: {get(relay.listen_port, "p256.test", source=src) for _ in range(4)}
+                  for src in sources}
+    assert all(len(hosts) == 1 for hosts in chosen.values()), chosen
+    assert {h for hosts in chosen.values() for h in hosts} == {HOST_A, HOST_B}, chosen
+
+
+def test_hash_depends_on_the_listener_only(start_daemon: StartDaemon, pki: Pki) -> None:
+    """relayd's hash: the local address and port, not the client's.  Every
+    client of one listener, from either relay process, gets one host."""
+    port = backend_port()
+    relay = RelaySpec("web", free_port(), port, [pki["p256"]], forward_host="<web>",
+                      forward_options="mode hash")
+    cfg = DaemonConfig([relay], prefork=2, globals=[TWO])
+    with backends(port, (HOST_A, HOST_B)):
+        start_daemon(cfg)
+        seen = {get(relay.listen_port, "p256.test", source=f"127.0.3.{i}")
+                for i in range(1, 13)}
+    assert len(seen) == 1 and seen <= {HOST_A, HOST_B}, seen
+
+
+def test_random_uses_every_host_of_the_table(start_daemon: StartDaemon, pki: Pki) -> None:
+    """mode random: 40 connections, from one client, reach both hosts (all
+    on one: odds 2**-39) and no other."""
+    port = backend_port()
+    relay = RelaySpec("web", free_port(), port, [pki["p256"]], forward_host="<web>",
+                      forward_options="mode random")
+    cfg = DaemonConfig([relay], prefork=1, globals=[TWO])
+    with backends(port, (HOST_A, HOST_B, HOST_C)):
+        start_daemon(cfg)
+        seen = [get(relay.listen_port, "p256.test") for _ in range(40)]
+    assert set(seen) == {HOST_A, HOST_B}, seen
+
+
 def test_least_states_prefers_the_idle_host(start_daemon: StartDaemon, pki: Pki) -> None:
     port = backend_port()
     relay = RelaySpec("web", free_port(), port, [pki["p256"]], forward_host="<web>",
