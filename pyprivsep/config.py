@@ -243,10 +243,10 @@ class Config:
     keyops: str | None = None         # "async", "blocking"; None: the library's best
     keyops_where: Where | None = None
     ticket_lifetime: int = 7200       # seconds; keys rotate every quarter
-    # `tls ticket keys "file"`: the keys read from it (tickets.py), at
-    # start and on every reload, instead of generated and rotated ones
-    ticket_keys_file: str | None = None
-    ticket_keys_where: Where | None = None
+    # `tls ticket keys "file"` lines, in order: the keys read from them
+    # (tickets.py), at start and on every reload, instead of generated and
+    # rotated ones; the first file's first key seals
+    ticket_key_files: list[tuple[str, Where]] = field(default_factory=list)
     socket: str = DEFAULT_SOCKET
     metrics: Listen | None = None     # Prometheus endpoint, off by default
     log: set[str] = field(default_factory=set)
@@ -771,12 +771,12 @@ class _Parser:
                         "tls ticket lifetime", tok, TICKET_LIFETIME_RANGE)
                     self._eol("tls ticket lifetime")
                 elif what.is_word("keys"):
-                    if self.config.ticket_keys_where is not None:
-                        raise self._err(tok.line, '"tls ticket keys" given twice '
-                                        f'(first at line {self.config.ticket_keys_where.line})')
-                    self.config.ticket_keys_file = self._path(
-                        self._arg("tls ticket keys", tok))
-                    self.config.ticket_keys_where = Where(self.file, tok.line)
+                    path = self._path(self._arg("tls ticket keys", tok))
+                    for other, at in self.config.ticket_key_files:
+                        if other == path:
+                            raise self._err(tok.line, f'"tls ticket keys" {path} given '
+                                            f'twice (first at line {at.line})')
+                    self.config.ticket_key_files.append((path, Where(self.file, tok.line)))
                     self._eol("tls ticket keys")
                 else:
                     raise self._err(what.line, 'expected "lifetime" or "keys" in '

@@ -135,13 +135,13 @@ def prepare(cfg: Config, use_syslog: bool, verbose: bool,
 
 
 def read_file_tickets(cfg: Config) -> list[bytes] | None:
-    """`tls ticket keys`: the file's keys, read by the parent (before
-    any chroot, at start and on every reload); None without it."""
-    if cfg.ticket_keys_file is None or cfg.ticket_keys_where is None:
+    """`tls ticket keys`: the files' keys, in order, read by the parent
+    (before any chroot, at start and on every reload); None without it."""
+    if not cfg.ticket_key_files:
         return None
-    keys_ = tickets.read_ticket_keys(cfg.ticket_keys_file, cfg.ticket_keys_where)
+    keys_ = tickets.read_ticket_key_files(cfg.ticket_key_files)
     log.debug("%d session ticket key(s) read from %s", len(keys_),
-              cfg.ticket_keys_file)
+              ", ".join(path for path, _ in cfg.ticket_key_files))
     return keys_
 
 

@@ -14,9 +14,17 @@ and every key opens them (the order nginx gives its
 `ssl_session_ticket_key` files): prepend a new key to rotate, drop the
 last one to retire it.
 
+A file of exactly 80 bytes that is not text is nginx's
+`ssl_session_ticket_key` file instead (`openssl rand 80 > file`): one key,
+raw, laid out name, HMAC, AES.  nginx's 48-byte files hold an AES-128 key,
+which the relays' AES-256 tickets cannot use: refused, saying so.
+
+Several `tls ticket keys` lines (nginx's several `ssl_session_ticket_key`
+lines) read their files in order: the first file's first key seals.
+
 The relays hold keys as name, HMAC, AES (protocol.h, struct ticket_key in
-tls.c); wire_order() maps one onto the other.  No key byte is ever put in
-a log line or an error message.
+tls.c); wire_order() maps haproxy's layout onto it.  No key byte is ever
+put in a log line or an error message.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from pyprivsep.native import P
 
 KEY_LEN = 80
 NAME, AES, HMAC = slice(0, 16), slice(16, 48), slice(48, 80)
+NGINX_AES128_LEN = 48
+TEXT = frozenset(range(0x20, 0x7f)) | frozenset(b"\t\r\n")
 
 
 def wire_order(key: bytes) -> bytes:
@@ -65,6 +75,11 @@ def read_ticket_keys(path: str, where: Where) -> list[bytes]:
         raise refuse(f"cannot read: {e.strerror}") from None
     if len(data) > 64 * 1024:
         raise refuse("larger than 64 KiB: not a ticket key file")
+    if len(data) in (KEY_LEN, NGINX_AES128_LEN) and not set(data) <= TEXT:
+        if len(data) == NGINX_AES128_LEN:
+            raise refuse("nginx's 48-byte key (AES-128): the tickets here are "
+                         "AES-256; make an 80-byte one (openssl rand 80)")
+        return [data]       # nginx's raw key: already name, HMAC, AES
     keys: list[bytes] = []
     names: dict[bytes, int] = {}
     for n, raw in enumerate(data.split(b"\n"), 1):
@@ -86,4 +101,25 @@ def read_ticket_keys(path: str, where: Where) -> list[bytes]:
         raise refuse("no key")
     if len(keys) > P.PPS_MAX_TICKET_KEYS:
         raise refuse(f"{len(keys)} keys, at most {P.PPS_MAX_TICKET_KEYS}")
+    return keys
+
+
+def read_ticket_key_files(files: list[tuple[str, Where]]) -> list[bytes]:
+    """Every `tls ticket keys` file's keys, in the lines' order: the first
+    file's first key seals.  Names must differ across the files too."""
+    keys: list[bytes] = []
+    seen: dict[bytes, str] = {}
+    for path, where in files:
+        for k in read_ticket_keys(path, where):
+            if k[NAME] in seen:
+                raise ConfigError(where.file, where.line,
+                                  f"tls ticket keys {path}: a key named as one "
+                                  f"in {seen[k[NAME]]}")
+            seen[k[NAME]] = path
+            keys.append(k)
+    if len(keys) > P.PPS_MAX_TICKET_KEYS:
+        path, where = files[-1]
+        raise ConfigError(where.file, where.line,
+                          f"tls ticket keys: {len(keys)} keys in all, at most "
+                          f"{P.PPS_MAX_TICKET_KEYS}")
     return keys

@@ -98,6 +98,47 @@ def test_a_key_file_others_can_read_is_refused(tmp_path: Path, mode: int) -> Non
         tickets.read_ticket_keys(str(path), WHERE)
 
 
+def nginx_key(path: Path, name: bytes) -> bytes:
+    """nginx's ssl_session_ticket_key file: 80 raw bytes, name, HMAC, AES
+    (`openssl rand 80`); returned in the relays' layout, which is the same."""
+    assert len(name) == 16
+    raw = name + os.urandom(64)
+    while set(raw[16:]) <= set(range(0x20, 0x7f)):     # never, in practice
+        raw = name + os.urandom(64)
+    path.write_bytes(raw)
+    path.chmod(0o600)
+    return raw
+
+
+def test_nginx_raw_key_file_is_one_key_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "nginx.key"
+    raw = nginx_key(path, b"nginx-raw-key-01")
+    assert tickets.read_ticket_keys(str(path), WHERE) == [raw]
+
+
+def test_nginx_48_byte_key_file_is_refused_saying_why(tmp_path: Path) -> None:
+    path = tmp_path / "nginx48.key"
+    path.write_bytes(b"\x00" + os.urandom(47))
+    path.chmod(0o600)
+    with pytest.raises(ConfigError, match="nginx's 48-byte key .AES-128.*openssl rand 80"):
+        tickets.read_ticket_keys(str(path), WHERE)
+
+
+def test_keys_of_several_files_in_order_names_distinct(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.key", tmp_path / "b.keys"
+    raw = nginx_key(a, b"several-files-01")
+    k2, k3 = key(b"several-files-02"), key(b"several-files-03")
+    write_keys(b, [k2, k3])
+    files = [(str(a), Where("/c", 1)), (str(b), Where("/c", 2))]
+    assert tickets.read_ticket_key_files(files) == [raw] + [tickets.wire_order(k) for k in (k2, k3)]
+    write_keys(b, [key(b"several-files-01")])
+    with pytest.raises(ConfigError, match=f"^/c:2: tls ticket keys {b}: a key named as one in {a}"):
+        tickets.read_ticket_key_files(files)
+    write_keys(b, [key(b"several-files-%02d" % i) for i in range(2, 10)])
+    with pytest.raises(ConfigError, match="^/c:2: tls ticket keys: 9 keys in all, at most 8"):
+        tickets.read_ticket_key_files(files)
+
+
 def test_a_missing_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="ticket.keys: cannot read: No such file"):
         tickets.read_ticket_keys(str(tmp_path / "ticket.keys"), WHERE)
@@ -107,14 +148,22 @@ def test_directive_parses_relative_to_the_config(tmp_path: Path) -> None:
     conf = tmp_path / "pps.conf"
     conf.write_text('# fleet\ntls ticket keys "keys/ticket.keys"\n')
     cfg = parse_config(str(conf))
-    assert cfg.ticket_keys_file == str(tmp_path / "keys" / "ticket.keys")
-    assert cfg.ticket_keys_where == Where(str(conf), 2)
+    assert cfg.ticket_key_files == [(str(tmp_path / "keys" / "ticket.keys"), Where(str(conf), 2))]
+
+
+def test_several_directives_read_their_files_in_order(tmp_path: Path) -> None:
+    conf = tmp_path / "pps.conf"
+    conf.write_text('tls ticket keys "current.key"\ntls ticket keys "/etc/previous.key"\n')
+    cfg = parse_config(str(conf))
+    assert cfg.ticket_key_files == [(str(tmp_path / "current.key"), Where(str(conf), 1)),
+                                    ("/etc/previous.key", Where(str(conf), 2))]
 
 
 @pytest.mark.parametrize("text, line, msg", [
     ("tls ticket keys\n", 1, 'missing argument for "tls ticket keys"'),
     ('tls ticket keys "a" "b"\n', 1, 'extra argument'),
-    ('tls ticket keys "a"\ntls ticket keys "b"\n', 2, '"tls ticket keys" given twice (first at line 1)'),
+    ('tls ticket keys "/a"\ntls ticket keys "/b"\ntls ticket keys "/a"\n', 3,
+     '"tls ticket keys" /a given twice (first at line 1)'),
     ("tls ticket keyz x\n", 1, 'expected "lifetime" or "keys"'),
     ('relay r {\n  tls ticket keys "a"\n}\n', 2, '"tls ticket" is global'),
 ])
@@ -188,6 +237,28 @@ def test_a_session_from_one_daemon_resumes_on_another(start_daemon: StartDaemon,
         assert ticket_key_name(session) == first[:16], "not sealed with the file's first key"
         assert connect(rb, version, sess_in=session) is True, "A's session did not resume on B"
         assert connect(ra, version, sess_in=session) is True
+        for d in (a, b):
+            assert d.stop() == 0, d.describe()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_nginx_key_files_shared_with_another_daemon(start_daemon: StartDaemon, pki: Pki,
+                                                    tmp_path: Path, version: TlsVersion) -> None:
+    """An nginx fleet's key files, as nginx lists them (current, then
+    previous): A seals with the current one; B, reading the same two
+    files, resumes A's session."""
+    if version == "1.3" and not TLS13_RESUMES:
+        pytest.skip(NO_TLS13_RESUMPTION)
+    current, previous = tmp_path / "current.key", tmp_path / "previous.key"
+    raw = nginx_key(current, b"nginx-current-k1")
+    nginx_key(previous, b"nginx-previous-1")
+    with HttpBackend() as http:
+        (a, ra), (b, rb) = two_daemons(start_daemon, pki, http.port, current,
+                                       extra=(f'tls ticket keys "{previous}"',))
+        session = tmp_path / "a.pem"
+        assert connect(ra, version, sess_out=session) is False
+        assert ticket_key_name(session) == raw[:16], "not sealed with the first file's key"
+        assert connect(rb, version, sess_in=session) is True, "A's session did not resume on B"
         for d in (a, b):
             assert d.stop() == 0, d.describe()
 
