@@ -27,7 +27,9 @@ from pyprivsep.native import P, CaKey, NativeError, ffi, lib
 EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 RSA_BITS = (2048, 8192)
 # Ed25519 and Ed448: the relay signs through a provider built into it
-# (src/_rsaengine/edkey.c), which needs OpenSSL 3; LibreSSL has none.
+# (src/_rsaengine/edkey.c), which needs OpenSSL 3.  LibreSSL has no
+# providers, and its libssl no EdDSA certificates at all (not even with
+# the key in the relay: "unknown certificate type").
 EDDSA = {"ed25519": "Ed25519", "ed448": "Ed448"}
 # An OCSP response is a few KiB at most (one response, maybe a responder
 # certificate); the relay copies it for every handshake that asks.  Bigger
@@ -175,8 +177,9 @@ def load_cert(kp: Keypair) -> Cert:
         if not lib.pps_eddsa_keys():
             built = ffi.string(lib.pps_library_version()).decode()
             raise ConfigError(kp.where.file, kp.where.line,
-                              f"{kp.cert}: {EDDSA[kind]} keys need OpenSSL "
-                              f"3's providers; this pyprivsep uses {built}")
+                              f"{kp.cert}: {EDDSA[kind]} certificates need "
+                              f"OpenSSL 3; this pyprivsep uses {built}, "
+                              "whose TLS serves none")
     else:
         raise ConfigError(kp.where.file, kp.where.line,
                           f"{kp.cert}: only RSA, RSA-PSS, ECDSA, Ed25519 "
