@@ -28,7 +28,6 @@ from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
 from backends import BACKEND_PAGE, EchoServer, HttpBackend
 from basics import LOCALHOST, free_port, wait_until
 from ca_child import CaChild, start_ca
-from cawire import raw_frame, spki_keyid
 from daemonctl import SANITIZED, Daemon, DaemonConfig, RelaySpec, StartDaemon, ca_config_text, run_pyprivsep
 from keypairs import KeyPair, make_keypair
 from memscan import assert_keys_only_in_cas
@@ -49,7 +48,6 @@ MODES = ("async", "blocking") if native.async_supported() else ("blocking",)
 GROUPS = {"X25519": (29, 32), "X448": (30, 56), "P-256": (23, 65), "P-384": (24, 97), "P-521": (25, 133)}
 SERVER_CONTEXT = b"TLS 1.3, server CertificateVerify\x00"
 CLIENT_CONTEXT = b"TLS 1.3, client CertificateVerify\x00"
-_ids = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -101,10 +99,7 @@ def ca(edkeys: EdKeys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaC
 
 
 def ask(ca: CaChild, kp: KeyPair, op: int, arg: int, data: bytes) -> tuple[int, bytes]:
-    rid, keyid = next(_ids), spki_keyid(kp.certificate)
-    reply = ca.call(raw_frame(op, arg, rid, keyid, data))
-    assert (reply.id, reply.key) == (rid, keyid)
-    return reply.arg, reply.payload
+    return ca.ask(kp.certificate, op, arg, data)
 
 
 def verify(kp: KeyPair, signature: bytes, message: bytes) -> None:

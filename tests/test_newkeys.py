@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from backends import BACKEND_PAGE, HttpBackend
 from basics import free_port
 from ca_child import CaChild, start_ca
-from cawire import pss_block, raw_frame, spki_keyid
+from cawire import pss_block
 from daemonctl import SANITIZED, Daemon, DaemonConfig, RelaySpec, StartDaemon, ca_config_text
 from keypairs import KeyPair, key_secrets, make_keypair
 from memscan import assert_keys_only_in_cas
@@ -40,7 +40,6 @@ VERSIONS: tuple[TlsVersion, ...] = ("1.2", "1.3")
 RSA_PSS = not native.library_version().startswith("LibreSSL")
 needs_rsa_pss = pytest.mark.skipif(
     not RSA_PSS, reason=f"RSA-PSS keys need OpenSSL 3; pyprivsep is built against {native.library_version()}")
-_ids = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -110,10 +109,7 @@ def ca(newkeys: NewKeys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
 
 
 def ask(ca: CaChild, kp: KeyPair, op: int, arg: int, data: bytes) -> tuple[int, bytes]:
-    rid, keyid = next(_ids), spki_keyid(kp.certificate)
-    reply = ca.call(raw_frame(op, arg, rid, keyid, data))
-    assert (reply.id, reply.key) == (rid, keyid)
-    return reply.arg, reply.payload
+    return ca.ask(kp.certificate, op, arg, data)
 
 
 # -- P-521 ---------------------------------------------------------------------

@@ -61,6 +61,8 @@ edkey_pkey(EVP_PKEY *pub, const struct keyref *k)
 #include <openssl/params.h>
 #include <openssl/provider.h>
 
+#include "../provider/pubhalf.h"
+
 #define EDKEY_PROV		"pyprivsep-ca"
 #define EDKEY_PROPS		"provider=" EDKEY_PROV
 #define EDKEY_PARAM_REF		"pyprivsep-keyref"	/* struct keyref */
@@ -128,13 +130,7 @@ ed_has(const void *keydata, int selection)
 {
 	const struct edkey *key = keydata;
 
-	if (key == NULL)
-		return 0;
-	if ((selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY) != 0 &&
-	    key->pub == NULL)
-		return 0;
-	return (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) == 0 ||
-	    key->has_ref;
+	return key != NULL && pps_pub_has(key->pub, key->has_ref, selection);
 }
 
 static int
@@ -143,8 +139,7 @@ ed_match(const void *a, const void *b, int selection)
 	const struct edkey *k1 = a, *k2 = b;
 
 	(void)selection;
-	return k1->nid == k2->nid && k1->pub != NULL && k2->pub != NULL &&
-	    EVP_PKEY_eq(k1->pub, k2->pub) == 1;
+	return k1->nid == k2->nid && pps_pub_match(k1->pub, k2->pub);
 }
 
 static int
@@ -184,7 +179,8 @@ ed_io_types(int selection)
 	return params;
 }
 
-/* The public key, and the reference if given; a private key is refused. */
+/* The public key (a default-provider key in the default context), and
+ * the reference if given; a private key is refused. */
 static int
 ed_import(void *keydata, int selection, const OSSL_PARAM params[])
 {
@@ -192,41 +188,26 @@ ed_import(void *keydata, int selection, const OSSL_PARAM params[])
 	const OSSL_PARAM *p;
 	const void *buf;
 	size_t len;
-	EVP_PKEY *pub;
 
 	(void)selection;
-	if (OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_PRIV_KEY) != NULL)
+	if ((p = OSSL_PARAM_locate_const(params, EDKEY_PARAM_REF)) != NULL &&
+	    (!OSSL_PARAM_get_octet_string_ptr(p, &buf, &len) ||
+	    len != sizeof(key->ref)))
 		return 0;
-	if ((p = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_PUB_KEY)) ==
-	    NULL || !OSSL_PARAM_get_octet_string_ptr(p, &buf, &len) ||
-	    (pub = EVP_PKEY_new_raw_public_key_ex(NULL, ed_name(key->nid),
-	    NULL, buf, len)) == NULL)
+	if (pps_pub_import(NULL, ed_name(key->nid), params, &key->pub) != 1)
 		return 0;
-	if ((p = OSSL_PARAM_locate_const(params, EDKEY_PARAM_REF)) != NULL) {
-		if (!OSSL_PARAM_get_octet_string_ptr(p, &buf, &len) ||
-		    len != sizeof(key->ref)) {
-			EVP_PKEY_free(pub);
-			return 0;
-		}
+	if (p != NULL) {
 		memcpy(&key->ref, buf, sizeof(key->ref));
 		key->has_ref = 1;
 	}
-	EVP_PKEY_free(key->pub);
-	key->pub = pub;
 	return 1;
 }
 
-/* The public key only: an export with the private key fails, so OpenSSL
- * never moves the key to a provider that would sign without the ca. */
 static int
 ed_export(void *keydata, int selection, OSSL_CALLBACK *cb, void *cbarg)
 {
-	struct edkey *key = keydata;
-
-	if ((selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) != 0 ||
-	    key->pub == NULL)
-		return 0;
-	return EVP_PKEY_export(key->pub, selection, cb, cbarg);
+	return pps_pub_export(((struct edkey *)keydata)->pub, selection, cb,
+	    cbarg);
 }
 
 static void *
