@@ -24,10 +24,13 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from backends import BACKEND_PAGE, EchoServer, HttpBackend
 from basics import LOCALHOST, free_port, wait_until
 from ca_child import CaChild, start_ca
+from cawire import SKE_GROUP_SHARES, expected_status
 from daemonctl import SANITIZED, Daemon, DaemonConfig, RelaySpec, StartDaemon, ca_config_text, run_pyprivsep
 from keypairs import KeyPair, make_keypair
 from memscan import assert_keys_only_in_cas
@@ -37,10 +40,9 @@ from pyprivsep._rsaengine import lib
 from pyprivsep.native import P
 from tlsclients import HTTP_GET_ROOT, TlsVersion, client_context, s_client, tls_handshake
 
-pytestmark = pytest.mark.skipif(
-    not lib.pps_eddsa_keys(),
-    reason=f"Ed25519/Ed448 keys need OpenSSL 3's providers (LibreSSL has none, nor EdDSA certificates in TLS); "
-           f"pyprivsep is built against {native.library_version()}")
+EDDSA = bool(lib.pps_eddsa_keys())
+NO_EDDSA = (f"Ed25519/Ed448 keys need OpenSSL 3's providers (LibreSSL has none, nor EdDSA certificates in TLS); "
+            f"pyprivsep is built against {native.library_version()}")
 
 VERSIONS: tuple[TlsVersion, ...] = ("1.2", "1.3")
 MODES = ("async", "blocking") if native.async_supported() else ("blocking",)
@@ -48,6 +50,8 @@ MODES = ("async", "blocking") if native.async_supported() else ("blocking",)
 GROUPS = {"X25519": (29, 32), "X448": (30, 56), "P-256": (23, 65), "P-384": (24, 97), "P-521": (25, 133)}
 SERVER_CONTEXT = b"TLS 1.3, server CertificateVerify\x00"
 CLIENT_CONTEXT = b"TLS 1.3, client CertificateVerify\x00"
+FUZZ = settings(max_examples=int(os.environ.get("PYPRIVSEP_FUZZ_EXAMPLES", "300")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,9 @@ class EdKeys:
 
 @pytest.fixture(scope="module")
 def edkeys(tmp_path_factory: pytest.TempPathFactory) -> EdKeys:
+    """The keys; every test that takes them skips where they cannot be served."""
+    if not EDDSA:
+        pytest.skip(NO_EDDSA)
     directory = tmp_path_factory.mktemp("eddsa")
     return EdKeys(make_keypair(directory, "ed25519"), make_keypair(directory, "ed448"),
                   make_keypair(directory, "p256"))
@@ -304,6 +311,57 @@ def test_policy_other_operations(ca: CaChild, edkeys: EdKeys) -> None:
     assert ask(ca, edkeys.p256, P.PPS_OP_ECDSA_SIGN, 0, os.urandom(32))[0] == P.PPS_OK   # control
 
 
+@st.composite
+def eddsa_requests(draw: st.DrawFn) -> tuple[int, int, bytes]:
+    """(op, arg, payload): mostly the two messages a TLS server signs, as
+    they are or a little off, else anything."""
+    shape = draw(st.integers(0, 9))
+    if shape <= 3:
+        payload = certificate_verify(draw(st.binary(min_size=1, max_size=64).filter(bool)
+                                          if shape == 3 else st.sampled_from([b"a" * 32, b"b" * 48])))
+    elif shape <= 7:
+        group = draw(st.sampled_from(sorted(SKE_GROUP_SHARES) + ([0x1234] if shape == 7 else [])))
+        length = SKE_GROUP_SHARES.get(group, 32)
+        share = draw(st.binary(min_size=length, max_size=length))
+        if length not in (32, 56):
+            share = b"\x04" + share[1:]
+        payload = server_key_exchange(group, share)
+    elif shape == 8:
+        payload = certificate_verify(draw(st.binary(max_size=48)), draw(st.sampled_from([CLIENT_CONTEXT,
+                                                                                          SERVER_CONTEXT[:-1]])))
+    else:
+        payload = draw(st.binary(max_size=P.PPS_MAX_PAYLOAD))
+    change = draw(st.integers(0, 7)) if payload else 7
+    if change == 0:                                   # one byte changed
+        i = draw(st.integers(0, len(payload) - 1))
+        payload = payload[:i] + bytes([payload[i] ^ draw(st.integers(1, 255))]) + payload[i + 1:]
+    elif change == 1:                                 # cut short
+        payload = payload[:draw(st.integers(0, len(payload) - 1))]
+    elif change == 2:                                 # more after it
+        payload += draw(st.binary(min_size=1, max_size=8))
+    op = P.PPS_OP_EDDSA_SIGN if draw(st.integers(0, 9)) else draw(st.sampled_from([1, 2, 3, 6, 255]))  # (4: a ping)
+    arg = 0 if draw(st.integers(0, 9)) else draw(st.integers(1, 0xFFFF))
+    return op, arg, payload
+
+
+@FUZZ
+@given(which=st.sampled_from(["ed25519", "ed448"]), request=eddsa_requests())
+def test_policy_is_the_protocol_documents(ca: CaChild, edkeys: EdKeys, which: str,
+                                          request: tuple[int, int, bytes]) -> None:
+    """The ca signs exactly what docs/protocol.md allows (an oracle written
+    from RFC 8446 and 8422, cawire.expected_status), and signs it right."""
+    op, arg, payload = request
+    kp: KeyPair = getattr(edkeys, which)
+    want = expected_status(which, 0, op, arg, payload)
+    event(f"status {want}")
+    status, signature = ask(ca, kp, op, arg, payload)
+    assert status == want, (op, arg, payload.hex())
+    if status == P.PPS_OK:
+        verify(kp, signature, payload)
+    else:
+        assert signature == b""
+
+
 # -- configuration check -------------------------------------------------------
 
 
@@ -313,3 +371,17 @@ def test_check_accepts_eddsa_config(edkeys: EdKeys, tmp_path: Path) -> None:
     proc = run_pyprivsep("-n", "-f", str(conf))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "configuration OK" in proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(EDDSA, reason="this build serves Ed25519 and Ed448 certificates")
+@pytest.mark.parametrize("which", ["ed25519", "ed448"])
+def test_check_refuses_eddsa_where_it_cannot_be_served(tmp_path: Path, which: str) -> None:
+    """LibreSSL: `pyprivsep -n` names the keypair's line and says why."""
+    kp = make_keypair(tmp_path, which)
+    conf = tmp_path / "eddsa.conf"
+    text = DaemonConfig([RelaySpec("www", free_port(), free_port(), [kp])], prefork=1).render()
+    conf.write_text(text)
+    line = next(n for n, t in enumerate(text.splitlines(), 1) if str(kp.cert_path) in t)
+    proc = run_pyprivsep("-n", "-f", str(conf))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"{conf.name}:{line}:" in proc.stderr and "need OpenSSL 3" in proc.stderr, proc.stderr
