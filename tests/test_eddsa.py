@@ -207,6 +207,8 @@ def test_async_relay_serves_while_an_eddsa_signature_waits(
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return sum(int(r["stats"]["keyops"]) for r in json.loads(proc.stdout)["relays"])
 
+    shown = run_pyprivsep("ctl", "-s", str(sock), "-j", "show", "keys")
+    assert [k["type"] for k in json.loads(shown.stdout)["keys"]] == ["Ed25519"], shown.stdout + shown.stderr
     (ca_pid,) = daemon.ca_pids().values()
     with socket.create_connection((LOCALHOST, relay.listen_port), timeout=30) as raw, \
             client_context().wrap_socket(raw, server_hostname=kp.dns_name) as tls:
