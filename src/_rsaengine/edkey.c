@@ -22,9 +22,10 @@
  * What the provider is given is only public: the public key and the key
  * id.  The public half is a default-provider key in the default context.
  * LibreSSL has no providers and OpenSSL before 3 no provider API: there,
- * edkey_pkey() says so.  The sources of the key service provider
- * (src/provider) are a separate shared object for other programs, with a
- * connection of its own to a ca; this one's path to the ca is keyop.c.
+ * edkey_pkey() says so.  The key service provider (src/provider) is a
+ * shared object for other programs, with a connection of its own to a ca;
+ * this one's path to the ca is keyop.c, and what the two keymgmts share,
+ * the handling of the public half, is src/provider/pubhalf.c.
  */
 #include <string.h>
 #include <syslog.h>
