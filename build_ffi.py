@@ -231,7 +231,10 @@ print(f"build_ffi: poller: {poller_origin}", file=sys.stderr)
 ffibuilder.set_source(
     "pyprivsep._rsaengine",
     '#include "engine.h"\n#include "libversion.h"\n',
-    sources=sorted(glob.glob(os.path.join("src", "_rsaengine", "*.c"))),
+    # pubhalf.c: the public half of a ca-held key, shared with the provider
+    # (src/provider) by the relay's EdDSA keys (edkey.c); empty on LibreSSL
+    sources=sorted(glob.glob(os.path.join("src", "_rsaengine", "*.c"))) +
+    [os.path.join("src", "provider", "pubhalf.c")],
     include_dirs=[SRC] + flags["include_dirs"] + poller["include_dirs"],
     library_dirs=flags["library_dirs"] + poller["library_dirs"],
     libraries=["ssl", "crypto"] + poller["libraries"],

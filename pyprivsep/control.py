@@ -101,14 +101,14 @@ def show_keys(parent: "Parent") -> dict[str, Any]:
                else f"ca 1-{parent.cfg.prefork}")
     return {"keys": [
         {"relay": r.name, "certificate": c.keypair.cert,
-         "subject": c.subject, "type": f"{c.kind.upper()}-{c.bits}",
+         "subject": c.subject, "type": c.type_name(),
          "not_after": c.not_after, "key_id": c.keyid.hex()[:16],
          "held_by": held_by, "ocsp": ocsp_state(c)}
         for r, certs in zip(parent.cfg.relays, parent.setup.certs)
         for c in certs] + [
         {"keyservice": svc.ks.name, "socket": svc.ks.socket,
          "certificate": c.keypair.cert, "subject": c.subject,
-         "type": f"{c.kind.upper()}-{c.bits}", "not_after": c.not_after,
+         "type": c.type_name(), "not_after": c.not_after,
          "key_id": c.keyid.hex()[:16],
          "held_by": f"keyservice {svc.ks.name} ca 1-{svc.ks.prefork}",
          "ca_pids": [sca.pids.get("ca") for sca in parent.kscas

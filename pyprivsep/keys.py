@@ -17,15 +17,20 @@ from dataclasses import dataclass, replace
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import PublicKeyAlgorithmOID
 
 from pyprivsep.config import ClientCa, ConfigError, Keypair
-from pyprivsep.native import P, CaKey, NativeError
+from pyprivsep.native import P, CaKey, NativeError, ffi, lib
 
 EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 RSA_BITS = (2048, 8192)
+# Ed25519 and Ed448: the relay signs through a provider built into it
+# (src/_rsaengine/edkey.c), which needs OpenSSL 3.  LibreSSL has no
+# providers, and its libssl no EdDSA certificates at all (not even with
+# the key in the relay: "unknown certificate type").
+EDDSA = {"ed25519": "Ed25519", "ed448": "Ed448"}
 # An OCSP response is a few KiB at most (one response, maybe a responder
 # certificate); the relay copies it for every handshake that asks.  Bigger
 # is not an OCSP response file.  The C side enforces the same bound.
@@ -55,14 +60,21 @@ class Cert:
     keypair: Keypair
     chain_pem: bytes
     keyid: bytes
-    kind: str               # "rsa", "rsa-pss" (id-RSASSA-PSS) or "ec"
+    kind: str               # "rsa", "rsa-pss" (id-RSASSA-PSS), "ec",
+                            # "ed25519" or "ed448"
     bits: int               # RSA modulus bits, or the curve's bits
     subject: str
     not_after: str          # ISO 8601, UTC
     staple: Staple | None = None   # the parent's load_staple(), relays only
 
+    def type_name(self) -> str:
+        """RSA-2048, EC-256, Ed25519 ..."""
+        if self.kind in EDDSA:
+            return EDDSA[self.kind]
+        return f"{self.kind.upper()}-{self.bits}"
+
     def describe(self) -> str:
-        return f"{self.kind.upper()}-{self.bits} {self.subject}"
+        return f"{self.type_name()} {self.subject}"
 
 
 def _read(path: str, what: str, kp: Keypair) -> bytes:
@@ -158,10 +170,20 @@ def load_cert(kp: Keypair) -> Cert:
                               f"{kp.cert}: curve {pub.curve.name} not "
                               f"supported ({', '.join(EC_CURVES.values())})")
         kind, bits = "ec", pub.curve.key_size
+    elif isinstance(pub, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        kind = "ed25519" if isinstance(pub, ed25519.Ed25519PublicKey) \
+            else "ed448"
+        bits = 256 if kind == "ed25519" else 456
+        if not lib.pps_eddsa_keys():
+            built = ffi.string(lib.pps_library_version()).decode()
+            raise ConfigError(kp.where.file, kp.where.line,
+                              f"{kp.cert}: {EDDSA[kind]} certificates need "
+                              f"OpenSSL 3; this pyprivsep uses {built}, "
+                              "whose TLS serves none")
     else:
         raise ConfigError(kp.where.file, kp.where.line,
-                          f"{kp.cert}: only RSA, RSA-PSS and ECDSA keys are "
-                          "supported")
+                          f"{kp.cert}: only RSA, RSA-PSS, ECDSA, Ed25519 "
+                          "and Ed448 keys are supported")
     if kind == "rsa-pss":
         spki = spki_der(leaf)
     else:

@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from cryptography import x509
+
 from basics import wait_until
-from cawire import FRAME_MAX, Reply, parse_reply
+from cawire import FRAME_MAX, Reply, parse_reply, raw_frame, spki_keyid
 from pyprivsep import ca, privsep
 from pyprivsep.config import parse_config
 
@@ -113,6 +115,14 @@ class CaChild:
     def call(self, data: bytes) -> Reply:
         self.send_frame(data)
         return self.recv_reply()
+
+    def ask(self, certificate: x509.Certificate, op: int, arg: int, data: bytes) -> tuple[int, bytes]:
+        """One request for the key of ``certificate``: (status, payload),
+        the reply checked to be this request's."""
+        rid, keyid = self.next_id(), spki_keyid(certificate)
+        reply = self.call(raw_frame(op, arg, rid, keyid, data))
+        assert (reply.id, reply.key) == (rid, keyid)
+        return reply.arg, reply.payload
 
     def alive(self) -> bool:
         if self.wait_status is not None:

@@ -27,12 +27,12 @@ HDR_SIZE = FRAME_HDR_SIZE
 MAX_PAYLOAD = 1024  # PPS_MAX_PAYLOAD: an RSA-8192 block
 FRAME_MAX = HDR_SIZE + MAX_PAYLOAD
 PROTO_VERSION = 1
-OP_RSA_PRIV_ENC, OP_RSA_PRIV_DEC, OP_ECDSA_SIGN, OP_PING, OP_REPLY = 1, 2, 3, 4, 128
+OP_RSA_PRIV_ENC, OP_RSA_PRIV_DEC, OP_ECDSA_SIGN, OP_PING, OP_EDDSA_SIGN, OP_REPLY = 1, 2, 3, 4, 5, 128
 PAD_PKCS1, PAD_NONE = 1, 3
 OK, ERR_FRAME, ERR_VERSION, ERR_OP, ERR_NOKEY, ERR_POLICY, ERR_CRYPTO = range(7)
 # the protocol's numbers, written down here, must be the product's
-assert (P.PPS_MAX_PAYLOAD, P.PPS_PROTO_VERSION, P.PPS_OP_REPLY, P.PPS_ERR_CRYPTO) == (
-    MAX_PAYLOAD, PROTO_VERSION, OP_REPLY, ERR_CRYPTO)
+assert (P.PPS_MAX_PAYLOAD, P.PPS_PROTO_VERSION, P.PPS_OP_REPLY, P.PPS_ERR_CRYPTO, P.PPS_OP_EDDSA_SIGN) == (
+    MAX_PAYLOAD, PROTO_VERSION, OP_REPLY, ERR_CRYPTO, OP_EDDSA_SIGN)
 
 
 def hash_algorithm(name: str) -> hashes.HashAlgorithm:
@@ -222,9 +222,35 @@ def pss_structure_ok(block: bytes, bits: int) -> bool:
     return False
 
 
+# RFC 8446 4.4.3: what a TLS 1.3 server's CertificateVerify signs, before the transcript hash
+TLS13_SERVER_CV_PREFIX = b"\x20" * 64 + b"TLS 1.3, server CertificateVerify\x00"
+# RFC 8422 5.4 / RFC 8446 4.2.7: named groups a TLS 1.2 ServerKeyExchange may
+# name (the relay's), and the length of their public value (uncompressed
+# points for the NIST curves)
+SKE_GROUP_SHARES = {29: 32, 30: 56, 23: 65, 24: 97, 25: 133}
+
+
+def eddsa_message_ok(payload: bytes) -> bool:
+    """A TLS 1.3 server CertificateVerify content with a SHA-256 or SHA-384
+    transcript hash, or a TLS 1.2 ServerKeyExchange's signed part: two
+    randoms, ECParameters (named_curve, an allowed group), the ECPoint."""
+    prefix = len(TLS13_SERVER_CV_PREFIX)
+    if payload.startswith(TLS13_SERVER_CV_PREFIX) and len(payload) - prefix in (32, 48):
+        return True
+    if len(payload) < 68 or payload[64] != 3:
+        return False
+    group, share = int.from_bytes(payload[65:67], "big"), payload[68:]
+    want = SKE_GROUP_SHARES.get(group)
+    return want is not None and payload[67] == want == len(share) and (want in (32, 56) or share[0] == 4)
+
+
 def expected_status(kind: str, bits: int, op: int, arg: int, payload: bytes) -> int:
-    """The status of a well-framed request to a key of this kind ("rsa" or
-    "ec") and size, as docs/protocol.md states the policy."""
+    """The status of a well-framed request to a key of this kind ("rsa",
+    "ec", "ed25519", "ed448") and size, as docs/protocol.md states the policy."""
+    if kind in ("ed25519", "ed448") or op == OP_EDDSA_SIGN:
+        if kind not in ("ed25519", "ed448") or op != OP_EDDSA_SIGN or arg != 0:
+            return ERR_OP
+        return OK if eddsa_message_ok(payload) else ERR_POLICY
     if kind == "rsa" and op == OP_RSA_PRIV_ENC:
         if arg == PAD_NONE:
             return OK if pss_structure_ok(payload, bits) else ERR_POLICY

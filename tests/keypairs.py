@@ -12,13 +12,13 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from basics import LOCALHOST
 
-PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
 KEY_NAMES: tuple[str, ...] = ("rsa2048", "rsa4096", "p256", "p384")
 
 
@@ -107,6 +107,10 @@ def new_private_key(name: str) -> PrivateKey:
             return ec.generate_private_key(ec.SECP384R1())
         case "p521":  # not in KEY_NAMES: test_newkeys.py makes its own
             return ec.generate_private_key(ec.SECP521R1())
+        case "ed25519":  # not in KEY_NAMES: test_eddsa.py makes its own
+            return ed25519.Ed25519PrivateKey.generate()
+        case "ed448":
+            return ed448.Ed448PrivateKey.generate()
     raise ValueError(f"unknown key type {name!r}")
 
 
@@ -117,6 +121,9 @@ def key_secrets(key: PrivateKey) -> dict[str, Secret]:
             "p": Secret(numbers.p, (numbers.p.bit_length() + 7) // 8),
             "q": Secret(numbers.q, (numbers.q.bit_length() + 7) // 8),
         }
+    if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
+        seed = key.private_bytes_raw()      # 32 or 57 bytes: the whole key
+        return {"seed": Secret(int.from_bytes(seed, "big"), len(seed))}
     scalar = key.private_numbers().private_value
     return {"d": Secret(scalar, (key.curve.key_size + 7) // 8)}
 
@@ -136,7 +143,8 @@ def self_signed_certificate(key: PrivateKey, dns_names: Sequence[str], ips: Sequ
         .not_valid_after(now + datetime.timedelta(days=30))
         .add_extension(x509.SubjectAlternativeName(san), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
+        .sign(key, None if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey))
+              else hashes.SHA256())
     )
 
 
@@ -214,7 +222,8 @@ def make_issuer(directory: Path, name: str) -> Issuer:
                           crl_sign=True, encipher_only=False, decipher_only=False),
             critical=True,
         )
-        .sign(key, hashes.SHA256())
+        .sign(key, None if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey))
+              else hashes.SHA256())
     )
     cert_path = directory / f"{name}-ca.crt"
     write_cert(cert_path, cert)

@@ -4,11 +4,16 @@ patterns, e.g. a private key's secret components."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from basics import MIB
+from keypairs import KeyPair, key_patterns
+
+if TYPE_CHECKING:
+    from daemonctl import Daemon
 
 SKIPPED_REGIONS = frozenset({"[vvar]", "[vvar_vclock]", "[vsyscall]"})
 
@@ -86,3 +91,20 @@ def scan_process_memory(pid: int, patterns: Mapping[str, bytes], *, chunk_size: 
     finally:
         os.close(fd)
     return ScanResult(frozenset(found), scanned, regions_scanned, regions_failed)
+
+
+def assert_keys_only_in_cas(daemon: Daemon, keypairs: Sequence[KeyPair], relays: int) -> None:
+    """Every secret component of ``keypairs`` is in each ca process, and
+    none in the ``relays`` relay processes or the parent (the ca side is the
+    control: the scan finds what is there)."""
+    patterns = key_patterns(keypairs)
+    targets = {f"relay {i}": pid for i, pid in daemon.relay_pids().items()}
+    targets["parent"] = daemon.parent_pid
+    assert len(targets) == relays + 1, daemon.describe()
+    leaks = {name: sorted(scan_process_memory(pid, patterns).found) for name, pid in targets.items()}
+    assert leaks == {name: [] for name in targets}, "private key material outside the ca processes"
+    cas = daemon.ca_pids()
+    assert cas, daemon.describe()
+    for index, pid in cas.items():
+        found = scan_process_memory(pid, patterns).found
+        assert {n.rsplit(":", 1)[0] for n in found} == {c for kp in keypairs for c in kp.components()}, index

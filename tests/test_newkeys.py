@@ -26,10 +26,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from backends import BACKEND_PAGE, HttpBackend
 from basics import free_port
 from ca_child import CaChild, start_ca
-from cawire import pss_block, raw_frame, spki_keyid
+from cawire import pss_block
 from daemonctl import SANITIZED, Daemon, DaemonConfig, RelaySpec, StartDaemon, ca_config_text
-from keypairs import KeyPair, key_patterns, key_secrets, make_keypair
-from memscan import scan_process_memory
+from keypairs import KeyPair, key_secrets, make_keypair
+from memscan import assert_keys_only_in_cas
 from pyprivsep import native
 from pyprivsep.native import P
 from tlsclients import HTTP_GET_ROOT, TlsVersion, s_client, tls_handshake
@@ -40,7 +40,6 @@ VERSIONS: tuple[TlsVersion, ...] = ("1.2", "1.3")
 RSA_PSS = not native.library_version().startswith("LibreSSL")
 needs_rsa_pss = pytest.mark.skipif(
     not RSA_PSS, reason=f"RSA-PSS keys need OpenSSL 3; pyprivsep is built against {native.library_version()}")
-_ids = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -110,10 +109,7 @@ def ca(newkeys: NewKeys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
 
 
 def ask(ca: CaChild, kp: KeyPair, op: int, arg: int, data: bytes) -> tuple[int, bytes]:
-    rid, keyid = next(_ids), spki_keyid(kp.certificate)
-    reply = ca.call(raw_frame(op, arg, rid, keyid, data))
-    assert (reply.id, reply.key) == (rid, keyid)
-    return reply.arg, reply.payload
+    return ca.ask(kp.certificate, op, arg, data)
 
 
 # -- P-521 ---------------------------------------------------------------------
@@ -153,17 +149,7 @@ def test_p521_handshake_python_ssl(env: Env, newkeys: NewKeys, version: TlsVersi
 def test_new_keys_not_in_relays_or_parent(env: Env, newkeys: NewKeys) -> None:
     for kp, version, _ in itertools.product(newkeys.all(), VERSIONS, range(2)):
         tls_handshake(env.port, kp.dns_name, cafile=kp.cert_path, version=version)
-    patterns = key_patterns(newkeys.all())
-    targets = {f"relay {i}": pid for i, pid in env.daemon.relay_pids().items()}
-    targets["parent"] = env.daemon.parent_pid
-    assert len(targets) == 3, env.daemon.describe()
-    leaks = {name: sorted(scan_process_memory(pid, patterns).found) for name, pid in targets.items()}
-    assert leaks == {name: [] for name in targets}, "private key material outside the ca processes"
-    cas = env.daemon.ca_pids()
-    assert cas, env.daemon.describe()
-    for index, pid in cas.items():   # control: the scan finds what is there
-        found = scan_process_memory(pid, patterns).found
-        assert {n.rsplit(":", 1)[0] for n in found} == {c for kp in newkeys.all() for c in kp.components()}, index
+    assert_keys_only_in_cas(env.daemon, newkeys.all(), relays=2)
 
 
 @pytest.mark.parametrize("algorithm", [hashes.SHA256(), hashes.SHA384(), hashes.SHA512()], ids=lambda a: a.name)

@@ -97,4 +97,6 @@ int64_t		 pps_lat_bound(int bucket);
 void		 pps_leak_check(void);
 const char	*pps_error(void);
 const char	*pps_library_version(void);
+/* 1 if Ed25519 and Ed448 certificate keys can be served (edkey.c) */
+int		 pps_eddsa_keys(void);
 const char	*pps_poller(void);	/* "epoll" or "kqueue": poller.c's build */

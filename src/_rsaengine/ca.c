@@ -15,6 +15,8 @@
  *       and within the key's own restrictions when it has them: its hash
  *       (and MGF1 hash), a salt of at least its minimum salt length;
  *   ECDSA: a digest of 20 to 64 bytes;
+ *   Ed25519, Ed448 (PPS_OP_EDDSA_SIGN, the whole message): a TLS 1.3 server
+ *       CertificateVerify or TLS 1.2 ServerKeyExchange (edpolicy.c);
  *   anything else, RSA decryption always, is refused.
  * Each check needs only the public key's size.  The check decides the
  * operation (enum pps_signop) and cakey.c performs exactly that one: the
@@ -214,6 +216,16 @@ policy_check(const struct pps_cakey *key, int op, int arg, const uint8_t *in,
 	int is_pss = pps_cakey_type(key) == EVP_PKEY_RSA_PSS;
 	int is_rsa = pps_cakey_type(key) == EVP_PKEY_RSA || is_pss, status;
 
+	if (pps_cakey_eddsa(key) || op == PPS_OP_EDDSA_SIGN) {
+		if (op != PPS_OP_EDDSA_SIGN || !pps_cakey_eddsa(key))
+			return refuse(PPS_ERR_OP, pps_cakey_eddsa(key) ?
+			    "operation not allowed on an EdDSA key" :
+			    "EdDSA signing needs an Ed25519 or Ed448 key");
+		if (arg != 0)
+			return refuse(PPS_ERR_OP, "EdDSA takes no argument");
+		*how = PPS_SIGN_EDDSA;
+		return pps_eddsa_policy(in, len);	/* edpolicy.c */
+	}
 	if (op == PPS_OP_RSA_PRIV_ENC && is_rsa) {
 		if (arg == PPS_PAD_NONE) {
 			*how = PPS_SIGN_RSA_RAW;

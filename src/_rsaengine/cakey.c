@@ -6,6 +6,7 @@
  *   PPS_SIGN_RSA_PKCS1: PKCS#1 v1.5 type 1 padding over the DigestInfo
  *   PPS_SIGN_RSA_RAW:   the raw private operation on a full block
  *   PPS_SIGN_ECDSA:     ECDSA over the digest, DER ECDSA-Sig-Value out
+ *   PPS_SIGN_EDDSA:     Ed25519 / Ed448 over the whole message
  * An RSA-PSS key (id-RSASSA-PSS) signs with PPS_SIGN_RSA_RAW only: OpenSSL
  * allows nothing but PSS padding on such a key, so its private half is
  * imported once into a plain RSA key for the raw operation, and its PSS
@@ -31,7 +32,7 @@
 struct pps_cakey {
 	EVP_PKEY	*pkey;
 	EVP_PKEY_CTX	*ctx;		/* initialised for signing once */
-	int		 type;		/* EVP_PKEY_RSA, _RSA_PSS or _EC */
+	int		 type;		/* EVP_PKEY_RSA, _RSA_PSS, _EC, _ED* */
 	int		 bits;
 	int		 pss_md;	/* RSA-PSS restriction: NID or NID_undef */
 	int		 pss_mgf1_md;
@@ -128,6 +129,41 @@ pss_import(struct pps_cakey *k, EVP_PKEY *pkey, EVP_PKEY **raw)
 }
 #endif
 
+/* Ed25519, Ed448: the relay reaches them through a provider (edkey.c),
+ * so only where it has one; signed whole, with EVP_DigestSign(). */
+static int
+is_eddsa(const EVP_PKEY *pkey)
+{
+#ifdef PPS_EDDSA_KEYS
+	return EVP_PKEY_base_id(pkey) == EVP_PKEY_ED25519 ||
+	    EVP_PKEY_base_id(pkey) == EVP_PKEY_ED448;
+#else
+	(void)pkey;
+	return 0;
+#endif
+}
+
+int
+pps_cakey_eddsa(const struct pps_cakey *k)
+{
+	return is_eddsa(k->pkey);
+}
+
+static int
+eddsa_sign(EVP_PKEY *pkey, const uint8_t *in, size_t inlen, uint8_t *out,
+    size_t *outlen)
+{
+	EVP_MD_CTX *md;
+	int ok;
+
+	if ((md = EVP_MD_CTX_new()) == NULL)
+		return 0;
+	ok = EVP_DigestSignInit(md, NULL, NULL, NULL, pkey) > 0 &&
+	    EVP_DigestSign(md, out, outlen, in, inlen) > 0;
+	EVP_MD_CTX_free(md);
+	return ok;
+}
+
 int
 pps_cakey_type(const struct pps_cakey *k)
 {
@@ -171,9 +207,12 @@ pps_cakey_load(const char *key_pem, size_t key_len, const char *cert_pem,
 	}
 	if (EVP_PKEY_base_id(pkey) != EVP_PKEY_RSA &&
 	    EVP_PKEY_base_id(pkey) != EVP_PKEY_RSA_PSS &&
-	    EVP_PKEY_base_id(pkey) != EVP_PKEY_EC) {
-		pps_seterr("key type not supported (RSA, RSA-PSS and ECDSA "
-		    "only)");
+	    EVP_PKEY_base_id(pkey) != EVP_PKEY_EC && !is_eddsa(pkey)) {
+		pps_seterr("key type not supported (RSA, RSA-PSS, ECDSA"
+#ifdef PPS_EDDSA_KEYS
+		    ", Ed25519 and Ed448"
+#endif
+		    " only)");
 		goto fail;
 	}
 	if ((k = calloc(1, sizeof(*k))) == NULL)
@@ -193,8 +232,9 @@ pps_cakey_load(const char *key_pem, size_t key_len, const char *cert_pem,
 		EVP_PKEY_free(pkey);
 		pkey = raw;
 	}
-	if ((k->ctx = EVP_PKEY_CTX_new(pkey, NULL)) == NULL ||
-	    EVP_PKEY_sign_init(k->ctx) <= 0) {
+	/* (EdDSA: EVP_DigestSign() each time, in pps_cakey_sign()) */
+	if (!is_eddsa(pkey) && ((k->ctx = EVP_PKEY_CTX_new(pkey, NULL)) ==
+	    NULL || EVP_PKEY_sign_init(k->ctx) <= 0)) {
 		pps_seterr_ssl("EVP_PKEY_sign_init");
 		EVP_PKEY_CTX_free(k->ctx);
 		free(k);
@@ -245,6 +285,13 @@ pps_cakey_sign(struct pps_cakey *k, enum pps_signop how, const uint8_t *in,
 		type = EVP_PKEY_EC;
 		pad = 0;
 		break;
+	case PPS_SIGN_EDDSA:
+		if (!is_eddsa(k->pkey))
+			return pps_seterr("operation %d not for this key",
+			    (int)how);
+		if (!eddsa_sign(k->pkey, in, inlen, out, &outlen))
+			return pps_seterr_ssl("sign");
+		return (int)outlen;
 	default:
 		return pps_seterr("unknown operation %d", (int)how);
 	}

@@ -75,7 +75,8 @@ int	poller_sockerr(const struct evsrc *);	/* see poller.c */
 enum pps_signop {
 	PPS_SIGN_RSA_RAW,	/* raw private operation on a checked PSS block */
 	PPS_SIGN_RSA_PKCS1,	/* PKCS#1 v1.5 type 1 over a checked DigestInfo */
-	PPS_SIGN_ECDSA		/* ECDSA over a digest; DER ECDSA-Sig-Value out */
+	PPS_SIGN_ECDSA,		/* ECDSA over a digest; DER ECDSA-Sig-Value out */
+	PPS_SIGN_EDDSA		/* Ed25519/Ed448 over a checked TLS message */
 };
 int	pps_cakey_sign(struct pps_cakey *, enum pps_signop, const uint8_t *in,
 	    size_t inlen, uint8_t *out, size_t outsize);
@@ -83,6 +84,8 @@ int	pps_cakey_type(const struct pps_cakey *);
 int	pps_cakey_bits(const struct pps_cakey *);
 int	pps_cakey_pss(const struct pps_cakey *, int *md, int *mgf1_md,
 	    int *saltlen);
+int	pps_cakey_eddsa(const struct pps_cakey *);	/* Ed25519, Ed448 */
+int	pps_eddsa_policy(const uint8_t *, size_t);	/* edpolicy.c */
 
 /* A private key that lives in the ca: what the shim sends with a request. */
 struct keyref {
@@ -158,6 +161,12 @@ int	tls_ocsp(struct relay *, const uint8_t *, size_t, int64_t, int64_t);
 /* shim.c */
 int	shim_init(void);
 EVP_PKEY *shim_pkey(X509 *, const struct keyref *);
+
+/* edkey.c: Ed25519 and Ed448 keys, through a provider (OpenSSL 3 only) */
+#if !defined(LIBRESSL_VERSION_NUMBER) && OPENSSL_VERSION_NUMBER >= 0x30000000L
+#define PPS_EDDSA_KEYS	1
+#endif
+EVP_PKEY *edkey_pkey(EVP_PKEY *, const struct keyref *);
 
 /*
  * keyop.c: a connection's key operations.  relay.c keeps a keyop_ctx in

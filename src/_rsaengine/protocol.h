@@ -25,6 +25,8 @@
 #define PPS_OP_RSA_PRIV_DEC	2	/* defined to be refused: never performed */
 #define PPS_OP_ECDSA_SIGN	3	/* arg: 0; payload: the digest */
 #define PPS_OP_PING		4	/* no key, no payload: is the ca serving? */
+#define PPS_OP_EDDSA_SIGN	5	/* arg: 0; payload: the whole message
+					 * (Ed25519, Ed448: no digest first) */
 /* hdr.type: reply, ca -> relay; arg: PPS_OK or PPS_ERR_*; same id and key */
 #define PPS_OP_REPLY		128
 /* hdr.type: control, parent -> relay (and the relay's answers, same type) */

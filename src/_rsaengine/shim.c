@@ -239,9 +239,17 @@ shim_pkey(X509 *cert, const struct keyref *k)
 		return shim_rsa_pss(pub, k);
 	case EVP_PKEY_EC:
 		return shim_ec(EVP_PKEY_get0_EC_KEY(pub), k);
+#ifdef EVP_PKEY_ED25519
+	case EVP_PKEY_ED25519:
+#endif
+#ifdef EVP_PKEY_ED448
+	case EVP_PKEY_ED448:
+#endif
+		return edkey_pkey(pub, k);	/* a provider: edkey.c */
 	default:
 		pps_seterr("certificate key type %d not supported (RSA, "
-		    "RSA-PSS and ECDSA only)", EVP_PKEY_base_id(pub));
+		    "RSA-PSS, ECDSA, Ed25519 and Ed448 only)",
+		    EVP_PKEY_base_id(pub));
 		return NULL;
 	}
 }

@@ -11,6 +11,7 @@
 #include <openssl/params.h>
 
 #include "provider.h"
+#include "pubhalf.h"
 
 static OSSL_FUNC_keymgmt_new_fn			rsa_new, ec_new;
 static OSSL_FUNC_keymgmt_free_fn		km_free;
@@ -62,15 +63,8 @@ km_has(const void *keydata, int selection)
 {
 	const struct pps_key *key = keydata;
 
-	if (key == NULL)
-		return 0;
-	if ((selection & OSSL_KEYMGMT_SELECT_KEYPAIR) != 0 && key->pub == NULL)
-		return 0;
-	/* the private half is there, in the ca, if we know how to reach it */
-	if ((selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) != 0 &&
-	    key->conn == NULL)
-		return 0;
-	return 1;
+	return key != NULL && pps_pub_has(key->pub, key->conn != NULL,
+	    selection);
 }
 
 static int
@@ -79,9 +73,7 @@ km_match(const void *a, const void *b, int selection)
 	const struct pps_key *k1 = a, *k2 = b;
 
 	(void)selection;
-	if (k1->type != k2->type || k1->pub == NULL || k2->pub == NULL)
-		return 0;
-	return EVP_PKEY_eq(k1->pub, k2->pub) == 1;
+	return k1->type == k2->type && pps_pub_match(k1->pub, k2->pub);
 }
 
 static int
@@ -163,27 +155,15 @@ ec_io_types(int selection)
 static int
 import(struct pps_key *key, int selection, const OSSL_PARAM params[])
 {
-	EVP_PKEY_CTX *ctx;
-	EVP_PKEY *pub = NULL;
-	int ok;
+	int r;
 
 	(void)selection;
-	if (OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_RSA_D) != NULL ||
-	    OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_PRIV_KEY) != NULL) {
+	r = pps_pub_import(key->prov->libctx, pps_key_type_name(key->type),
+	    params, &key->pub);
+	if (r == -1)
 		pps_raise(PPS_R_NO_PRIVATE_KEY,
 		    "this provider holds no private keys");
-		return 0;
-	}
-	if ((ctx = EVP_PKEY_CTX_new_from_name(key->prov->libctx,
-	    pps_key_type_name(key->type), PPS_PROPQ_DEFAULT)) == NULL)
-		return 0;
-	ok = EVP_PKEY_fromdata_init(ctx) > 0 &&
-	    EVP_PKEY_fromdata(ctx, &pub, EVP_PKEY_PUBLIC_KEY,
-	    (OSSL_PARAM *)params) > 0;
-	EVP_PKEY_CTX_free(ctx);
-	if (!ok)
-		return 0;
-	return pps_key_set_pub(key, pub);
+	return r == 1;
 }
 
 static int
@@ -203,10 +183,7 @@ km_export(void *keydata, int selection, OSSL_CALLBACK *cb, void *cbarg)
 {
 	struct pps_key *key = keydata;
 
-	if ((selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) != 0 ||
-	    key->pub == NULL)
-		return 0;
-	return EVP_PKEY_export(key->pub, selection, cb, cbarg);
+	return pps_pub_export(key->pub, selection, cb, cbarg);
 }
 
 /* A copy without the private key (selection) cannot reach the ca. */

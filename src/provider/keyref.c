@@ -220,11 +220,3 @@ pps_key_dup(const struct pps_key *src)
 	}
 	return key;
 }
-
-int
-pps_key_set_pub(struct pps_key *key, EVP_PKEY *pub)
-{
-	EVP_PKEY_free(key->pub);
-	key->pub = pub;
-	return 1;
-}

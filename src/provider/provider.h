@@ -25,6 +25,7 @@
 #include <openssl/evp.h>
 
 #include "protocol.h"
+#include "pubhalf.h"
 
 #define PPS_PROV_NAME		"pyprivsep"
 #define PPS_REF_PEM_LABEL	"PYPRIVSEP KEY REFERENCE"
@@ -93,7 +94,6 @@ struct pps_key *pps_key_dup(const struct pps_key *);
  * NULL (no error raised) if it is neither. */
 struct pps_key *pps_key_from_der(struct pps_provctx *, const unsigned char *,
     size_t);
-int pps_key_set_pub(struct pps_key *, EVP_PKEY *);
 const char *pps_key_type_name(int type);
 
 /* algorithm tables */
@@ -104,7 +104,5 @@ extern const OSSL_DISPATCH pps_ecdsa_signature_functions[];
 extern const OSSL_DISPATCH pps_pem2der_decoder_functions[];
 extern const OSSL_DISPATCH pps_der2rsa_decoder_functions[];
 extern const OSSL_DISPATCH pps_der2ec_decoder_functions[];
-
-#define PPS_PROPQ_DEFAULT	"provider=default"
 
 #endif
