@@ -27,6 +27,8 @@
 
 #include "engine.h"
 
+#define BACKEND_RBUF	(4 * (PPS_BUFSZ + 512))	/* four TLS records */
+
 /* The host an SSL of ours connects to (its app data): where its session
  * goes. */
 static int
@@ -113,7 +115,12 @@ backend_tls_ctx(struct relay *r, const char *ca_pem, size_t ca_len,
 	SSL_CTX_set_options(ctx, opts);
 	SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE |
 	    SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
+	/* read ahead: what the backend sent, four records a recv() (as the
+	 * plain path's down buffer takes them), SSL_read() a record each */
 	SSL_CTX_set_read_ahead(ctx, 1);
+#ifndef LIBRESSL_VERSION_NUMBER
+	SSL_CTX_set_default_read_buffer_len(ctx, BACKEND_RBUF);
+#endif
 	if (!SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) ||
 	    !SSL_CTX_set_cipher_list(ctx, "HIGH:!aNULL:!kRSA:!PSK:!SRP")) {
 		pps_seterr_ssl("backend ciphers");

@@ -718,6 +718,7 @@ backend_handshake(struct conn *c)
 		return;
 	if ((r = SSL_do_handshake(c->bssl)) == 1) {
 		c->bwr_want = 0;
+		c->flags &= ~CF_BACKEND_UP;
 		c->state = CS_RELAY;
 		list_touch(c, &c->relay->established, c->relay->idle_timeout);
 		pps_log(LOG_DEBUG, "relay %s: %s: backend %s: %s handshake %s",
