@@ -44,6 +44,7 @@ class _TlsHttpServer(_HttpServer):
         self.reused: list[bool] = []
         self.failed: list[str] = []
         self.headers: list[bytes] = []
+        self.clean: list[bool] = []     # per connection: close_notify both ways
 
     def _sni(self, sslobj: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
         self.sni.append(name)
@@ -64,8 +65,11 @@ class _TlsHttpServer(_HttpServer):
         try:
             super().finish_request(tls, client_address)
         finally:
+            clean = False
             with contextlib.suppress(OSError, ssl.SSLError, ValueError):
                 tls.unwrap()              # close_notify, theirs awaited
+                clean = True
+            self.clean.append(clean)
             tls.close()
 
     def handle_error(self, request: object, client_address: object) -> None:
@@ -128,6 +132,11 @@ def test_request_and_response_cross_tls_to_the_backend(start_daemon: StartDaemon
         # the next ones resume (each with the ticket the last one got)
         assert backend.reused[0] is False and backend.reused[-3:] == [True] * 3, \
             backend.reused
+        # each connection ended with close_notify both ways (the backend's
+        # unwrap() got the relay's)
+        wait_until(lambda: len(backend.clean) == len(backend.reused), 10,
+                   "the backend's connections to end")
+        assert backend.clean[-4:] == [True] * 4, backend.clean
 
 
 def test_large_download_and_upload_intact(start_daemon: StartDaemon, pki: Pki, issuer: Issuer,
@@ -239,6 +248,25 @@ def test_plain_backend_fails_the_handshake_and_the_next_host_serves(
     assert seen == [HOST_B] * 4, seen
     log = daemon.stderr_text()
     assert f"backend: TLS handshake: " in log and f"(host {HOST_A}:{port})" in log, log
+
+
+def test_silent_backend_times_out_and_the_next_host_serves(
+        start_daemon: StartDaemon, pki: Pki, issuer: Issuer, backend_kp: KeyPair) -> None:
+    """A accepts TCP (its listen queue does) and never answers the
+    ClientHello: after the connect timeout (5 s, which covers the
+    handshake), B serves."""
+    port = backend_port()
+    cfg, relay = relay_config(pki, port, forward="<web>", options=verify_lines(issuer),
+                              tables=[f"table <web> {{ {HOST_A}, {HOST_B} }}"])
+    with socket.socket() as silent:
+        silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        silent.bind((HOST_A, port))
+        silent.listen(64)
+        with tls_backend(port, backend_kp, HOST_B, PAGE[HOST_B]):
+            daemon = start_daemon(cfg)
+            seen = [get(relay.listen_port, "p256.test", timeout=30) for _ in range(2)]
+    assert seen == [HOST_B] * 2, seen
+    assert f"backend: Connection timed out (host {HOST_A}:{port})" in daemon.stderr_text()
 
 
 def test_plain_backend_alone_closes_the_client(start_daemon: StartDaemon, pki: Pki,
