@@ -1175,7 +1175,10 @@ class _Parser:
         elif what.is_word("no"):
             self._expect("tls backend no", tok, "verify")
             self._eol("tls backend no verify")
-            relay.backend_verify = relay.backend_verify or where
+            if relay.backend_verify is not None:
+                raise self._err(tok.line, f'relay "{relay.name}" has more than one '
+                                f'"tls backend no verify" (first at {relay.backend_verify})')
+            relay.backend_verify = where
         elif what.is_word("name"):
             name = self._arg("tls backend name", tok)
             self._eol("tls backend name")

@@ -125,8 +125,8 @@ def prepare(cfg: Config, use_syslog: bool, verbose: bool,
             s.close()
         raise
     setup = relay.RelaySetup(cfg, certs, listeners, hosts, set(), b"",
-                             use_syslog, verbose, client_cas)
-    setup.backend_cas = backend_cas
+                             use_syslog, verbose, client_cas,
+                             backend_cas=backend_cas)
     try:
         setup.file_tickets = read_file_tickets(cfg)
     except ConfigError:

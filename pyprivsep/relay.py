@@ -49,7 +49,7 @@ def configure(cfg: Config, certs: list[list[keys.Cert]], hosts: list[Host],
                                    r.session_timeout, r.proxy_protocol,
                                    r.alpn)
             if r.backend_tls is not None:
-                _backend_tls(rid, r, (backend_cas or [])[n:n + 1])
+                _backend_tls(rid, r, backend_cas[n] if backend_cas else None)
             for f, fwd in enumerate(r.forwards):
                 table = native.relay_table(rid, MODES[fwd.mode])
                 if fwd.tls:
@@ -90,12 +90,11 @@ def configure(cfg: Config, certs: list[list[keys.Cert]], hosts: list[Host],
                                   f"relay {r.name}: ocsp {kp.ocsp}: {e}") from None
 
 
-def _backend_tls(rid: int, r: Relay, pem: list[bytes | None]) -> None:
+def _backend_tls(rid: int, r: Relay, ca_pem: bytes | None) -> None:
     """forward with tls: the relay's client side, its `tls backend` lines
     (the CA's PEM read by the parent)."""
     bt = r.backend_tls
     assert bt is not None
-    ca_pem = pem[0] if pem else None
     if bt.ca is not None and ca_pem is None:
         raise ConfigError(r.where.file, r.where.line,
                           f"relay {r.name}: tls backend ca {bt.ca} not read")

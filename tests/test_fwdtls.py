@@ -348,6 +348,10 @@ def _check(tmp_path: Path, pki: Pki, block: Sequence[str]) -> subprocess.Complet
       'tls backend name "bad name!"'], 5, "not a host name or address"),
     (["forward with tls to 127.0.0.1 port 443", "tls backend verify"], 4,
      'unknown directive "tls backend verify"'),
+    (["forward with tls to 127.0.0.1 port 443", "tls backend no verify",
+      "tls backend no verify"], 5, 'more than one "tls backend no verify"'),
+    (["forward with tls to 127.0.0.1 port 443", 'tls backend ca "/etc/hostname"',
+      'tls backend ca "/etc/hostname"'], 5, 'more than one "tls backend ca"'),
 ])
 def test_bad_lines_name_file_and_line(tmp_path: Path, pki: Pki, block: list[str], line: int,
                                       message: str) -> None:
