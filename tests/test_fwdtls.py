@@ -25,8 +25,18 @@ from hosts import HOST_A, HOST_B, PAGE, WHO, backend_port, get
 from keypairs import Issuer, KeyPair, Pki, make_issued_keypair, make_issuer
 from tlsclients import client_context, curl
 from conftest import StartDaemon
+from pyprivsep import native
 
 BACKEND_NAME = "backend.test"
+# LibreSSL's TLS 1.3 client resumes no session: every connection to a
+# backend is a full handshake there
+CLIENT_RESUMES = not native.library_version().startswith("LibreSSL")
+
+
+def _said(log: str, what: str) -> bool:
+    """what is in log, as either library words it ("self signed" or
+    "self-signed", "Hostname" or "hostname")."""
+    return what.lower() in log.lower().replace("self signed", "self-signed")
 
 
 class _TlsHttpServer(_HttpServer):
@@ -130,8 +140,11 @@ def test_request_and_response_cross_tls_to_the_backend(start_daemon: StartDaemon
         assert backend.sni == [BACKEND_NAME] * len(backend.reused)
         # the relay keeps the backend's session: after one whole request,
         # the next ones resume (each with the ticket the last one got)
-        assert backend.reused[0] is False and backend.reused[-3:] == [True] * 3, \
-            backend.reused
+        if CLIENT_RESUMES:
+            assert backend.reused[0] is False and backend.reused[-3:] == [True] * 3, \
+                backend.reused
+        else:
+            assert not any(backend.reused), backend.reused
         # each connection ended with close_notify both ways (the backend's
         # unwrap() got the relay's)
         wait_until(lambda: len(backend.clean) == len(backend.reused), 10,
@@ -195,7 +208,7 @@ def test_backend_certificate_is_verified(start_daemon: StartDaemon, pki: Pki, is
     log = daemon.stderr_text()
     expected = ("self-signed certificate in certificate chain" if case == "other-ca"
                 else "hostname mismatch")
-    assert f"backend: TLS handshake: certificate: {expected}" in log, log
+    assert _said(log, f"backend: TLS handshake: certificate: {expected}"), log
     assert f"(host {LOCALHOST}:{port})" in log
 
 
@@ -227,8 +240,9 @@ def test_two_tls_backends_alternate(start_daemon: StartDaemon, pki: Pki, issuer:
         assert seen in ([HOST_A, HOST_B] * 3, [HOST_B, HOST_A] * 3), seen
         # a session per host: each resumed its own after its first
         assert a.reused[0] is False and b.reused[0] is False, (a.reused, b.reused)
-        assert a.reused[-2:] == [True, True] and b.reused[-2:] == [True, True], \
-            (a.reused, b.reused)
+        if CLIENT_RESUMES:
+            assert a.reused[-2:] == [True, True] and b.reused[-2:] == [True, True], \
+                (a.reused, b.reused)
 
 
 def test_plain_backend_fails_the_handshake_and_the_next_host_serves(
