@@ -26,6 +26,7 @@ from keypairs import Issuer, KeyPair, Pki, make_issued_keypair, make_issuer
 from tlsclients import client_context, curl
 from conftest import StartDaemon
 from pyprivsep import native
+from pyprivsep.ctl import request as ctl_request
 
 BACKEND_NAME = "backend.test"
 # LibreSSL's TLS 1.3 client resumes no session: every connection to a
@@ -291,10 +292,21 @@ def test_plain_backend_alone_closes_the_client(start_daemon: StartDaemon, pki: P
     cfg, relay = relay_config(pki, port, options=verify_lines(issuer))
     with http_backend_on(port, PAGE[HOST_A]):
         daemon = start_daemon(cfg)
+        # the readiness probe's connection failed so too: once it is counted,
+        # each client's is (before its connection is closed)
+        wait_until(lambda: _fail_backend(daemon) >= 1, 10, "the probe's backend failure")
+        before = _fail_backend(daemon)
         assert _refused(relay) == b""
         assert _refused(relay) == b""      # and the relay goes on
+        assert _fail_backend(daemon) == before + 2
     log = daemon.stderr_text()
     assert "backend: TLS handshake: " in log, log
+    assert "no other backend host up" in log, log
+
+
+def _fail_backend(daemon: Daemon) -> int:
+    summary = ctl_request(str(daemon.workdir / "ctl.sock"), ["show", "summary"])
+    return int(summary["totals"].get("fail_backend", 0))
 
 
 def test_proxy_header_goes_before_the_client_hello(start_daemon: StartDaemon, pki: Pki,

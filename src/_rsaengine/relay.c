@@ -492,8 +492,8 @@ backend_try(struct conn *c, const struct host *not)
 	int fd, err, one = 1;
 
 	if ((h = relay_pick(r, c, not)) == NULL) {
-		pps_log(LOG_WARNING, "relay %s: %s: no backend host up",
-		    r->name, peer_name(c));
+		pps_log(LOG_WARNING, "relay %s: %s: no %sbackend host up",
+		    r->name, peer_name(c), not != NULL ? "other " : "");
 		return -1;
 	}
 	conn_host(c, h);
