@@ -73,7 +73,9 @@ def check_config(cfg: Config) -> None:
                        use_syslog=False, verbose=False)
     relay.configure(cfg, certs, tables.hosts_of(cfg),
                     [[] for _ in cfg.relays], inprocess=True,
-                    client_cas=client_cas)
+                    client_cas=client_cas,
+                    backend_cas=[keys.load_backend_ca(r.backend_tls)
+                                 for r in cfg.relays])
 
 
 def control_server(cfg: Config) -> control.Server | None:

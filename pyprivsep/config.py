@@ -62,9 +62,9 @@ KEYWORDS = frozenset({
     "connection", "connections", "allow", "alpn", "disable", "errors", "expect", "forward",
     "group", "handshake", "include", "inprocess", "interval", "key", "keyop", "keyops",
     "keypair", "keys", "keyservice", "lifetime", "listen", "log", "max", "metrics", "mode",
-    "ocsp", "on", "optional", "port", "prefork", "protocol", "proxy", "relay", "session",
-    "socket", "state", "table", "ticket",
-    "timeout", "tls", "to", "user",
+    "ocsp", "on", "optional", "port", "prefork", "protocol", "proxy",
+    "relay", "session", "socket", "state", "table", "ticket",
+    "timeout", "tls", "to", "user", "with",
 })
 _GLOBAL_ONLY = frozenset({
     "ca", "chroot", "include", "keyops", "keys", "log", "max", "metrics", "prefork",
@@ -75,7 +75,8 @@ DEFAULT_USER = "_pyprivsep"
 DEFAULT_CA_USER = "_pyprivsep_ca"
 
 _RELAY_ONLY = frozenset({"forward", "listen", "session"})
-_RELAY_ONLY_TLS = frozenset({"alpn", "certificate", "ciphers", "client", "keypair", "ocsp"})
+_RELAY_ONLY_TLS = frozenset({"alpn", "backend", "certificate", "ciphers", "client", "keypair",
+                             "ocsp"})
 
 _MACRO_NAME = re.compile(r"[A-Za-z0-9_]+\Z")
 _NUMBER = re.compile(r"[0-9]+\Z")
@@ -129,6 +130,22 @@ class ClientCa:
 
 
 @dataclass
+class BackendTls:
+    """How a relay with `forward with tls` checks its backends:
+    `tls backend ca "file"` (verify their chain against the CA
+    certificates in file) or `tls backend no verify` (ca None: do not);
+    `tls backend name "NAME"`: SNI, and the name (or address) their
+    certificate must carry when verified.  The parser wants `ca` or
+    `no verify` written: unlike relayd, nothing is left unverified by
+    default without saying so."""
+
+    ca: str | None                  # absolute path; None: not verified
+    name: str | None
+    where: Where                    # the first `tls backend` line
+    ca_where: Where | None = None   # the `tls backend ca` line
+
+
+@dataclass
 class Listen:
     host: str  # as written ("*" for any); the parent resolves it
     port: int
@@ -176,6 +193,7 @@ class Forward:
     port: int
     where: Where
     mode: str = DEFAULT_MODE
+    tls: bool = False               # `forward with tls to`: TLS to its hosts
     disabled: bool = False          # `table <x> disable`: no host is used
     check: Check | None = None      # None: every host is up
     timeout_ms: int = DEFAULT_CHECK_TIMEOUT  # resolved: own or global
@@ -195,6 +213,7 @@ class Relay:
     proxy_protocol: int = 0  # PROXY protocol version to the backend; 0: none
     alpn: list[str] = field(default_factory=list)  # server's preference order
     client_ca: ClientCa | None = None  # None: no client certificates asked for
+    backend_tls: BackendTls | None = None  # set when a forward is `with tls`
 
     @property
     def forward_host(self) -> str:
@@ -426,6 +445,8 @@ class _RelayBuilder:
     proxy_protocol: int = 0
     alpn: list[str] | None = None
     client_ca: ClientCa | None = None
+    backend_tls: BackendTls | None = None
+    backend_verify: Where | None = None     # `tls backend no verify`
 
     def build(self, config: Config) -> Relay:
         assert self.forwards
@@ -452,6 +473,7 @@ class _RelayBuilder:
             proxy_protocol=self.proxy_protocol,
             alpn=list(self.alpn or []),
             client_ca=self.client_ca,
+            backend_tls=self.backend_tls,
         )
 
 
@@ -960,12 +982,17 @@ class _Parser:
         self.config.tables[m[1]] = table
 
     def _forward(self, relay: _RelayBuilder, tok: _Token) -> None:
-        """`forward to <table>|ADDRESS port N [mode M] [proxy protocol vN]`;
-        a second line is the fallback, used while every host of the first
-        is down (relayd)."""
+        """`forward [with tls] to <table>|ADDRESS port N [mode M] [proxy
+        protocol vN]`; a second line is the fallback, used while every host
+        of the first is down (relayd).  `with tls`: the relay is a TLS
+        client of that line's hosts (relayd: only of those)."""
         if len(relay.forwards) == MAX_FORWARDS:
             raise self._err(tok.line, f'relay "{relay.name}" has more than two '
                             '"forward to" (a table and its fallback)')
+        tls = self.lex.peek().is_word("with")
+        if tls:
+            self.lex.next()
+            self._expect("forward with", tok, "tls")
         self._expect("forward", tok, "to")
         target = self._arg("forward to", tok)
         where = Where(self.file, tok.line)
@@ -1030,6 +1057,7 @@ class _Parser:
                 raise self._err(opt.line, f'extra argument {opt.describe()} for '
                                 '"forward to"')
         self._eol("forward to")
+        fwd.tls = tls
         relay.forwards.append(fwd)
         relay.own.append((timeout, interval, where))
 
@@ -1130,6 +1158,46 @@ class _Parser:
                             f'"tls client ca" (first at {relay.client_ca.where})')
         relay.client_ca = ClientCa(path, optional, Where(self.file, tok.line))
 
+    def _backend_tls(self, relay: _RelayBuilder, tok: _Token) -> None:
+        """`tls backend ca "FILE"`, `tls backend no verify`, `tls backend
+        name "NAME"`: how a relay checks the backends it forwards to with
+        tls, one of each at most."""
+        where = Where(self.file, tok.line)
+        bt = relay.backend_tls or BackendTls(None, None, where)
+        what = self._arg("tls backend", tok)
+        if what.is_word("ca"):
+            path = self._path(self._arg("tls backend ca", tok))
+            self._eol("tls backend ca")
+            if bt.ca_where is not None:
+                raise self._err(tok.line, f'relay "{relay.name}" has more than one '
+                                f'"tls backend ca" (first at {bt.ca_where})')
+            bt.ca, bt.ca_where = path, where
+        elif what.is_word("no"):
+            self._expect("tls backend no", tok, "verify")
+            self._eol("tls backend no verify")
+            if relay.backend_verify is not None:
+                raise self._err(tok.line, f'relay "{relay.name}" has more than one '
+                                f'"tls backend no verify" (first at {relay.backend_verify})')
+            relay.backend_verify = where
+        elif what.is_word("name"):
+            name = self._arg("tls backend name", tok)
+            self._eol("tls backend name")
+            if bt.name is not None:
+                raise self._err(tok.line, f'relay "{relay.name}" has more than one '
+                                '"tls backend name"')
+            if not _valid_host(name.value, allow_any=False):
+                raise self._err(name.line, f'tls backend name "{name.value}": not a '
+                                "host name or address")
+            bt.name = name.value
+        else:
+            raise self._err(what.line, f'unknown directive "tls backend {what.value}": '
+                            'expected ca "FILE", no verify or name "NAME"')
+        if bt.ca_where is not None and relay.backend_verify is not None:
+            raise self._err(tok.line, f'relay "{relay.name}": "tls backend ca" '
+                            f"({bt.ca_where}) and \"tls backend no verify\" "
+                            f"({relay.backend_verify}): one or the other")
+        relay.backend_tls = bt
+
     def _relay_tls(self, relay: _RelayBuilder, tok: _Token) -> None:
         sub = self._arg("tls", tok)
         kp = self._keypair(sub, tok)
@@ -1147,6 +1215,8 @@ class _Parser:
             self._alpn(relay, tok)
         elif sub.is_word("client"):
             self._client_ca(relay, tok)
+        elif sub.is_word("backend"):
+            self._backend_tls(relay, tok)
         elif sub.is_word("ocsp"):
             # a response is for one certificate: it goes on that one's line
             raise self._err(tok.line, '"tls ocsp" belongs on its certificate\'s '
@@ -1166,6 +1236,18 @@ class _Parser:
             raise self._err(line, f'relay "{name}" has no "listen on"')
         if not relay.forwards:
             raise self._err(line, f'relay "{name}" has no "forward to"')
+        with_tls = [f for f in relay.forwards if f.tls]
+        bt = relay.backend_tls
+        if with_tls and (bt is None or (bt.ca is None and relay.backend_verify is None)):
+            # relayd leaves backends unverified without `tls ca file`;
+            # here the operator says which it is to be
+            w = with_tls[0].where
+            raise ConfigError(w.file, w.line, f'relay "{name}": "forward with tls" '
+                              'needs tls backend ca "FILE" (verify the backends\' '
+                              'certificates) or "tls backend no verify"')
+        if bt is not None and not with_tls:
+            raise ConfigError(bt.where.file, bt.where.line, f'relay "{name}": "tls '
+                              'backend" but no "forward with tls"')
         # every listen is tls (see _listen), so every relay needs a keypair
         if not relay.keypairs:
             raise self._err(line, f'relay "{name}" listens with tls but has no keypair')

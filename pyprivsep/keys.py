@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import PublicKeyAlgorithmOID
 
-from pyprivsep.config import ClientCa, ConfigError, Keypair
+from pyprivsep.config import BackendTls, ClientCa, ConfigError, Keypair, Where
 from pyprivsep.native import P, CaKey, NativeError, ffi, lib
 
 EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
@@ -299,11 +299,22 @@ def load_staple(cert: Cert, now: datetime.datetime | None = None
 def load_client_ca(ca: ClientCa) -> bytes:
     """The PEM of `tls client ca`, read by the parent (before any chroot)
     and checked to hold certificates only."""
+    return _load_ca_pem(ca.path, ca.where, "tls client ca")
+
+
+def load_backend_ca(bt: BackendTls | None) -> bytes | None:
+    """The PEM of `tls backend ca` (forward with tls), read and checked as
+    load_client_ca's; None when the relay has none."""
+    if bt is None or bt.ca is None or bt.ca_where is None:
+        return None
+    return _load_ca_pem(bt.ca, bt.ca_where, "tls backend ca")
+
+
+def _load_ca_pem(path: str, where: Where, what: str) -> bytes:
     def refuse(why: str) -> ConfigError:
-        return ConfigError(ca.where.file, ca.where.line,
-                           f"tls client ca {ca.path}: {why}")
+        return ConfigError(where.file, where.line, f"{what} {path}: {why}")
     try:
-        with open(ca.path, "rb") as f:
+        with open(path, "rb") as f:
             pem = f.read(CLIENT_CA_MAX + 1)
     except OSError as e:
         raise refuse(f"cannot read: {e.strerror}") from None

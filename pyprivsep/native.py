@@ -233,6 +233,20 @@ def relay_host(relay: int, table: int, id: int, address: str, port: int,
                               int(up)))
 
 
+def relay_backend_tls(relay: int, ca_pem: bytes | None, name: str | None) -> None:
+    """forward with tls: the relay's TLS client side; ca_pem None, the
+    backends are not verified; name: SNI and the name verified."""
+    _check(lib.pps_relay_backend_tls(
+        relay, ca_pem if ca_pem is not None else ffi.NULL,
+        len(ca_pem) if ca_pem is not None else 0,
+        name.encode() if name is not None else ffi.NULL))
+
+
+def relay_table_tls(relay: int, table: int) -> None:
+    """The hosts of table speak TLS (before they are added)."""
+    _check(lib.pps_relay_table_tls(relay, table))
+
+
 def relay_listen(relay: int, fd: int) -> None:
     _check(lib.pps_relay_listen(relay, fd))
 

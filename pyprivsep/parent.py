@@ -107,6 +107,7 @@ def prepare(cfg: Config, use_syslog: bool, verbose: bool,
         certs.append(relay_certs(r))
         client_cas.append(None if r.client_ca is None
                           else keys.load_client_ca(r.client_ca))
+    backend_cas = [keys.load_backend_ca(r.backend_tls) for r in cfg.relays]
     hosts = tables.hosts_of(cfg)
     opened: list[socket.socket] = []
     try:
@@ -124,7 +125,8 @@ def prepare(cfg: Config, use_syslog: bool, verbose: bool,
             s.close()
         raise
     setup = relay.RelaySetup(cfg, certs, listeners, hosts, set(), b"",
-                             use_syslog, verbose, client_cas)
+                             use_syslog, verbose, client_cas,
+                             backend_cas=backend_cas)
     try:
         setup.file_tickets = read_file_tickets(cfg)
     except ConfigError:

@@ -9,7 +9,7 @@ import socket
 from dataclasses import dataclass, field
 
 from pyprivsep import keys, native, privsep
-from pyprivsep.config import MODES, Config, ConfigError
+from pyprivsep.config import MODES, Config, ConfigError, Relay
 from pyprivsep.tables import Host
 
 
@@ -30,11 +30,14 @@ class RelaySetup:
     # `tls ticket keys "file"`: its keys (relay layout, sealing key
     # first), read by the parent; None: the parent generates and rotates
     file_tickets: list[bytes] | None = None
+    # per relay block: the PEM of its `tls backend ca`, or None
+    backend_cas: list[bytes | None] = field(default_factory=list)
 
 
 def configure(cfg: Config, certs: list[list[keys.Cert]], hosts: list[Host],
               listeners: list[list[socket.socket]], inprocess: bool,
-              client_cas: list[bytes | None], down: set[int] | None = None) -> None:
+              client_cas: list[bytes | None], down: set[int] | None = None,
+              backend_cas: list[bytes | None] | None = None) -> None:
     """Give the engine its relay blocks.  Anything it refuses (a cipher
     list, a certificate chain, a key that does not fit, an OCSP response,
     a client CA file) is a ConfigError naming the directive, so that
@@ -45,8 +48,12 @@ def configure(cfg: Config, certs: list[list[keys.Cert]], hosts: list[Host],
             rid = native.relay_new(r.name, r.ciphers, r.keyop_timeout_ms,
                                    r.session_timeout, r.proxy_protocol,
                                    r.alpn)
+            if r.backend_tls is not None:
+                _backend_tls(rid, r, backend_cas[n] if backend_cas else None)
             for f, fwd in enumerate(r.forwards):
                 table = native.relay_table(rid, MODES[fwd.mode])
+                if fwd.tls:
+                    native.relay_table_tls(rid, table)
                 for h in hosts:
                     if h.relay == r.name and h.forward == f:
                         native.relay_host(rid, table, h.id, h.address, h.port,
@@ -83,6 +90,21 @@ def configure(cfg: Config, certs: list[list[keys.Cert]], hosts: list[Host],
                                   f"relay {r.name}: ocsp {kp.ocsp}: {e}") from None
 
 
+def _backend_tls(rid: int, r: Relay, ca_pem: bytes | None) -> None:
+    """forward with tls: the relay's client side, its `tls backend` lines
+    (the CA's PEM read by the parent)."""
+    bt = r.backend_tls
+    assert bt is not None
+    if bt.ca is not None and ca_pem is None:
+        raise ConfigError(r.where.file, r.where.line,
+                          f"relay {r.name}: tls backend ca {bt.ca} not read")
+    try:
+        native.relay_backend_tls(rid, ca_pem, bt.name)
+    except native.NativeError as e:
+        w = bt.ca_where or bt.where
+        raise ConfigError(w.file, w.line, f"relay {r.name}: tls backend: {e}") from None
+
+
 def keyops_async(cfg: Config) -> bool:
     """`keyops async` unless configured blocking or the library has no ASYNC
     (LibreSSL), where asking for it is a configuration error."""
@@ -109,7 +131,8 @@ def main(setup: RelaySetup, index: int, ca_fd: int, ctl_fd: int) -> int:
                        use_syslog=setup.use_syslog,
                        verbose=setup.verbose)
     configure(cfg, setup.certs, setup.hosts, setup.listeners,
-              cfg.keys_inprocess, setup.client_cas, setup.down)
+              cfg.keys_inprocess, setup.client_cas, setup.down,
+              setup.backend_cas)
     native.ticket_keys(setup.ticket_keys)
     privsep.drop_privileges(cfg, "relay")
     privsep.sandbox("relay")

@@ -32,12 +32,14 @@ class RelaySpec:
     forward_options: str = ""  # after "forward to ... port N": "proxy protocol v2"
     options: Sequence[str] = ()  # more lines of the block: "tls alpn ...", "listen on ..."
     forward_host: str = LOCALHOST
+    forward_tls: bool = False  # "forward with tls to ..."
 
     def render(self) -> list[str]:
+        forward = "forward with tls to" if self.forward_tls else "forward to"
         lines = [
             f'relay "{self.name}" {{',
             f"    listen on {self.listen_host} port {self.listen_port} tls",
-            f"    forward to {self.forward_host} port {self.forward_port} {self.forward_options}".rstrip(),
+            f"    {forward} {self.forward_host} port {self.forward_port} {self.forward_options}".rstrip(),
             *(f"    {line}" for line in self.options),
         ]
         lines += [f'    tls certificate "{kp.cert_path}" key "{kp.key_path}"' for kp in self.keypairs]

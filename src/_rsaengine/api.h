@@ -38,6 +38,16 @@ int		 pps_relay_new(const char *name, const char *ciphers,
 int		 pps_relay_table(int relay, int mode);
 int		 pps_relay_host(int relay, int table, uint32_t id,
 		    const char *addr, int port, int up);
+/*
+ * forward with tls: the relay's TLS client side, once, before its tables:
+ * ca_pem NULL, backends not verified, else verified against the CA
+ * certificates in it; name NULL, no SNI and no name checked, else sent as
+ * SNI (a host name) and checked (when verifying).  Then each table whose
+ * hosts speak TLS, before its hosts.
+ */
+int		 pps_relay_backend_tls(int relay, const char *ca_pem,
+		    size_t ca_len, const char *name);
+int		 pps_relay_table_tls(int relay, int table);
 int		 pps_relay_listen(int relay, int fd);
 int		 pps_relay_keypair(int relay, const char *chain_pem, size_t chain_len,
 		    const uint8_t *keyid, const char *key_pem, size_t key_len);

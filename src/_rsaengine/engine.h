@@ -116,10 +116,13 @@ struct host {
 	int		 nconns;
 	struct sockaddr_storage addr;
 	socklen_t	 addrlen;
+	int		 tls;		/* forward with tls: a TLS client to it */
+	SSL_SESSION	*session;	/* tls: to resume with it, or NULL */
 };
 
 struct table {
 	int		 mode;		/* PPS_MODE_* */
+	int		 tls;		/* forward with tls (its hosts' too) */
 	unsigned	 rr;		/* roundrobin: the next one */
 	int		 nhosts;
 	struct host	 hosts[PPS_MAX_HOSTS];
@@ -142,6 +145,8 @@ struct relay {
 	int		 client_optional;
 	unsigned char	 sid_ctx[32];	/* the session id context */
 	unsigned int	 sid_ctx_len;
+	SSL_CTX		*backend_ctx;	/* forward with tls: client side */
+	char		*backend_name;	/* SNI, and the name verified; or NULL */
 	struct connlist	 handshaking;	/* deadline: handshake timeout */
 	struct connlist	 connecting;	/* deadline: PPS_CONNECT_TIMEOUT */
 	struct connlist	 established;	/* deadline: idle timeout */
@@ -157,6 +162,12 @@ int	tls_keypair(struct relay *, const char *, size_t, const uint8_t *,
 int	tls_check_relay(struct relay *);
 int	tls_client_ca(struct relay *, const char *, size_t, int);
 int	tls_ocsp(struct relay *, const uint8_t *, size_t, int64_t, int64_t);
+
+/* backend.c: forward with tls, the relay a TLS client of its backends */
+int	backend_tls_ctx(struct relay *, const char *, size_t, const char *);
+SSL	*backend_tls_new(struct relay *, struct host *, int fd);
+void	backend_tls_failed(struct host *);
+const char *backend_tls_why(SSL *, int);
 
 /* shim.c */
 int	shim_init(void);

@@ -54,16 +54,19 @@ enum conn_state { CS_HANDSHAKE, CS_CONNECTING, CS_RELAY };
 #define CF_BACKEND_EOF	0x02	/* no more bytes from the backend */
 #define CF_BACKEND_SHUT	0x04	/* we sent FIN to the backend */
 #define CF_TLS_SHUT	0x08	/* we sent close_notify */
+#define CF_BACKEND_UP	0x10	/* forward with tls: connected, handshaking */
 
 struct conn {
 	struct evsrc	 client;	/* first: a client evsrc is the conn */
 	struct evsrc	 backend;
 	struct relay	*relay;
 	SSL		*ssl;
+	SSL		*bssl;		/* forward with tls: to the backend */
 	enum conn_state	 state;
 	unsigned	 flags;
 	unsigned	 rd_want, wr_want;	/* what SSL_read/SSL_write wait for */
 	unsigned	 cready, bready;	/* client, backend: found ready */
+	unsigned	 brd_want, bwr_want;	/* bssl's SSL_read, SSL_write */
 	struct buf	*up, *down;	/* client->backend, backend->client */
 	uint64_t	 deadline;	/* monotonic ms */
 	struct connlist	*list;
@@ -242,6 +245,7 @@ conn_close(struct conn *c, const char *why)
 		poller_close(&c->backend);
 	poller_close(&c->client);
 	SSL_free(c->ssl);
+	SSL_free(c->bssl);
 	free(c->up);
 	free(c->down);
 	/* events of this turn may still name c: free it after them */
@@ -488,8 +492,8 @@ backend_try(struct conn *c, const struct host *not)
 	int fd, err, one = 1;
 
 	if ((h = relay_pick(r, c, not)) == NULL) {
-		pps_log(LOG_WARNING, "relay %s: %s: no backend host up",
-		    r->name, peer_name(c));
+		pps_log(LOG_WARNING, "relay %s: %s: no %sbackend host up",
+		    r->name, peer_name(c), not != NULL ? "other " : "");
 		return -1;
 	}
 	conn_host(c, h);
@@ -509,6 +513,7 @@ backend_try(struct conn *c, const struct host *not)
 	}
 	c->backend.fd = fd;
 	c->bready = 0;
+	c->brd_want = c->bwr_want = 0;
 	c->state = CS_CONNECTING;
 	if (poller_add(&c->backend, PPS_IN | PPS_OUT, PPS_POLL_EDGE) == -1) {
 		pps_log(LOG_ERR, "%s", pps_error());
@@ -539,21 +544,37 @@ host_name(const struct host *h)
 }
 
 /*
- * Connecting to c's host failed (err): once, another host up is tried,
- * so that no client sees a failure while one is (the health checks take
- * a dead host out within their interval; until then this hides it).
+ * Connecting to c's host failed (why), or its TLS handshake did (forward
+ * with tls): once, another host up is tried, so that no client sees a
+ * failure while one is (the health checks take a dead host out within
+ * their interval; until then this hides it).
  */
 static void
-backend_failed(struct conn *c, int err)
+backend_failed_why(struct conn *c, const char *why)
 {
 	struct host *failed = c->host;
 	int r = -1;
 
 	pps_log(LOG_WARNING, "relay %s: %s: backend: %s (host %s)",
-	    c->relay->name, peer_name(c), strerror(err),
+	    c->relay->name, peer_name(c), why,
 	    failed != NULL ? host_name(failed) : "?");
 	if (c->backend.fd != -1)
 		poller_close(&c->backend);
+	if (c->bssl != NULL) {
+		if (failed != NULL)
+			backend_tls_failed(failed);
+		SSL_free(c->bssl);
+		c->bssl = NULL;
+	}
+	if (c->flags & CF_BACKEND_UP) {
+		/* the PROXY header went to the one that failed: anew */
+		c->flags &= ~CF_BACKEND_UP;
+		free(c->up);
+		c->up = NULL;
+		if (c->relay->proxy != PPS_PROXY_NONE && !c->retried &&
+		    proxy_prepend(c) == -1)
+			c->retried = 1;		/* no other host then */
+	}
 	while (!c->retried) {
 		c->retried = 1;
 		if ((r = backend_try(c, failed)) > 0)
@@ -567,6 +588,12 @@ backend_failed(struct conn *c, int err)
 	/* tell the client politely that there is nobody behind us */
 	(void)SSL_shutdown(c->ssl);
 	conn_close(c, NULL);
+}
+
+static void
+backend_failed(struct conn *c, int err)
+{
+	backend_failed_why(c, strerror(err));
 }
 
 static void
@@ -660,6 +687,62 @@ conn_handshake(struct conn *c)
 	(void)conn_flush(c);	/* the flight just made */
 }
 
+/*
+ * forward with tls: the PROXY header (if any: all c->up holds before the
+ * relay starts) in the clear, then the client handshake, as far as the
+ * socket lets it go.  Done: c relays.  Failed: another host, once.  Still
+ * connecting until then (the connect timeout covers the handshake too).
+ */
+static void
+backend_handshake(struct conn *c)
+{
+	char why[300];
+	ssize_t n;
+	int r;
+
+	while (buf_len(c->up) > 0) {
+		if (!(c->bready & PPS_OUT))
+			return;
+		n = send(c->backend.fd, c->up->data + c->up->off, c->up->len,
+		    MSG_NOSIGNAL);
+		if (n > 0)
+			buf_drain(&c->up, n);
+		else if (n == -1 && errno == EAGAIN)
+			c->bready &= ~PPS_OUT;
+		else if (n == 0 || errno != EINTR) {
+			backend_failed(c, n == 0 ? EIO : errno);
+			return;
+		}
+	}
+	if (c->bwr_want != 0 && !(c->bready & c->bwr_want))
+		return;
+	if ((r = SSL_do_handshake(c->bssl)) == 1) {
+		c->bwr_want = 0;
+		c->flags &= ~CF_BACKEND_UP;
+		c->state = CS_RELAY;
+		list_touch(c, &c->relay->established, c->relay->idle_timeout);
+		pps_log(LOG_DEBUG, "relay %s: %s: backend %s: %s handshake %s",
+		    c->relay->name, peer_name(c), host_name(c->host),
+		    SSL_session_reused(c->bssl) ? "resumed" : "full",
+		    SSL_get_version(c->bssl));
+		return;
+	}
+	switch (SSL_get_error(c->bssl, r)) {
+	case SSL_ERROR_WANT_READ:
+		c->bwr_want = PPS_IN;
+		c->bready &= ~PPS_IN;
+		return;
+	case SSL_ERROR_WANT_WRITE:
+		c->bwr_want = PPS_OUT;
+		c->bready &= ~PPS_OUT;
+		return;
+	default:
+		snprintf(why, sizeof(why), "TLS handshake: %s",
+		    backend_tls_why(c->bssl, r));
+		backend_failed_why(c, why);
+	}
+}
+
 /* The backend's socket became writable: connected, unless SO_ERROR
  * reports an error (a refusal comes as an error event). */
 static void
@@ -677,6 +760,15 @@ conn_connected(struct conn *c, unsigned events)
 		return;
 	if (err != 0) {
 		backend_failed(c, err);	/* another host, or the end */
+		return;
+	}
+	if (c->host != NULL && c->host->tls) {
+		c->flags |= CF_BACKEND_UP;
+		if ((c->bssl = backend_tls_new(c->relay, c->host,
+		    c->backend.fd)) == NULL)
+			backend_failed_why(c, pps_error());
+		else
+			backend_handshake(c);
 		return;
 	}
 	c->state = CS_RELAY;
@@ -733,13 +825,108 @@ pump_client_read(struct conn *c)
 	return 0;
 }
 
+/* forward with tls: what an SSL call on bssl said (r <= 0) for the one
+ * that waits in *want; 0 blocked, -1 error (logged). */
+static int
+backend_tls_blocked(struct conn *c, int r, unsigned *want, const char *what)
+{
+	switch (SSL_get_error(c->bssl, r)) {
+	case SSL_ERROR_WANT_READ:
+		*want = PPS_IN;
+		c->bready &= ~PPS_IN;
+		return 0;
+	case SSL_ERROR_WANT_WRITE:
+		*want = PPS_OUT;
+		c->bready &= ~PPS_OUT;
+		return 0;
+	default:
+		pps_log(LOG_DEBUG, "relay %s: backend %s: %s", c->relay->name,
+		    what, ssl_reason());
+		return -1;
+	}
+}
+
+static int
+pump_backend_tls_write(struct conn *c)
+{
+	int n;
+
+	if (c->bwr_want != 0 && !(c->bready & c->bwr_want))
+		return 0;
+	n = SSL_write(c->bssl, c->up->data + c->up->off, (int)c->up->len);
+	if (n > 0) {
+		c->bwr_want = 0;
+		buf_drain(&c->up, n);
+		return 1;
+	}
+	return backend_tls_blocked(c, n, &c->bwr_want, "write");
+}
+
+static int
+pump_backend_tls_read(struct conn *c)
+{
+	uint8_t *p;
+	int n;
+
+	if (c->brd_want != 0 && !(c->bready & c->brd_want))
+		return 0;
+	if ((p = buf_tail(&c->down, DOWN_BUFSZ)) == NULL)
+		return -1;
+	n = SSL_read(c->bssl, p, (int)buf_space(c->down, DOWN_BUFSZ));
+	if (n > 0) {
+		c->brd_want = 0;
+		c->down->len += n;
+		c->bytes_out += n;
+		stats.bytes_out += n;
+		return 1;
+	}
+	if (buf_len(c->down) == 0) {
+		free(c->down);
+		c->down = NULL;
+	}
+	switch (SSL_get_error(c->bssl, n)) {
+	case SSL_ERROR_ZERO_RETURN:
+		c->flags |= CF_BACKEND_EOF;
+		return 1;
+	case SSL_ERROR_SYSCALL:
+		if (ERR_peek_error() == 0 && (n == 0 || errno == 0 ||
+		    errno == ECONNRESET)) {
+			c->flags |= CF_BACKEND_EOF;
+			return 1;
+		}
+		break;
+	}
+	return backend_tls_blocked(c, n, &c->brd_want, "read");
+}
+
+/* forward with tls: close_notify to the backend; 0 while the socket is
+ * full (its event brings us back), 1 sent or given up on. */
+static int
+backend_tls_shutdown(struct conn *c)
+{
+	int r;
+
+	if (!(c->bready & PPS_OUT))
+		return 0;
+	if ((r = SSL_shutdown(c->bssl)) >= 0 ||
+	    SSL_get_error(c->bssl, r) != SSL_ERROR_WANT_WRITE) {
+		ERR_clear_error();
+		return 1;
+	}
+	c->bready &= ~PPS_OUT;
+	return 0;
+}
+
 static int
 pump_backend_write(struct conn *c)
 {
 	ssize_t n;
 
-	if (c->state != CS_RELAY || buf_len(c->up) == 0 ||
-	    !(c->bready & PPS_OUT))
+	if (c->state != CS_RELAY || buf_len(c->up) == 0)
+		return 0;
+	if (c->bssl != NULL)
+		return pump_backend_tls_write(c);
+	if (!(c->bready & PPS_OUT))
 		return 0;
 	n = send(c->backend.fd, c->up->data + c->up->off, c->up->len,
 	    MSG_NOSIGNAL);
@@ -765,7 +952,11 @@ pump_backend_read(struct conn *c)
 	ssize_t n;
 
 	if (c->state != CS_RELAY || c->flags & CF_BACKEND_EOF ||
-	    buf_space(c->down, DOWN_BUFSZ) == 0 || !(c->bready & PPS_IN))
+	    buf_space(c->down, DOWN_BUFSZ) == 0)
+		return 0;
+	if (c->bssl != NULL)
+		return pump_backend_tls_read(c);
+	if (!(c->bready & PPS_IN))
 		return 0;
 	if ((p = buf_tail(&c->down, DOWN_BUFSZ)) == NULL)
 		return -1;
@@ -831,11 +1022,16 @@ pump_shutdowns(struct conn *c)
 {
 	if (c->flags & CF_CLIENT_EOF && !(c->flags & CF_BACKEND_SHUT) &&
 	    buf_len(c->up) == 0 && c->state == CS_RELAY) {
-		/* when the backend has ended and all it sent is gone on, the
-		 * connection closes now, and close() sends the FIN */
-		if (!(c->flags & CF_BACKEND_EOF) || buf_len(c->down) > 0)
-			(void)shutdown(c->backend.fd, SHUT_WR);
-		c->flags |= CF_BACKEND_SHUT;
+		/* forward with tls: a close_notify first, even to a backend
+		 * that has ended (its session stays good for resuming) */
+		if (c->bssl == NULL || backend_tls_shutdown(c)) {
+			/* when the backend has ended and all it sent is gone
+			 * on, the connection closes now, and close() sends
+			 * the FIN */
+			if (!(c->flags & CF_BACKEND_EOF) || buf_len(c->down) > 0)
+				(void)shutdown(c->backend.fd, SHUT_WR);
+			c->flags |= CF_BACKEND_SHUT;
+		}
 	}
 	if (c->flags & CF_BACKEND_EOF && !(c->flags & CF_TLS_SHUT) &&
 	    buf_len(c->down) == 0) {
@@ -913,9 +1109,10 @@ on_backend(struct evsrc *src, unsigned events)
 	if (c->closed)
 		return;
 	if (c->state == CS_CONNECTING) {
-		if (!(c->bready & PPS_OUT))
-			return;
-		conn_connected(c, events);
+		if (c->flags & CF_BACKEND_UP)	/* forward with tls */
+			backend_handshake(c);
+		else if (c->bready & PPS_OUT)
+			conn_connected(c, events);
 		if (c->state != CS_RELAY)
 			return;
 	}
@@ -1517,7 +1714,36 @@ pps_relay_host(int index, int table, uint32_t id, const char *addr, int port,
 		    r->name, addr);
 	h->id = id;
 	h->up = up != 0;
+	h->tls = t->tls;
 	t->nhosts++;
+	return 0;
+}
+
+/* forward with tls: the relay's client side (backend.c). */
+int
+pps_relay_backend_tls(int index, const char *ca_pem, size_t ca_len,
+    const char *name)
+{
+	struct relay *r = relay_get(index);
+
+	if (r == NULL)
+		return -1;
+	return backend_tls_ctx(r, ca_pem, ca_len, name);
+}
+
+int
+pps_relay_table_tls(int index, int table)
+{
+	struct relay *r = relay_get(index);
+
+	if (r == NULL)
+		return -1;
+	if (table < 0 || table >= r->ntables)
+		return pps_seterr("relay %s: no table %d", r->name, table);
+	if (r->backend_ctx == NULL || r->tables[table].nhosts > 0)
+		return pps_seterr("relay %s: table %d: TLS before its hosts, "
+		    "after pps_relay_backend_tls", r->name, table);
+	r->tables[table].tls = 1;
 	return 0;
 }
 
