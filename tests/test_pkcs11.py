@@ -17,23 +17,21 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from backends import HttpBackend
-from basics import wait_until
+from basics import free_port, wait_until
 from ca_child import CaChild, start_ca
 from cawire import spki_keyid
 from daemonctl import SANITIZED, Daemon, DaemonConfig, RelaySpec, StartDaemon, run_pyprivsep
-from keypairs import KeyPair, key_patterns
+from keypairs import key_patterns
 from memscan import scan_process_memory
 from p11token import (P11KIT_CLIENT, P11KitServer, Token, generate_key, import_key, iter_files,
                       make_token, missing_tools, token_directory)
 from tlsclients import TlsVersion, curl, s_client, tls_handshake
-from basics import free_port
 
 pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools()))
 
@@ -240,11 +238,14 @@ def _handshake_ok(daemon: Daemon, token: Token, name: str = "imported-rsa") -> b
 @pytest.mark.skipif(os.geteuid() != 0, reason="reading the cas' memory needs root")
 def test_memory_of_the_daemon_with_keys_in_the_token(start_daemon: StartDaemon, token: Token,
                                                      http_backend: HttpBackend, p11kit: P11KitServer) -> None:
-    """Remote (p11-kit server): no pyprivsep process holds the imported
-    keys' primes or scalar, the cas included.  With SoftHSM loaded in the
-    ca, the relays and the parent hold none (SoftHSM computes in the ca:
-    what it leaves there is the module's business, see README)."""
+    """No pyprivsep process holds the imported keys' primes or scalar, the
+    cas included: through p11-kit server the key is only ever in another
+    process; with SoftHSM loaded in the ca, SoftHSM decrypts the key for
+    each signature and wipes it after (a module that kept it in the clear
+    in the ca would fail this, see README)."""
     patterns = key_patterns([token.keys["imported-rsa"], token.keys["imported-ec"]])
+    # the scan finds them where they are: in this process, which made them
+    assert scan_process_memory(os.getpid(), patterns).found
     remote = start(start_daemon, token, http_backend, remote=p11kit)
     assert_handshakes(remote, token)
     pids = {"parent": remote.parent_pid} | {f"relay {i}": p for i, p in remote.relay_pids().items()} \
@@ -255,9 +256,10 @@ def test_memory_of_the_daemon_with_keys_in_the_token(start_daemon: StartDaemon, 
 
     local = start(start_daemon, token, http_backend)
     assert_handshakes(local, token)
-    pids = {"parent": local.parent_pid} | {f"relay {i}": p for i, p in local.relay_pids().items()}
+    pids = {"parent": local.parent_pid} | {f"relay {i}": p for i, p in local.relay_pids().items()} \
+        | {f"ca {i}": p for i, p in local.ca_pids().items()}
     found = {name: sorted(scan_process_memory(pid, patterns).found) for name, pid in pids.items()}
-    assert found == {name: [] for name in pids}, "key material outside the cas"
+    assert found == {name: [] for name in pids}, "key material in a pyprivsep process"
 
 
 # --------------------------------------------------------------------------
@@ -327,4 +329,22 @@ def test_a_p11kit_server_outage_fails_handshakes_not_the_cas(start_daemon: Start
     wait_until(lambda: _handshake_ok(daemon, token), 30, lambda: f"handshakes again\n{daemon.describe()}")
     assert_handshakes(daemon, token)
     assert daemon.ca_pids() == cas, "the cas were restarted, not reconnected"
+    assert daemon.stop() == 0, daemon.describe()
+
+
+# --------------------------------------------------------------------------
+# a keyservice's cas take token keys too
+# --------------------------------------------------------------------------
+
+
+def test_a_keyservice_signs_with_token_keys(start_daemon: StartDaemon, token: Token) -> None:
+    from daemonctl import KeyServiceSpec
+    from test_keyservice import signs
+
+    keypairs = [token.keys["imported-rsa"], token.keys["generated-ec"]]
+    spec = KeyServiceSpec("tok", token.directory / "run" / "tok.sock", keypairs)
+    daemon = start_daemon(DaemonConfig([], keyservices=[spec], globals=[token.pkcs11_line()]))
+    for i, kp in enumerate(keypairs * 2):
+        signs(spec.socket, kp, req_id=10 + i)
+    assert len(daemon.keyservice_pids("tok")) == spec.cas
     assert daemon.stop() == 0, daemon.describe()
