@@ -348,3 +348,27 @@ def test_a_keyservice_signs_with_token_keys(start_daemon: StartDaemon, token: To
         signs(spec.socket, kp, req_id=10 + i)
     assert len(daemon.keyservice_pids("tok")) == spec.cas
     assert daemon.stop() == 0, daemon.describe()
+
+
+def test_a_token_gone_and_back_is_reopened_by_the_same_ca(start_daemon: StartDaemon, token: Token,
+                                                         http_backend: HttpBackend) -> None:
+    """SoftHSM's token directory taken away: signatures fail (the ca
+    answers PPS_ERR_CRYPTO, the relay fails the handshake), the ca lives
+    on, and once the token is back the same ca finalizes, initializes,
+    logs in again under its sandbox and signs."""
+    daemon = start(start_daemon, token, http_backend, prefork=1)
+    assert_handshakes(daemon, token)
+    cas = daemon.ca_pids()
+    tokens, away = token.directory / "tokens", token.directory / "tokens.away"
+    tokens.rename(away)
+    try:
+        with pytest.raises(OSError):
+            tls_handshake(daemon.config.relays[0].listen_port, token.keys["generated-rsa"].dns_name,
+                          version="1.3", timeout=20)
+        assert daemon.ca_pids() == cas, daemon.describe()
+    finally:
+        away.rename(tokens)
+    wait_until(lambda: _handshake_ok(daemon, token, "generated-rsa"), 30,
+               lambda: f"handshakes again\n{daemon.describe()}")
+    assert_handshakes(daemon, token)
+    assert daemon.ca_pids() == cas, "the ca was restarted, not reopened"
