@@ -29,7 +29,7 @@ from cawire import spki_keyid
 from daemonctl import SANITIZED, Daemon, DaemonConfig, RelaySpec, StartDaemon, run_pyprivsep
 from keypairs import key_patterns
 from memscan import scan_process_memory
-from p11token import (P11KIT_CLIENT, P11KitServer, Token, generate_key, import_key, iter_files,
+from p11token import (P11KIT_CLIENT, PIN, P11KitServer, Token, generate_key, import_key, iter_files,
                       make_token, missing_tools, token_directory)
 from tlsclients import TlsVersion, curl, s_client, tls_handshake
 
@@ -256,6 +256,11 @@ def test_memory_of_the_daemon_with_keys_in_the_token(start_daemon: StartDaemon, 
 
     local = start(start_daemon, token, http_backend)
     assert_handshakes(local, token)
+    # the PIN: only the cas read it (the parent and the relays never)
+    pin = {"pin": PIN.encode()}
+    assert scan_process_memory(os.getpid(), pin).found
+    for pid in [local.parent_pid, *local.relay_pids().values()]:
+        assert not scan_process_memory(pid, pin).found, f"the PIN in pid {pid}"
     pids = {"parent": local.parent_pid} | {f"relay {i}": p for i, p in local.relay_pids().items()} \
         | {f"ca {i}": p for i, p in local.ca_pids().items()}
     found = {name: sorted(scan_process_memory(pid, patterns).found) for name, pid in pids.items()}
@@ -372,3 +377,18 @@ def test_a_token_gone_and_back_is_reopened_by_the_same_ca(start_daemon: StartDae
                lambda: f"handshakes again\n{daemon.describe()}")
     assert_handshakes(daemon, token)
     assert daemon.ca_pids() == cas, "the ca was restarted, not reopened"
+
+
+def test_a_reload_checks_the_token_keys_in_a_child_and_the_parent_stays_clean(
+        start_daemon: StartDaemon, token: Token, http_backend: HttpBackend) -> None:
+    """SIGHUP: the parent checks every key in a throwaway child (which loads
+    the module and logs in), then starts a new generation of cas and
+    relays; the parent itself never maps the module."""
+    daemon = start(start_daemon, token, http_backend)
+    old = set(daemon.ca_pids().values())
+    os.kill(daemon.parent_pid, signal.SIGHUP)
+    wait_until(lambda: (lambda now: len(now) == 2 and not now & old)(set(daemon.ca_pids().values())), 30,
+               lambda: f"a new generation of cas\n{daemon.describe()}")
+    wait_until(lambda: _handshake_ok(daemon, token), 30, lambda: f"handshakes\n{daemon.describe()}")
+    assert_handshakes(daemon, token)
+    assert "libsofthsm2.so" not in Path(f"/proc/{daemon.parent_pid}/maps").read_text()
