@@ -50,6 +50,7 @@ def token() -> Iterator[Token]:
         import_key(token, "imported-ec", 2, "p256")
         generate_key(token, "generated-rsa", 3, "rsa:2048")
         generate_key(token, "generated-ec", 4, "EC:prime256v1")
+        generate_key(token, "always-auth", 5, "rsa:2048", always_auth=True)
         token.give_to_ca_user()
         yield token
     finally:
@@ -392,3 +393,18 @@ def test_a_reload_checks_the_token_keys_in_a_child_and_the_parent_stays_clean(
     wait_until(lambda: _handshake_ok(daemon, token), 30, lambda: f"handshakes\n{daemon.describe()}")
     assert_handshakes(daemon, token)
     assert "libsofthsm2.so" not in Path(f"/proc/{daemon.parent_pid}/maps").read_text()
+
+
+def test_a_key_that_wants_the_pin_for_each_signature(start_daemon: StartDaemon, token: Token,
+                                                    http_backend: HttpBackend) -> None:
+    """CKA_ALWAYS_AUTHENTICATE (smart cards, some HSM policies): the ca
+    logs in for the context (CKU_CONTEXT_SPECIFIC) before each C_Sign."""
+    assert "always authenticate" in token.tool("--list-objects", "--type", "privkey", "--label", "always-auth")
+    daemon = start_daemon(DaemonConfig([relay_of(token, http_backend, ("always-auth",))], prefork=1,
+                                       globals=[token.pkcs11_line()]))
+    kp = token.keys["always-auth"]
+    for version in VERSIONS:
+        for _ in range(3):
+            info = tls_handshake(daemon.config.relays[0].listen_port, kp.dns_name,
+                                 cafile=token.issuer.cert_path, version=version, timeout=20)
+            assert info.peer_cert_der == kp.cert_der
