@@ -408,3 +408,22 @@ def test_a_key_that_wants_the_pin_for_each_signature(start_daemon: StartDaemon, 
             info = tls_handshake(daemon.config.relays[0].listen_port, kp.dns_name,
                                  cafile=token.issuer.cert_path, version=version, timeout=20)
             assert info.peer_cert_der == kp.cert_der
+
+
+def test_check_through_a_p11kit_server_that_admits_the_ca_user_only(token: Token, tmp_path: Path,
+                                                                     p11kit: P11KitServer) -> None:
+    """-n signs with the token keys as `ca user`, as a ca will: the test's
+    p11-kit server (-u _pyprivsep_ca) refuses root."""
+    kp = token.keys["generated-ec"]
+    line = token.pkcs11_line(module=P11KIT_CLIENT, server=p11kit.socket_path)
+    conf = write_config(tmp_path / "p.conf", config_text(
+        token, [f'    tls certificate "{kp.cert_path}" key "{kp.key_path}"'], pkcs11=line))
+    proc = run_pyprivsep("-n", "-f", str(conf))
+    assert proc.returncode == 0, proc.stderr
+    other = token.keys["imported-ec"]
+    conf = write_config(tmp_path / "q.conf", config_text(
+        token, [f'    tls certificate "{kp.cert_path}" key "{other.key_path}"'], pkcs11=line))
+    proc = run_pyprivsep("-n", "-f", str(conf))
+    assert proc.returncode == 1
+    assert f"{conf}:{line_of(conf, 'tls certificate')}:" in proc.stderr
+    assert "does not match the certificate" in proc.stderr, proc.stderr
