@@ -1066,7 +1066,7 @@ def check_keys_error(cfg: Config, *, files: bool = True) -> ConfigError | None:
         except ConfigError as e:
             os.write(w, json.dumps([e.file, e.line, e.msg]).encode()[:4000])
         except BaseException as e:
-            os.write(w, json.dumps(["", 0, f"checking the keys: {e}"]).encode()[:4000])
+            os.write(w, json.dumps([cfg.path, 0, f"checking the keys: {e}"]).encode()[:4000])
         finally:
             os._exit(status)
     os.close(w)
