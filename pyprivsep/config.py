@@ -63,7 +63,7 @@ KEYWORDS = frozenset({
     "group", "handshake", "include", "inprocess", "interval", "key", "keyop", "keyops",
     "keypair", "keys", "keyservice", "lifetime", "listen", "log", "max", "metrics", "mode",
     "ocsp", "on", "optional", "port", "prefork", "protocol", "proxy", "relay", "session",
-    "socket", "state", "table", "ticket", "pkcs11", "module", "pin", "server",
+    "socket", "state", "table", "ticket", "pkcs11",
     "timeout", "tls", "to", "user",
 })
 _GLOBAL_ONLY = frozenset({
