@@ -35,7 +35,8 @@ from keypairs import Issuer, KeyPair, key_secrets, make_issuer, new_private_key
 
 SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
 P11KIT_CLIENT = Path("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so")
-CA_USER = "_pyprivsep_ca"  # the daemon's default `ca user`
+# the daemon's default `ca user`; `make asan` runs every child as root
+CA_USER = "root" if os.environ.get("PYPRIVSEP_DAEMON_PRELOAD") else "_pyprivsep_ca"
 TOKEN = "web"
 PIN = "4711-0815"
 SO_PIN = "12345678"

@@ -98,7 +98,9 @@ def write_config(path: Path, text: str) -> Path:
 
 def config_text(token: Token, relay_lines: list[str], pkcs11: str | None = None) -> str:
     pk = token.pkcs11_line() if pkcs11 is None else pkcs11
-    return "\n".join(["prefork 1", pk, 'relay "www" {', "    listen on 127.0.0.1 port 8443 tls",
+    # `make asan`: every child root, as daemonctl.Daemon makes them
+    users = ['user "root"', 'ca user "root"'] if SANITIZED else []
+    return "\n".join(["prefork 1", *users, pk, 'relay "www" {', "    listen on 127.0.0.1 port 8443 tls",
                       "    forward to 127.0.0.1 port 8080", *relay_lines, "}", ""])
 
 
