@@ -429,3 +429,34 @@ def test_check_through_a_p11kit_server_that_admits_the_ca_user_only(token: Token
     assert proc.returncode == 1
     assert f"{conf}:{line_of(conf, 'tls certificate')}:" in proc.stderr
     assert "does not match the certificate" in proc.stderr, proc.stderr
+
+
+def test_a_token_out_of_reach_is_a_crypto_error_reply_not_a_dead_ca(token: Token, token_ca: CaChild) -> None:
+    """The relay's view: PPS_ERR_CRYPTO for a well-formed request while the
+    token is away, a signature again once it is back, one ca throughout."""
+    import hashlib
+
+    from cawire import pss_block, raw_frame
+    from pyprivsep.native import P
+
+    cert = token.keys["generated-rsa"].certificate
+    keyid, bits = spki_keyid(cert), cert.public_key().key_size  # type: ignore[union-attr]
+
+    def request() -> int:
+        block = pss_block(hashlib.sha256(os.urandom(16)).digest(), bits, "sha256")
+        return token_ca.call(raw_frame(P.PPS_OP_RSA_PRIV_ENC, P.PPS_PAD_NONE, token_ca.next_id(), keyid,
+                                       block)).arg
+
+    assert request() == P.PPS_OK, token_ca.log()
+    tokens, away = token.directory / "tokens", token.directory / "tokens.away"
+    tokens.rename(away)
+    try:
+        assert request() == P.PPS_ERR_CRYPTO, token_ca.log()
+        assert request() == P.PPS_ERR_CRYPTO
+    finally:
+        away.rename(tokens)
+    assert request() == P.PPS_OK, token_ca.log()
+    assert token_ca.alive()
+    log = token_ca.log()
+    assert "PKCS#11 token \"web\"" in log and "session reopened" in log, log
+    assert PIN not in log

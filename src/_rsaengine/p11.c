@@ -290,7 +290,10 @@ open_token(struct p11_token *t, const char **what)
 	if (rv != CKR_OK) {
 		(void)p11.f->C_CloseSession(t->session);
 		t->open = 0;
-	}
+	} else
+		pps_log(p11.epoch > 0 ? LOG_NOTICE : LOG_DEBUG,
+		    "PKCS#11 token \"%s\": session %s", t->label,
+		    p11.epoch > 0 ? "reopened" : "opened");
 	return rv;
 }
 
@@ -415,7 +418,7 @@ pps_p11_sign(struct pps_p11key *k, enum pps_signop how, const uint8_t *in,
 	CK_ULONG outlen;
 	const char *what = "";
 	uint8_t *buf;
-	int attempt, reopened = 0;
+	int attempt;
 	CK_RV rv = CKR_GENERAL_ERROR;
 
 	if (p11.f == NULL)
@@ -440,7 +443,6 @@ pps_p11_sign(struct pps_p11key *k, enum pps_signop how, const uint8_t *in,
 		if (rv == CKR_OK || !gone(rv) || p11.pin_refused)
 			break;
 		reset();
-		reopened = 1;
 	}
 	if (rv != CKR_OK) {
 		if (rv == CKR_ARGUMENTS_BAD && strncmp(what, "C_", 2) != 0)
@@ -451,9 +453,6 @@ pps_p11_sign(struct pps_p11key *k, enum pps_signop how, const uint8_t *in,
 		    p11.pin_refused ? " (the PIN is not tried again until a "
 		    "restart or reload)" : "");
 	}
-	if (reopened)
-		pps_log(LOG_NOTICE, "PKCS#11 token \"%s\": session reopened",
-		    p11.tok[k->tok].label);
 	if (how == PPS_SIGN_ECDSA)
 		return ecdsa_der(rs, outlen, out, outsize);
 	if (outlen > outsize)
