@@ -460,3 +460,59 @@ def test_a_token_out_of_reach_is_a_crypto_error_reply_not_a_dead_ca(token: Token
     log = token_ca.log()
     assert "PKCS#11 token \"web\"" in log and "session reopened" in log, log
     assert PIN not in log
+
+
+# --------------------------------------------------------------------------
+# the sandbox of a ca with a module: what it adds, and what it does not
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or SANITIZED, reason="the users and the seccomp filter need root "
+                    "(and not `make asan`, whose children stay unfiltered)")
+def test_a_token_cas_filter_adds_files_and_unix_sockets_only(start_daemon: StartDaemon, token: Token,
+                                                             http_backend: HttpBackend) -> None:
+    """A process set up as a token-backed ca (tests/test_sandbox.py's
+    attacker, with pkcs11=True: ca user, no chroot, the wider filter):
+    it may open files and make AF_UNIX sockets, which the module needs,
+    and still no IPv4 socket, exec, fork, signal to another process,
+    ptrace or prlimit."""
+    import subprocess
+    import sys
+
+    from basics import REPO_ROOT
+    from daemonctl import pyprivsep_env
+    from test_sandbox import ATTACKER, SIGSYS
+
+    # (the open as a module opens: Python's open() also asks isatty(), an
+    # ioctl no ca may make)
+    script = (ATTACKER.replace("privsep.drop_privileges(cfg, role)", "privsep.drop_privileges(cfg, role, chroot=False)")
+              .replace("privsep.sandbox(role)", "privsep.sandbox(role, pkcs11=True)")
+              .replace('open("/etc/passwd", "rb").close()', 'os.close(os.open("/etc/passwd", os.O_RDONLY))'))
+    assert script.count("pkcs11=True") == 1 and script.count("chroot=False") == 1 and "os.O_RDONLY" in script
+    daemon = start(start_daemon, token, http_backend)
+    relay = daemon.relay_pids()[1]
+
+    def attack(role: str, action: str, target: int) -> str:
+        proc = subprocess.run([sys.executable, "-c", script, str(daemon.conf_path), role, "1", action, str(target)],
+                              cwd=REPO_ROOT, env=pyprivsep_env(), capture_output=True, text=True, timeout=30)
+        if proc.returncode == SIGSYS:
+            return "SIGSYS"
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout.splitlines()[-1].removeprefix("result ")
+
+    expected = {
+        ("ca", "open", 0): "ok",                 # SoftHSM's files
+        ("ca", "socket_unix", 0): "ok",          # p11-kit-client's server
+        ("ca", "socket_inet", 0): "EACCES",
+        ("ca", "execve", 0): "SIGSYS",
+        ("ca", "fork", 0): "SIGSYS",
+        ("ca", "sigkill", relay): "SIGSYS",
+        ("ca", "ptrace", relay): "SIGSYS",
+        ("ca", "prlimit", relay): "SIGSYS",
+        ("keyservice", "socket_inet", 0): "EACCES",
+        ("keyservice", "execve", 0): "SIGSYS",
+        ("keyservice", "sigkill", relay): "SIGSYS",
+    }
+    got = {key: attack(*key) for key in expected}
+    assert got == expected
+    assert daemon.relay_pids()[1] == relay and _handshake_ok(daemon, token)
