@@ -119,7 +119,13 @@ def test_generated_keys_are_sensitive_and_never_extractable(token: Token) -> Non
     access = {re.search(r"label:\s+(\S+)", b).group(1): re.search(r"Access:\s+(.*)", b).group(1)  # type: ignore[union-attr]
               for b in blocks}
     for name in ("generated-rsa", "generated-ec"):
-        assert "never extractable" in access[name] and "sensitive" in access[name], access
+        flags = [flag.strip() for flag in access[name].split(",")]
+        # CKA_SENSITIVE true, CKA_EXTRACTABLE false (pkcs11-tool would list
+        # "extractable"), and never was
+        assert "sensitive" in flags and "never extractable" in flags, access
+        assert "extractable" not in flags, access
+    # an imported key was outside the token once: the listing tells them apart
+    assert "never extractable" not in access["imported-rsa"], access
     # and no file of the test's but the token's own holds a private key
     for path in iter_files(token.directory):
         if "tokens" not in path.parts:
