@@ -44,9 +44,9 @@ OPENBSD_CALLS = {
 }
 
 
-def openssl_cflags() -> list[str]:
+def openssl_cflags(package: str = "openssl") -> list[str]:
     try:
-        out = subprocess.run(["pkg-config", "--cflags", "openssl"],
+        out = subprocess.run(["pkg-config", "--cflags", package],
                              capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return []
@@ -58,7 +58,8 @@ def as_on_openbsd(source: Path, *extra: str) -> list[str]:
     return [CC, "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-O2",
             "-U__linux__", "-D__OpenBSD__", f"-I{STUBS}",
             "-include", str(STUBS / "openbsd.h"), f"-I{SRC}",
-            *openssl_cflags(), *extra, str(source)]
+            *openssl_cflags(), *openssl_cflags("p11-kit-1"),  # p11.c: p11-kit's pkcs11.h
+            *extra, str(source)]
 
 
 @needs_cc
