@@ -16,13 +16,15 @@ absent, for a skip.
 The token's files live in ``token.directory``; a process using the token
 through SoftHSM directly needs ``token.env`` (SOFTHSM2_CONF) and read and
 write access to them (``token.give_to(user)``); through p11-kit it needs
-only the socket (``P11KitServer(..., user=...)`` lets that user connect).
+only the socket, and to be the one user the server lets in
+(``P11KitServer(..., user=...)``; root by default).
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import grp
 import os
 import pwd
 import re
@@ -191,7 +193,10 @@ class P11KitServer:
         args = [*self.prefix, "p11-kit", "server", "-f", "--provider", str(self.provider),
                 "-n", str(self.socket)]
         if self.user:
-            args += ["-u", self.user]
+            # -u and -g both, or the socket is not given to the user (and
+            # stays root's, mode 0711: no one else can connect)
+            group = grp.getgrgid(pwd.getpwnam(self.user).pw_gid).gr_name
+            args += ["-u", self.user, "-g", group]
         args.append(f"pkcs11:token={self.token.label}")
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(args, env=self.token.full_env(), stdin=subprocess.DEVNULL,
@@ -206,20 +211,31 @@ class P11KitServer:
                 raise RuntimeError(f"p11-kit server did not start: $ {' '.join(args)}\n{text}")
             time.sleep(0.05)
         if not self.answers():
+            listing = self.listing()
             self.stop()
-            raise RuntimeError(f"p11-kit server on {self.socket} lists no token {self.token.label}")
+            raise RuntimeError(f"p11-kit server on {self.socket} lists no token {self.token.label}:\n"
+                               f"{listing}\n{self.log.read_text()}")
         return self
 
     def answers(self) -> bool:
-        """Whether a client through p11-kit's client module sees the token."""
+        """Whether a client through p11-kit's client module sees the token
+        (a client running as ``user`` when given: the server lets only one
+        uid in, root by default)."""
+        return re.search(rf"token label\s*:\s*{re.escape(self.token.label)}\s*$",
+                         self.listing(), re.M) is not None
+
+    def listing(self) -> str:
+        """pkcs11-tool's list of the slots the server exports."""
         client = p11kit_client_module()
         if client is None:
-            return False
-        proc = subprocess.run(["pkcs11-tool", "--module", str(client), "--list-token-slots"],
+            return "no p11-kit client module"
+        prefix = ([] if self.user is None else
+                  ["setpriv", f"--reuid={self.user}", f"--regid={pwd.getpwnam(self.user).pw_gid}",
+                   "--clear-groups"])
+        proc = subprocess.run([*prefix, "pkcs11-tool", "--module", str(client), "--list-token-slots"],
                               env={**os.environ, **self.client_env()}, capture_output=True,
                               text=True, timeout=60)
-        return re.search(rf"token label\s*:\s*{re.escape(self.token.label)}\s*$",
-                         proc.stdout, re.M) is not None
+        return proc.stdout + proc.stderr
 
     def stop(self) -> None:
         if self.proc is not None:
