@@ -16,8 +16,7 @@ absent, for a skip.
 The token's files live in ``token.directory``; a process using the token
 through SoftHSM directly needs ``token.env`` (SOFTHSM2_CONF) and read and
 write access to them (``token.give_to(user)``); through p11-kit it needs
-only the socket, and to be the one user the server lets in
-(``P11KitServer(..., user=...)``; root by default).
+only to connect to the socket (``P11KitServer``'s ``user`` and ``mode``).
 """
 
 from __future__ import annotations
@@ -164,13 +163,23 @@ class P11KitServer:
     """``p11-kit server -f`` exporting ``token`` on the UNIX socket
     ``socket``: started by ``start()`` or ``with``, ready when the socket
     answers; ``stop()`` ends it (SIGTERM, then SIGKILL) and removes the
-    socket.  ``user``: who may connect besides root (``-u``)."""
+    socket.
+
+    p11-kit makes the socket mode 0600 (its umask) and root's, or, given
+    ``user``, that user's and its group's (``-u`` and ``-g``), and then
+    lets no other uid in (it checks the peer's credentials: not even
+    root).  ``mode``: the socket's mode, set once it listens (0o666: any
+    uid may connect, root and a ca's user alike; who can reach the socket's
+    directory is then the only limit).  Whoever connects needs to reach the
+    socket's directory."""
 
     def __init__(self, token: Token, socket: Path, *, user: str | None = None,
-                 provider: Path = SOFTHSM_MODULE, prefix: list[str] | None = None) -> None:
+                 mode: int | None = None, provider: Path = SOFTHSM_MODULE,
+                 prefix: list[str] | None = None) -> None:
         self.token = token
         self.socket = socket
         self.user = user
+        self.mode = mode
         self.provider = provider
         self.prefix = prefix or []      # e.g. taskset -c 1
         self.proc: subprocess.Popen[str] | None = None
@@ -210,6 +219,8 @@ class P11KitServer:
                 self.stop()
                 raise RuntimeError(f"p11-kit server did not start: $ {' '.join(args)}\n{text}")
             time.sleep(0.05)
+        if self.mode is not None:
+            self.socket.chmod(self.mode)
         if not self.answers():
             listing = self.listing()
             self.stop()

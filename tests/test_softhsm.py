@@ -5,7 +5,11 @@ the signature verifies with the certificate's public key."""
 from __future__ import annotations
 
 import hashlib
+import os
+import pwd
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,3 +89,27 @@ def test_the_server_stops_and_removes_its_socket(softhsm_token: Token,
     assert server.socket.is_socket() and server.answers()
     server.stop()
     assert not server.socket.exists() and not server.answers()
+
+
+def test_who_may_connect(softhsm_token: Token, tmp_path: Path) -> None:
+    """-u/-g: the ca's user alone (root is refused); mode 0666 without -u:
+    anyone who reaches the directory.  The socket's directory is made
+    reachable (pytest's base directory is root's, 0700).  A P11KitServer
+    not started is only a client here (listing, answers)."""
+    if os.geteuid() != 0:
+        pytest.skip("connecting as another user needs root")
+    try:
+        pwd.getpwnam("_pyprivsep_ca")
+    except KeyError:
+        pytest.skip("no user _pyprivsep_ca (make users)")
+    public = Path(tempfile.mkdtemp(prefix="pps-softhsm-"))
+    try:
+        public.chmod(0o755)
+        with P11KitServer(softhsm_token, public / "ca.sock", user="_pyprivsep_ca") as only_ca:
+            assert only_ca.answers()                        # as _pyprivsep_ca
+            assert "web" not in P11KitServer(softhsm_token, only_ca.socket).listing()  # as root
+        with P11KitServer(softhsm_token, public / "all.sock", mode=0o666) as anyone:
+            assert anyone.answers()                         # as root
+            assert P11KitServer(softhsm_token, anyone.socket, user="_pyprivsep_ca").answers()
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
