@@ -32,6 +32,7 @@ sysdeps:
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	[ -f /usr/include/openssl/ssl.h ] || [ -n "$$OPENSSL_PREFIX" ] || missing="$$missing libssl-dev"; \
+	pkg-config --exists p11-kit-1 2>/dev/null || [ -f /usr/include/p11-kit-1/p11-kit/pkcs11.h ] || missing="$$missing libp11-kit-dev"; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
@@ -53,6 +54,10 @@ testdeps:
 	[ -x /usr/lib/dovecot/imap-login ] || missing="$$missing dovecot-imapd"; \
 	[ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	command -v gdb >/dev/null || missing="$$missing gdb"; \
+	[ -f /usr/lib/softhsm/libsofthsm2.so ] || missing="$$missing softhsm2"; \
+	command -v p11-kit >/dev/null || missing="$$missing p11-kit"; \
+	[ -f /usr/lib/$$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)/pkcs11/p11-kit-client.so ] || missing="$$missing p11-kit-modules"; \
+	command -v pkcs11-tool >/dev/null || missing="$$missing opensc"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then sh scripts/apt-install.sh $$missing; \
 		else echo "not root, not installing:$$missing (their tests will skip)" >&2; fi; \
@@ -118,7 +123,7 @@ warnings:
 		provider=""; \
 	fi; \
 	for f in src/_rsaengine/*.c $$provider; do \
-		cc $(CFLAGS_STRICT) $$inc -Isrc/_rsaengine -Isrc/provider $$f || exit 1; \
+		cc $(CFLAGS_STRICT) $$inc $$(pkg-config --cflags p11-kit-1) -Isrc/_rsaengine -Isrc/provider $$f || exit 1; \
 	done; echo "no warnings"
 
 # The whole test suite with the extension built with AddressSanitizer, in a

@@ -220,6 +220,21 @@ def poller_flags() -> tuple[dict[str, list[str]], str]:
     return flags, "kqueue, libkqueue from pkg-config libkqueue"
 
 
+# PKCS#11 (src/_rsaengine/p11.c): the header of p11-kit (libp11-kit-dev),
+# `pkg-config p11-kit-1 --cflags`; the module itself is dlopen()ed by a ca
+# at run time, nothing is linked.
+def pkcs11_include_dirs() -> list[str]:
+    try:
+        out = subprocess.run(["pkg-config", "--cflags", "p11-kit-1"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        if os.path.isfile("/usr/include/p11-kit-1/p11-kit/pkcs11.h"):
+            return ["/usr/include/p11-kit-1"]
+        sys.exit("build_ffi: no p11-kit/pkcs11.h: install libp11-kit-dev "
+                 "(`pkg-config p11-kit-1` finds it)")
+    return [a[2:] for a in shlex.split(out) if a.startswith("-I")]
+
+
 ffibuilder = FFI()
 ffibuilder.cdef(cdef_of(os.path.join(SRC, "protocol.h")) + "\n" +
                 cdef_of(os.path.join(SRC, "api.h")) + LIBVERSION_CDEF)
@@ -232,7 +247,8 @@ ffibuilder.set_source(
     "pyprivsep._rsaengine",
     '#include "engine.h"\n#include "libversion.h"\n',
     sources=sorted(glob.glob(os.path.join("src", "_rsaengine", "*.c"))),
-    include_dirs=[SRC] + flags["include_dirs"] + poller["include_dirs"],
+    include_dirs=([SRC] + flags["include_dirs"] + poller["include_dirs"] +
+                  pkcs11_include_dirs()),
     library_dirs=flags["library_dirs"] + poller["library_dirs"],
     libraries=["ssl", "crypto"] + poller["libraries"],
     define_macros=poller["macros"],

@@ -19,7 +19,7 @@ import socket
 
 from pyprivsep import keys, native, privsep
 from pyprivsep.config import Config, KeyService
-from pyprivsep.native import CaCore, CaKey
+from pyprivsep.native import CaCore, CaKey, P11Key
 
 log = logging.getLogger("pyprivsep.ca")
 
@@ -48,26 +48,41 @@ class Ca:
         self.core.serve(sock.fileno())
 
 
-def load_keys(cfg: Config) -> dict[bytes, HeldKey]:
-    """Every keypair of every relay block, loaded and checked."""
+def load_keys(cfg: Config, check: bool = True) -> dict[bytes, HeldKey]:
+    """Every keypair of every relay block, loaded and checked (keys in a
+    PKCS#11 token: without `check`, only named, see keys.load_key)."""
     held: dict[bytes, HeldKey] = {}
     for relay in cfg.relays:
         for kp in relay.keypairs:
             cert = keys.load_cert(kp)
             if cert.keyid not in held:
-                held[cert.keyid] = HeldKey(keys.load_key(cert), cert.describe())
+                held[cert.keyid] = HeldKey(keys.load_key(cert, check),
+                                           cert.describe())
     return held
 
 
-def load_service_keys(ks: KeyService) -> dict[bytes, HeldKey]:
+def load_service_keys(ks: KeyService, check: bool = True) -> dict[bytes, HeldKey]:
     """A keyservice's keypairs, loaded and checked: its cas hold these and
     nothing else (a relay's ca holds no keyservice's key either)."""
     held: dict[bytes, HeldKey] = {}
     for kp in ks.keypairs:
         cert = keys.load_cert(kp)
         if cert.keyid not in held:
-            held[cert.keyid] = HeldKey(keys.load_key(cert), cert.describe())
+            held[cert.keyid] = HeldKey(keys.load_key(cert, check),
+                                       cert.describe())
     return held
+
+
+def open_tokens(held: dict[bytes, HeldKey]) -> None:
+    """A ca with keys in a PKCS#11 token opens its session now, after the
+    fork and the privilege drop, with a test signature per key; a token
+    out of reach is only a warning: each signature tries again."""
+    for h in held.values():
+        if isinstance(h.key, P11Key):
+            try:
+                h.key.check()
+            except native.NativeError as e:
+                log.warning("%s: %s (each signature tries again)", h.name, e)
 
 
 def service_main(cfg: Config, ks: KeyService, index: int,
@@ -80,17 +95,21 @@ def service_main(cfg: Config, ks: KeyService, index: int,
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)   # C takes it when serving
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)   # drain: C takes it too
-    held = load_service_keys(ks)
+    p11 = keys.uses_pkcs11(ks.keypairs)
+    if p11:
+        keys.pkcs11_setup(cfg)
+    held = load_service_keys(ks, check=False)
     # room for ca.c's 1024 clients (KS_MAX_CLIENTS) and a few more
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 1024 + 64 if hard == resource.RLIM_INFINITY else min(hard, 1024 + 64)
     if soft != resource.RLIM_INFINITY and soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    privsep.drop_privileges(cfg, "ca")
+    privsep.drop_privileges(cfg, "ca", chroot=not p11)
     log.debug("keyservice %s ca %d: serving %d keys on %s", ks.name, index,
               len(held), ks.socket)
     core = Ca(index, held)
-    privsep.sandbox("keyservice")
+    open_tokens(held)
+    privsep.sandbox("keyservice", pkcs11=p11)
     core.core.serve_service(sock.fileno(), ks.uids, ks.gids)
     return 0
 
@@ -105,10 +124,14 @@ def main(cfg: Config, index: int, sock: socket.socket, use_syslog: bool,
     # handler would run only once C returned, which a ca blocked sending to
     # a relay that stopped reading never does), SIGTERM simply ends us.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    held = load_keys(cfg)
-    privsep.drop_privileges(cfg, "ca")
+    p11 = keys.uses_pkcs11([kp for r in cfg.relays for kp in r.keypairs])
+    if p11:
+        keys.pkcs11_setup(cfg)      # the PIN is read as root, before chroot
+    held = load_keys(cfg, check=False)
+    privsep.drop_privileges(cfg, "ca", chroot=not p11)
     log.debug("ca %d: serving %d keys", index, len(held))
     core = Ca(index, held)
-    privsep.sandbox("ca")
+    open_tokens(held)
+    privsep.sandbox("ca", pkcs11=p11)
     core.serve(sock)
     return 0

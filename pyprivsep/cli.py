@@ -5,6 +5,7 @@ import argparse
 import logging
 import logging.handlers
 import os
+import socket
 import sys
 
 from pyprivsep import (__version__, control, ctl, environment, keyref, keys,
@@ -57,13 +58,20 @@ def check_config(cfg: Config) -> None:
     certs = [parent.relay_certs(r) for r in cfg.relays]
     client_cas = [None if r.client_ca is None else keys.load_client_ca(r.client_ca)
                   for r in cfg.relays]
+    keys.pkcs11_setup(cfg)     # this process exits right after the check
     for cert in (c for block in certs for c in block):
         keys.load_key(cert)
     parent.read_file_tickets(cfg)     # `tls ticket keys`: the file's rules
     for ks in cfg.keyservices:        # the same rules for a keyservice's keys
         for kp in ks.keypairs:
             keys.load_key(keys.load_cert(kp))
-    native.engine_init(id=0, ca_fd=-1, ctl_fd=-1,
+    # keys in a token stay there: such keypairs are set up in the check's
+    # engine as a relay's are, with a ca channel (never used: no loop runs)
+    ca_link = (socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+               if any(kp.p11 is not None for r in cfg.relays for kp in r.keypairs)
+               else None)
+    native.engine_init(id=0, ca_fd=-1 if ca_link is None else ca_link[0].fileno(),
+                       ctl_fd=-1,
                        max_conns=cfg.max_connections,
                        handshake_timeout=cfg.handshake_timeout,
                        keyops_async=relay.keyops_async(cfg),

@@ -63,11 +63,11 @@ KEYWORDS = frozenset({
     "group", "handshake", "include", "inprocess", "interval", "key", "keyop", "keyops",
     "keypair", "keys", "keyservice", "lifetime", "listen", "log", "max", "metrics", "mode",
     "ocsp", "on", "optional", "port", "prefork", "protocol", "proxy", "relay", "session",
-    "socket", "state", "table", "ticket",
+    "socket", "state", "table", "ticket", "pkcs11", "module", "pin", "server",
     "timeout", "tls", "to", "user",
 })
 _GLOBAL_ONLY = frozenset({
-    "ca", "chroot", "include", "keyops", "keys", "log", "max", "metrics", "prefork",
+    "ca", "chroot", "include", "keyops", "keys", "log", "max", "metrics", "prefork", "pkcs11",
     "interval", "socket", "table", "timeout", "user",
 })
 # Debian/OpenBSD style system users, one per role (`make users` creates them).
@@ -107,6 +107,84 @@ class Where:
         return f"{self.file}:{self.line}"
 
 
+# `pkcs11 module "FILE" pin "file:FILE" [server "unix:path=SOCKET"]`: the
+# PIN is read from a file only; a key URI (RFC 7512) names the token by its
+# label and the object by its label and/or id, nothing else.
+PKCS11_PIN_PREFIX = "file:"
+PKCS11_SERVER_PREFIX = "unix:path="
+PKCS11_URI_ATTRS = frozenset({"token", "object", "id", "type"})
+PKCS11_LABEL_MAX = 32            # CK_TOKEN_INFO.label
+PKCS11_ATTR_MAX = 256            # p11.c P11_ATTR_MAX
+_PCT = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+@dataclass(frozen=True)
+class Pkcs11Uri:
+    """A private key in a PKCS#11 token: `key "pkcs11:token=T;object=O"`."""
+
+    token: str
+    object: bytes | None        # CKA_LABEL, decoded
+    id: bytes | None            # CKA_ID, decoded
+
+
+@dataclass(frozen=True)
+class Pkcs11:
+    """The one `pkcs11` line: the module the cas load, the PIN file, and
+    p11-kit's remote address (P11_KIT_SERVER_ADDRESS) or None."""
+
+    module: str                 # absolute path
+    pin_file: str               # absolute path
+    server: str | None
+    where: Where
+
+
+def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
+    """`pkcs11:token=web;object=www;type=private` (RFC 7512, path part):
+    token (required), object and/or id, type (private only).  Anything
+    else, a query (pin-value, module-path: those are on the pkcs11 line)
+    or a repeated attribute is a ValueError saying what."""
+    if not uri.startswith("pkcs11:"):
+        raise ValueError("not a pkcs11: URI")
+    path = uri[len("pkcs11:"):]
+    if "?" in path:
+        raise ValueError("query attributes (after ?) are not accepted: the "
+                         "module and the PIN are on the pkcs11 line")
+    attrs: dict[str, bytes] = {}
+    for part in path.split(";") if path else []:
+        name, eq, value = part.partition("=")
+        if not eq:
+            raise ValueError(f'"{part}" is not attribute=value')
+        if name not in PKCS11_URI_ATTRS:
+            raise ValueError(f'attribute "{name}" not supported (token, '
+                             "object, id, type=private)")
+        if name in attrs:
+            raise ValueError(f'attribute "{name}" given twice')
+        attrs[name] = re.sub(rb"%([0-9A-Fa-f]{2})",
+                             lambda m: bytes([int(m.group(1), 16)]),
+                             value.encode())
+        if value.count("%") != len(_PCT.findall(value)):
+            raise ValueError(f'bad percent-encoding in "{part}"')
+        if not attrs[name]:
+            raise ValueError(f'empty attribute "{name}"')
+        if len(attrs[name]) > PKCS11_ATTR_MAX:
+            raise ValueError(f'attribute "{name}" longer than '
+                             f"{PKCS11_ATTR_MAX} bytes")
+    if attrs.get("type", b"private") != b"private":
+        raise ValueError(f'type={attrs["type"].decode(errors="replace")}: '
+                         "only type=private names a signing key")
+    if "token" not in attrs:
+        raise ValueError("no token=LABEL")
+    try:
+        token = attrs["token"].decode()
+    except UnicodeDecodeError:
+        raise ValueError("token label is not UTF-8") from None
+    if len(attrs["token"]) > PKCS11_LABEL_MAX:
+        raise ValueError(f"token label longer than {PKCS11_LABEL_MAX} bytes")
+    if "object" not in attrs and "id" not in attrs:
+        raise ValueError("neither object=LABEL nor id=ID names the key")
+    return Pkcs11Uri(token, attrs.get("object"), attrs.get("id"))
+
+
 @dataclass
 class Keypair:
     cert: str  # absolute path of the certificate chain PEM
@@ -115,6 +193,9 @@ class Keypair:
     # absolute path of a DER OCSP response to staple (`ocsp "file"` on the
     # keypair's line: a response is for one certificate); None: none
     ocsp: str | None = None
+    # `key "pkcs11:..."`: the key is in the token of the `pkcs11` line
+    # (key is then the URI as written)
+    p11: Pkcs11Uri | None = None
 
 
 @dataclass
@@ -253,6 +334,7 @@ class Config:
     relays: list[Relay] = field(default_factory=list)
     keyservices: list[KeyService] = field(default_factory=list)
     tables: dict[str, Table] = field(default_factory=dict)
+    pkcs11: Pkcs11 | None = None      # the `pkcs11` line
 
 
 def parse_config(path: str, macros: dict[str, str] | None = None) -> Config:
@@ -536,6 +618,7 @@ class _Parser:
         self._parse_file(self.config.path, None)
         self._check_users()
         self._check_timeout()
+        self._check_pkcs11()
         self.config.relays = [r.build(self.config) for r in self.relays]
         self.config.keyservices = [k.build() for k in self.services]
         for k in self.config.keyservices:
@@ -575,6 +658,54 @@ class _Parser:
                           "for the idle timeout of sessions in seconds (what "
                           "\"timeout\" meant before), write \"session timeout "
                           f"{self.config.timeout}\" in each relay block")
+
+    def _check_pkcs11(self) -> None:
+        """A key in a token needs the `pkcs11` line, and a ca to use it:
+        not `keys inprocess`, whose relays never load the module."""
+        kps = [kp for b in [*self.relays, *self.services] for kp in b.keypairs
+               if kp.p11 is not None]
+        for kp in kps:
+            if self.config.pkcs11 is None:
+                raise ConfigError(kp.where.file, kp.where.line,
+                                  f'key "{kp.key}": no "pkcs11 module" line '
+                                  "names the module to reach the token with")
+            if self.config.keys_inprocess and any(
+                    kp in r.keypairs for r in self.relays):
+                raise ConfigError(kp.where.file, kp.where.line,
+                                  f'key "{kp.key}": "keys inprocess" relays '
+                                  "cannot use a key in a PKCS#11 token")
+
+    def _pkcs11(self, tok: _Token) -> None:
+        """`pkcs11 module "FILE" pin "file:FILE" [server "unix:path=S"]`"""
+        if self.config.pkcs11 is not None:
+            raise self._err(tok.line, 'more than one "pkcs11" line (first at '
+                            f"{self.config.pkcs11.where}): one module only")
+        self._expect("pkcs11", tok, "module")
+        module = self._arg("pkcs11 module", tok)
+        if not os.path.isabs(module.value):
+            raise self._err(module.line, f'pkcs11 module "{module.value}" is '
+                            "not an absolute path")
+        self._expect("pkcs11 module", tok, "pin")
+        pin = self._arg("pkcs11 pin", tok)
+        if not pin.value.startswith(PKCS11_PIN_PREFIX) or \
+                not os.path.isabs(pin.value[len(PKCS11_PIN_PREFIX):]):
+            raise self._err(pin.line, 'pkcs11 pin: "file:/absolute/path" of '
+                            "a file holding the PIN (the PIN itself is never "
+                            "written in the configuration)")
+        server = None
+        if self.lex.peek().is_word("server"):
+            self.lex.next()
+            arg = self._arg("pkcs11 server", tok)
+            if not arg.value.startswith(PKCS11_SERVER_PREFIX) or \
+                    not os.path.isabs(arg.value[len(PKCS11_SERVER_PREFIX):]):
+                raise self._err(arg.line, f'pkcs11 server "{arg.value}": '
+                                'expected "unix:path=/absolute/socket" (p11-kit '
+                                "server's address)")
+            server = arg.value
+        self._eol("pkcs11")
+        self.config.pkcs11 = Pkcs11(module.value,
+                                    pin.value[len(PKCS11_PIN_PREFIX):], server,
+                                    Where(self.file, tok.line))
 
     def _err(self, line: int, msg: str) -> ConfigError:
         return ConfigError(self.file, line, msg)
@@ -699,6 +830,9 @@ class _Parser:
             raise self._err(tok.line, '"allow" is only valid inside a keyservice block')
         if word == "table":
             self._table(tok)
+            return None
+        if word == "pkcs11":
+            self._pkcs11(tok)
             return None
         if word == "prefork":
             self.config.prefork = self._number("prefork", tok, PREFORK_RANGE)
@@ -1104,10 +1238,16 @@ class _Parser:
         if sub.is_word("certificate"):
             cert = self._path(self._arg("tls certificate", tok))
             self._expect("tls certificate", tok, "key")
-            key = self._path(self._arg("tls certificate key", tok))
+            keytok = self._arg("tls certificate key", tok)
             ocsp = self._ocsp("tls certificate", tok)
             self._eol("tls certificate")
-            return Keypair(cert, key, where, ocsp)
+            if keytok.value.startswith("pkcs11:"):
+                try:
+                    uri = parse_pkcs11_uri(keytok.value)
+                except ValueError as e:
+                    raise self._err(keytok.line, f'key "{keytok.value}": {e}') from None
+                return Keypair(cert, keytok.value, where, ocsp, uri)
+            return Keypair(cert, self._path(keytok), where, ocsp)
         return None
 
     def _ocsp(self, what: str, tok: _Token) -> str | None:

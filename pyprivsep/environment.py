@@ -13,7 +13,9 @@ Kept (documented in pyprivsep(8), ENVIRONMENT):
 - OPENSSL_*: OPENSSL_CONF, OPENSSL_MODULES, ... for the TLS library;
 - PYTHONPATH, PYTHONHOME: to find the package again; PYTHONUNBUFFERED;
 - LD_LIBRARY_PATH, LD_PRELOAD, ASAN_OPTIONS, LSAN_OPTIONS: to find the
-  libraries, and `make asan` runs the daemon with the sanitizer preloaded.
+  libraries, and `make asan` runs the daemon with the sanitizer preloaded;
+- SOFTHSM2_CONF: where SoftHSM, a `pkcs11 module`, finds its tokens (kept
+  in the children too: a ca loads the module; a path, no secret).
 """
 from __future__ import annotations
 
@@ -25,13 +27,14 @@ from collections.abc import Mapping
 KEEP = frozenset({
     "PATH", "LANG", "TZ", "PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED",
     "LD_LIBRARY_PATH", "LD_PRELOAD", "ASAN_OPTIONS", "LSAN_OPTIONS",
+    "SOFTHSM2_CONF",
 })
 KEEP_PREFIXES = ("LC_", "OPENSSL_")
 
 # What a child still reads after fork: OpenSSL loads its configuration in
 # the relay, at its first SSL_CTX; syslog(3) stamps the time with TZ.
 # Everything else goes.
-CHILD_KEEP = frozenset({"TZ"})
+CHILD_KEEP = frozenset({"TZ", "SOFTHSM2_CONF"})
 CHILD_KEEP_PREFIXES = ("OPENSSL_",)
 
 

@@ -21,8 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import PublicKeyAlgorithmOID
 
-from pyprivsep.config import ClientCa, ConfigError, Keypair
-from pyprivsep.native import P, CaKey, NativeError
+from pyprivsep import native
+from pyprivsep.config import ClientCa, Config, ConfigError, Keypair, Pkcs11
+from pyprivsep.native import P, CaKey, NativeError, P11Key
 
 EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 RSA_BITS = (2048, 8192)
@@ -303,7 +304,7 @@ def _user(uid: int) -> str:
         return f"uid {uid}"
 
 
-def check_key_file(st: os.stat_result, path: str, kp: Keypair) -> None:
+def check_key_file(st: os.stat_result, path: str, kp: Keypair | Pkcs11) -> None:
     """Refuse a key file others could read or replace, as sshd refuses a
     private key: no group or world bits, owned by root or by the user
     reading it (the daemon's user: a ca reads its keys before it drops
@@ -334,11 +335,73 @@ def read_key(cert: Cert) -> bytes:
                           f"cannot read key {kp.key}: {e.strerror}") from None
 
 
-def load_key(cert: Cert) -> CaKey:
-    """Load the private key into OpenSSL and check it matches the certificate."""
+def load_key(cert: Cert, check: bool = True) -> CaKey:
+    """Load the private key into OpenSSL and check it matches the
+    certificate.  A key in a PKCS#11 token (pkcs11_setup() first): named,
+    and with `check` a test signature by the token verified with the
+    certificate (the PIN, the object, the match); without, nothing touches
+    the token yet (a ca opens it when it signs)."""
     kp = cert.keypair
     try:
+        if kp.p11 is not None:
+            key = P11Key(kp.p11.token, kp.p11.object, kp.p11.id,
+                         cert.chain_pem)
+            if check:
+                key.check()
+            return key
         return CaKey(read_key(cert), cert.chain_pem)
     except NativeError as e:
+        if kp.p11 is not None and _pkcs11_line is not None and "CKR_PIN_" in str(e):
+            p11 = _pkcs11_line     # the PIN is the pkcs11 line's
+            raise ConfigError(p11.where.file, p11.where.line,
+                              f"pkcs11 pin file {p11.pin_file}: refused for "
+                              f"key {kp.key} ({kp.where}): {e}") from None
         raise ConfigError(kp.where.file, kp.where.line,
                           f"{kp.key}: {e}") from None
+
+
+# The `pkcs11` line this process loaded the module of (pkcs11_setup).
+_pkcs11_line: Pkcs11 | None = None
+
+
+def uses_pkcs11(keypairs: list[Keypair]) -> bool:
+    return any(kp.p11 is not None for kp in keypairs)
+
+
+def read_pin(p11: Pkcs11) -> bytes:
+    """The PIN from `pin "file:..."`, read as root before any chroot, from
+    a file only root or our user can touch; its trailing newline dropped.
+    No message says anything of what the file holds."""
+    try:
+        with open(p11.pin_file, "rb") as f:
+            check_key_file(os.fstat(f.fileno()), p11.pin_file, p11)
+            pin = f.read(4096)
+    except OSError as e:
+        raise ConfigError(p11.where.file, p11.where.line,
+                          f"pkcs11 pin file {p11.pin_file}: cannot read: "
+                          f"{e.strerror}") from None
+    pin = pin.rstrip(b"\r\n")
+    if not pin or b"\n" in pin:
+        raise ConfigError(p11.where.file, p11.where.line,
+                          f"pkcs11 pin file {p11.pin_file}: expected one "
+                          "line holding the PIN")
+    return pin
+
+
+def pkcs11_setup(cfg: Config) -> None:
+    """Load the `pkcs11` line's module into this process: a ca, reload's
+    throwaway check child, or `pyprivsep -n` (which exits right after);
+    never the daemon's parent or a relay.  p11-kit-client finds its
+    server in P11_KIT_SERVER_ADDRESS."""
+    p11 = cfg.pkcs11
+    if p11 is None:
+        return
+    pin = read_pin(p11)
+    if p11.server is not None:
+        os.environ["P11_KIT_SERVER_ADDRESS"] = p11.server
+    try:
+        native.p11_init(p11.module, pin)
+    except NativeError as e:
+        raise ConfigError(p11.where.file, p11.where.line, str(e)) from None
+    global _pkcs11_line
+    _pkcs11_line = p11

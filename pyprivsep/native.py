@@ -88,11 +88,14 @@ SANDBOX_ROLES: dict[str, int] = {"relay": lib.PPS_SANDBOX_RELAY,
                                   "hce": lib.PPS_SANDBOX_HCE}
 
 
-def sandbox(role: str) -> None:
+def sandbox(role: str, pkcs11: bool = False) -> None:
     """Confine this process to what `role` ("relay" or "ca") needs from
     now on: seccomp filter and no_new_privs on Linux, pledge on OpenBSD;
-    a ca also loses core dumps and dumpability.  Irreversible."""
-    _check(lib.pps_sandbox(SANDBOX_ROLES[role]))
+    a ca also loses core dumps and dumpability.  Irreversible.  pkcs11: a
+    ca (or keyservice ca) whose PKCS#11 module may also open files and
+    connect UNIX sockets (sandbox.c)."""
+    _check(lib.pps_sandbox(SANDBOX_ROLES[role] |
+                           (lib.PPS_SANDBOX_P11 if pkcs11 else 0)))
 
 
 def leak_check() -> None:
@@ -143,6 +146,33 @@ class CaKey:
     @property
     def ptr(self) -> object:
         return self._ptr
+
+
+def p11_init(module: str, pin: bytes) -> None:
+    """dlopen the PKCS#11 module (a ca, or `pyprivsep -n`'s check): only
+    C_GetFunctionList; the token is opened at the first signature."""
+    _check(lib.pps_p11_init(module.encode(), pin, len(pin)))
+
+
+class P11Key(CaKey):
+    """A private key in a PKCS#11 token, named by its token's label and its
+    object's label and/or id; the certificate's public key stands for it
+    in the policy."""
+
+    def __init__(self, token: str, label: bytes | None, id: bytes | None,
+                 cert_pem: bytes) -> None:
+        ptr = lib.pps_cakey_load_p11(
+            token.encode(), ffi.NULL if label is None else label,
+            0 if label is None else len(label),
+            ffi.NULL if id is None else id, 0 if id is None else len(id),
+            cert_pem, len(cert_pem))
+        if ptr == ffi.NULL:
+            raise NativeError(ffi.string(lib.pps_error()).decode())
+        self._ptr = ffi.gc(ptr, lib.pps_cakey_free)
+
+    def check(self) -> None:
+        """A test signature by the token, verified with the certificate."""
+        _check(lib.pps_cakey_p11_check(self._ptr))
 
 
 class CaCore:

@@ -1053,6 +1053,7 @@ def check_keys(cfg: Config) -> str | None:
         try:
             signal.set_wakeup_fd(-1)
             os.close(r)
+            keys.pkcs11_setup(cfg)      # a module, in this child only
             if not cfg.keys_inprocess:
                 ca.load_keys(cfg)
             for ks in cfg.keyservices:

@@ -72,14 +72,26 @@ def check_users(cfg: Config) -> None:
                               f"with `make users` or `{USERADD} {user}`") from None
 
 
-def drop_privileges(cfg: Config, role: str) -> None:
+def drop_privileges(cfg: Config, role: str, chroot: bool = True) -> None:
     """chroot to the empty directory and become the role's user, when root.
     Relays and cas have users of their own: a relay cannot signal, trace
-    or limit a ca, nor any other daemon's process."""
+    or limit a ca, nor any other daemon's process.  A ca whose keys are in
+    a PKCS#11 token (chroot False) stays out of the chroot, since the
+    module reads its configuration and tokens (SoftHSM) or connects its
+    server's socket (p11-kit-client) at every reopening, and keeps the
+    supplementary groups of `ca user` (the softhsm group gives the tokens)."""
     if not is_root():
         return
     user = role_user(cfg, role)
     pw = pwd.getpwnam(user)
+    if not chroot:
+        os.chdir("/")
+        os.initgroups(user, pw.pw_gid)
+        os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
+        os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
+        if os.getresuid() != (pw.pw_uid,) * 3:        # pragma: no cover
+            raise RuntimeError(f"could not become user {user}")
+        return
     os.chroot(cfg.chroot)
     os.chdir("/")
     os.setgroups([pw.pw_gid])
@@ -99,11 +111,11 @@ def drop_privileges(cfg: Config, role: str) -> None:
 CA_NICE = 10
 
 
-def sandbox(role: str) -> None:
+def sandbox(role: str, pkcs11: bool = False) -> None:
     """The last step before a relay's or a ca's loop: from here on the
     process can do only what its role needs (src/_rsaengine/sandbox.c).
     After drop_privileges (setuid resets the dumpable flag the ca clears,
     and chroot needs a syscall the filter refuses)."""
     if role in ("ca", "keyservice"):
         os.nice(CA_NICE)
-    native.sandbox(role)
+    native.sandbox(role, pkcs11)

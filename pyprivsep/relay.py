@@ -66,7 +66,8 @@ def configure(cfg: Config, certs: list[list[keys.Cert]], hosts: list[Host],
                 raise ConfigError(w.file, w.line, f"relay {r.name}: tls client "
                                   f"ca {r.client_ca.path}: {e}") from None
         for cert in certs[n]:
-            key = keys.read_key(cert) if inprocess else None
+            key = (keys.read_key(cert) if inprocess and cert.keypair.p11 is None
+                   else None)
             kp = cert.keypair
             try:
                 native.relay_keypair(rid, cert.chain_pem, cert.keyid, key)

@@ -63,6 +63,19 @@ struct pps_cakey;
 struct pps_cakey *pps_cakey_load(const char *key_pem, size_t key_len,
 		    const char *cert_pem, size_t cert_len);
 void		 pps_cakey_free(struct pps_cakey *);
+/*
+ * Keys in a PKCS#11 token (p11.c), ca processes only: load the module
+ * once, then name each key by its token's label and its object's label
+ * and/or id (NULL: not given); nothing touches the token until the first
+ * signature, or pps_cakey_p11_check() (a test signature, verified with
+ * the certificate's key).
+ */
+int		 pps_p11_init(const char *module, const uint8_t *pin,
+		    size_t pinlen);
+struct pps_cakey *pps_cakey_load_p11(const char *token, const uint8_t *label,
+		    size_t labellen, const uint8_t *id, size_t idlen,
+		    const char *cert_pem, size_t cert_len);
+int		 pps_cakey_p11_check(struct pps_cakey *);
 
 struct pps_ca;
 struct pps_ca	*pps_ca_new(int index);
@@ -90,6 +103,7 @@ int		 pps_reply_parse(const uint8_t *frame, size_t n,
 #define PPS_SANDBOX_CA		2
 #define PPS_SANDBOX_KEYSERVICE	3
 #define PPS_SANDBOX_HCE		4	/* health checks: connects, no accept */
+#define PPS_SANDBOX_P11		256	/* or'ed to a ca's: a PKCS#11 module's needs */
 int		 pps_sandbox(int role);
 
 int		 pps_async_supported(void);

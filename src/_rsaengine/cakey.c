@@ -36,6 +36,8 @@ struct pps_cakey {
 	int		 pss_md;	/* RSA-PSS restriction: NID or NID_undef */
 	int		 pss_mgf1_md;
 	int		 pss_saltlen;	/* minimum salt length, -1: none */
+	struct pps_p11key *p11;		/* in a PKCS#11 token (p11.c): pkey
+					 * is the certificate's public key */
 };
 
 int
@@ -220,6 +222,7 @@ pps_cakey_free(struct pps_cakey *k)
 {
 	if (k == NULL)
 		return;
+	pps_p11key_free(k->p11);
 	EVP_PKEY_CTX_free(k->ctx);
 	EVP_PKEY_free(k->pkey);
 	free(k);
@@ -252,9 +255,72 @@ pps_cakey_sign(struct pps_cakey *k, enum pps_signop how, const uint8_t *in,
 	if (k->type != type && !(k->type == EVP_PKEY_RSA_PSS &&
 	    how == PPS_SIGN_RSA_RAW))
 		return pps_seterr("operation %d not for this key", (int)how);
+	if (k->p11 != NULL)
+		return pps_p11_sign(k->p11, how, in, inlen, out, outsize);
 	ok = (pad == 0 || EVP_PKEY_CTX_set_rsa_padding(k->ctx, pad) > 0) &&
 	    EVP_PKEY_sign(k->ctx, out, &outlen, in, inlen) > 0;
 	if (!ok)
 		return pps_seterr_ssl("sign");
 	return (int)outlen;
+}
+
+/*
+ * A key in a PKCS#11 token (p11.c): the certificate's public key stands
+ * for it in the policy (type, bits); signing goes to the token.
+ */
+struct pps_cakey *
+pps_cakey_wrap_p11(const char *cert_pem, size_t cert_len,
+    struct pps_p11key *p11)
+{
+	struct pps_cakey *k;
+	BIO *cb;
+	X509 *cert = NULL;
+	EVP_PKEY *pub = NULL;
+
+	if (cert_len > INT32_MAX) {
+		pps_seterr("PEM too large");
+		return NULL;
+	}
+	if ((cb = BIO_new_mem_buf(cert_pem, (int)cert_len)) == NULL ||
+	    (cert = PEM_read_bio_X509(cb, NULL, NULL, NULL)) == NULL ||
+	    (pub = X509_get_pubkey(cert)) == NULL) {
+		pps_seterr_ssl("cannot read certificate");
+		goto fail;
+	}
+	if (EVP_PKEY_base_id(pub) != EVP_PKEY_RSA &&
+	    EVP_PKEY_base_id(pub) != EVP_PKEY_EC) {
+		pps_seterr("key type not supported in a PKCS#11 token (RSA and "
+		    "ECDSA only)");
+		goto fail;
+	}
+	if ((k = calloc(1, sizeof(*k))) == NULL) {
+		pps_seterr("out of memory");
+		goto fail;
+	}
+	k->pss_md = k->pss_mgf1_md = NID_undef;
+	k->pss_saltlen = -1;
+	k->type = EVP_PKEY_base_id(pub);
+	k->bits = EVP_PKEY_bits(pub);
+	k->pkey = pub;
+	k->p11 = p11;
+	X509_free(cert);
+	BIO_free(cb);
+	return k;
+fail:
+	EVP_PKEY_free(pub);
+	X509_free(cert);
+	BIO_free(cb);
+	return NULL;
+}
+
+struct pps_p11key *
+pps_cakey_p11(struct pps_cakey *k)
+{
+	return k->p11;
+}
+
+EVP_PKEY *
+pps_cakey_pub(struct pps_cakey *k)
+{
+	return k->pkey;
 }

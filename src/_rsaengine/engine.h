@@ -84,6 +84,16 @@ int	pps_cakey_bits(const struct pps_cakey *);
 int	pps_cakey_pss(const struct pps_cakey *, int *md, int *mgf1_md,
 	    int *saltlen);
 
+/* p11.c: keys in a PKCS#11 token, signed with there (ca processes only) */
+struct pps_p11key;
+int	pps_p11_sign(struct pps_p11key *, enum pps_signop, const uint8_t *in,
+	    size_t inlen, uint8_t *out, size_t outsize);
+void	pps_p11key_free(struct pps_p11key *);
+struct pps_cakey *pps_cakey_wrap_p11(const char *cert_pem, size_t cert_len,
+	    struct pps_p11key *);
+struct pps_p11key *pps_cakey_p11(struct pps_cakey *);
+EVP_PKEY *pps_cakey_pub(struct pps_cakey *);
+
 /* A private key that lives in the ca: what the shim sends with a request. */
 struct keyref {
 	uint8_t		 id[PPS_KEYID_LEN];

@@ -220,6 +220,55 @@ static const int keyservice_calls[] = {
 	-1
 };
 
+/*
+ * A ca (or keyservice ca) whose keys are in a PKCS#11 token
+ * (PPS_SANDBOX_P11): the module runs in the ca and, at every reopening
+ * of its session, reads files (SoftHSM: its configuration and token
+ * directory, with locks) or connects a UNIX socket (p11-kit-client: its
+ * p11-kit server).  So such a ca may open files (as its own user, out of
+ * the chroot) and make AF_UNIX sockets and connect them; still no new
+ * processes, no signals to others, no ptrace, no IPv4/IPv6 sockets, no
+ * exec.  The key is in the token: what an owned ca gains is the use of
+ * the token's key while it lives, which it had anyway.
+ */
+static const int p11_calls[] = {
+#ifdef __NR_open
+	__NR_open,
+#endif
+	__NR_openat,
+#ifdef __NR_stat
+	__NR_stat, __NR_lstat,
+#endif
+#ifdef __NR_access
+	__NR_access,
+#endif
+	__NR_faccessat,
+#ifdef __NR_faccessat2
+	__NR_faccessat2,
+#endif
+	__NR_statx, __NR_fstatfs, __NR_statfs,
+#ifdef __NR_readlink
+	__NR_readlink,
+#endif
+	__NR_readlinkat,
+	__NR_getdents64, __NR_flock, __NR_pread64, __NR_pwrite64,
+	__NR_fsync, __NR_fdatasync, __NR_ftruncate,
+#ifdef __NR_unlink
+	__NR_unlink, __NR_rename, __NR_mkdir,
+#endif
+	__NR_unlinkat, __NR_renameat, __NR_mkdirat,
+	__NR_connect, __NR_shutdown, __NR_getsockopt, __NR_setsockopt,
+	__NR_getsockname, __NR_getpeername, __NR_socketpair,
+	__NR_getuid, __NR_geteuid, __NR_getgid, __NR_getegid, __NR_getppid,
+	__NR_uname, __NR_umask, __NR_sysinfo, __NR_set_robust_list,
+	__NR_rseq, __NR_nanosleep, __NR_clock_nanosleep, __NR_dup, __NR_dup2,
+	__NR_dup3, __NR_pipe2,
+#ifdef __NR_pipe
+	__NR_pipe,
+#endif
+	-1
+};
+
 /* Answered EACCES, not killed: probes by libraries, which cope. */
 static const int eacces_calls[] = {
 #ifdef __NR_open
@@ -262,7 +311,7 @@ emit_list(struct prog *p, const int *list, uint32_t ret)
 }
 
 static void
-build(struct prog *p, int role)
+build(struct prog *p, int role, int p11)
 {
 	/* the architecture first: a syscall number means nothing without it */
 	emit(p, (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
@@ -288,6 +337,8 @@ build(struct prog *p, int role)
 	    role == PPS_SANDBOX_HCE ? hce_calls :
 	    role == PPS_SANDBOX_KEYSERVICE ? keyservice_calls : ca_calls,
 	    SECCOMP_RET_ALLOW);
+	if (p11)
+		emit_list(p, p11_calls, SECCOMP_RET_ALLOW);
 	if (role == PPS_SANDBOX_HCE) {
 		/* ioctl(fd, FIONBIO, ...) only: nr is in A; on to the next
 		 * test (nr reloaded) for any other request */
@@ -335,6 +386,20 @@ build(struct prog *p, int role)
 	 * every family fails with EACCES, so a logger that tries survives.
 	 * The kernel reads the family as an int: the low 32 bits decide.
 	 */
+	if (p11) {
+		/* a PKCS#11 module's ca: AF_UNIX sockets only */
+		emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
+		    __NR_socket, 0, 3));
+		emit(p, (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
+		    ARG_LO(0)));
+		emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
+		    AF_UNIX, 0, 1));
+		emit(p, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K,
+		    SECCOMP_RET_ALLOW));
+		/* anything else: nr reloaded for the tests below */
+		emit(p, (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
+		    offsetof(struct seccomp_data, nr)));
+	}
 	emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
 	    __NR_socket, 0, role == PPS_SANDBOX_RELAY ||
 	    role == PPS_SANDBOX_HCE ? 5 : 1));
@@ -355,10 +420,11 @@ build(struct prog *p, int role)
 }
 
 static int
-seccomp_install(int role, const char *name)
+seccomp_install(int role, int p11, const char *name)
 {
 #if !defined(PPS_AUDIT_ARCH)
 	(void)role;
+	(void)p11;
 	pps_log(LOG_WARNING, "no seccomp filter for this architecture (%s)",
 	    name);
 	return 0;
@@ -367,7 +433,7 @@ seccomp_install(int role, const char *name)
 	struct sock_fprog fprog;
 
 	memset(&p, 0, sizeof(p));
-	build(&p, role);
+	build(&p, role, p11);
 	if (p.overflow)
 		return pps_seterr("seccomp: filter longer than %d instructions",
 		    PROG_MAX);
@@ -403,7 +469,8 @@ seccomp_install(int role, const char *name)
 		return pps_seterr("prctl(PR_SET_SECCOMP): %s", strerror(errno));
 #endif
 	/* the log prefix already says which process; name the role's filter */
-	pps_log(LOG_DEBUG, "seccomp filter for a %s: %u instructions", name, p.n);
+	pps_log(LOG_DEBUG, "seccomp filter for a %s%s: %u instructions", name,
+	    p11 ? " with a PKCS#11 module" : "", p.n);
 	return 0;
 #endif
 }
@@ -414,7 +481,11 @@ int
 pps_sandbox(int role)
 {
 	const char *name;
+	int p11 = (role & PPS_SANDBOX_P11) != 0;
 
+	role &= ~PPS_SANDBOX_P11;
+	if (p11 && role != PPS_SANDBOX_CA && role != PPS_SANDBOX_KEYSERVICE)
+		return pps_seterr("sandbox: a PKCS#11 module in a ca only");
 	if (role == PPS_SANDBOX_RELAY)
 		name = "relay";
 	else if (role == PPS_SANDBOX_CA)
@@ -434,9 +505,10 @@ pps_sandbox(int role)
 	    "pledge for the %s", name);
 	return 0;
 #elif defined(__linux__)
-	return seccomp_install(role, name);
+	return seccomp_install(role, p11, name);
 #elif defined(__OpenBSD__)
-	if (pledge(role == PPS_SANDBOX_RELAY || role == PPS_SANDBOX_HCE ?
+	if (pledge(p11 ? "stdio rpath wpath cpath flock unix" :
+	    role == PPS_SANDBOX_RELAY || role == PPS_SANDBOX_HCE ?
 	    "stdio inet" :
 	    role == PPS_SANDBOX_KEYSERVICE ? "stdio unix" : "stdio",
 	    NULL) == -1)
@@ -444,6 +516,7 @@ pps_sandbox(int role)
 	return 0;
 #else
 	(void)name;
+	(void)p11;
 	return 0;
 #endif
 }
