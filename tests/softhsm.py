@@ -162,8 +162,8 @@ def make_token(directory: Path, label: str = TOKEN_LABEL, pin: str | None = None
 class P11KitServer:
     """``p11-kit server -f`` exporting ``token`` on the UNIX socket
     ``socket``: started by ``start()`` or ``with``, ready when the socket
-    answers; ``stop()`` ends it (SIGTERM, then SIGKILL) and removes the
-    socket.
+    answers; ``stop()`` ends it and every p11-kit-remote it forked, and
+    removes the socket.
 
     p11-kit makes the socket mode 0600 (its umask) and root's, or, given
     ``user``, that user's and its group's (``-u`` and ``-g``), and then
@@ -249,15 +249,21 @@ class P11KitServer:
         return proc.stdout + proc.stderr
 
     def stop(self) -> None:
+        """The server and the p11-kit-remote it forked for each client (its
+        process group; they would go on serving the clients connected):
+        an outage for every client."""
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(10)
-            if self.proc.poll() is None:        # still there: its whole session
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
+            pgid = self.proc.pid
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(10)
+            deadline = time.monotonic() + 30
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+                time.sleep(0.05)
+            self.proc.wait(10)
             self.proc = None
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
@@ -268,3 +274,13 @@ class P11KitServer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
