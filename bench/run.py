@@ -79,7 +79,8 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from types import ModuleType
+from typing import Any, BinaryIO, Callable, Iterator
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -550,7 +551,7 @@ class PyprivsepRelay(Relay):
         wait_until(lambda: len(process_tree(self.pid)) >= want, 15,
                    f"{self.name}: {want} processes", self.alive)
 
-    p11kit = None       # tests/softhsm.P11KitServer, for pps-async-p11kit
+    p11kit: Any = None  # a tests/softhsm.P11KitServer, for pps-async-p11kit
 
     def token_key(self, via: str) -> tuple[str, str, dict[str, str]]:
         """The certificate's key imported into a SoftHSM token made in the
@@ -791,7 +792,7 @@ def nginx_worker_user() -> str:
     return NGINX_USER if os.getuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
 
 
-def tests_module(name: str):  # type: ignore[no-untyped-def]
+def tests_module(name: str) -> ModuleType:
     """A helper module of tests/ (softhsm: the token and p11-kit server the
     tests sign with, one owner for both)."""
     import importlib
