@@ -274,6 +274,9 @@ listen fleet
         for instance in self.instances:
             with contextlib.suppress(Exception):
                 instance.daemon.kill_all()
+            # as conftest's start_daemon: a process its seccomp filter killed fails the test
+            errors += [f"instance {instance.index}: killed by its seccomp filter: {line}"
+                       for line in instance.daemon.seccomp_kills()]
         for proc in self._procs:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
