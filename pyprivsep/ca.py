@@ -73,6 +73,31 @@ def load_service_keys(ks: KeyService, check: bool = True) -> dict[bytes, HeldKey
     return held
 
 
+def check_keys(cfg: Config, files: bool = True) -> None:
+    """Every key the cas will hold, checked as they will use it (in a
+    throwaway child of reload or -n): key files read and matched as root;
+    keys in a PKCS#11 token named, then, once this process has become
+    `ca user` as a ca does, signed with once each (the PIN, the object, the
+    match): a p11-kit server or the token's files may admit that user
+    only.  files False: the token keys alone."""
+    kps = [] if cfg.keys_inprocess else [kp for r in cfg.relays for kp in r.keypairs]
+    kps += [kp for ks in cfg.keyservices for kp in ks.keypairs]
+    if not files:
+        kps = [kp for kp in kps if kp.p11 is not None]
+    if keys.uses_pkcs11(kps):
+        keys.pkcs11_setup(cfg)      # the PIN, as root
+    token: list[tuple[keys.Cert, CaKey]] = []
+    for kp in kps:
+        cert = keys.load_cert(kp)
+        key = keys.load_key(cert, check=False)
+        if kp.p11 is not None:
+            token.append((cert, key))
+    if token:
+        privsep.drop_privileges(cfg, "ca", chroot=False)
+        for cert, key in token:
+            keys.check_token_key(cert, key)
+
+
 def open_tokens(held: dict[bytes, HeldKey]) -> None:
     """A ca with keys in a PKCS#11 token opens its session now, after the
     fork and the privilege drop, with a test signature per key; a token

@@ -58,13 +58,19 @@ def check_config(cfg: Config) -> None:
     certs = [parent.relay_certs(r) for r in cfg.relays]
     client_cas = [None if r.client_ca is None else keys.load_client_ca(r.client_ca)
                   for r in cfg.relays]
-    keys.pkcs11_setup(cfg)     # this process exits right after the check
     for cert in (c for block in certs for c in block):
-        keys.load_key(cert)
+        keys.load_key(cert, check=False)    # a token key: checked below
+    # keys in a PKCS#11 token: in a child that loads the module, becomes
+    # `ca user` and signs with each, as a ca will (parent.check_keys_error)
+    if any(kp.p11 is not None for r in cfg.relays for kp in r.keypairs) or \
+            any(kp.p11 is not None for ks in cfg.keyservices for kp in ks.keypairs):
+        error = parent.check_keys_error(cfg, files=False)
+        if error is not None:
+            raise error
     parent.read_file_tickets(cfg)     # `tls ticket keys`: the file's rules
     for ks in cfg.keyservices:        # the same rules for a keyservice's keys
         for kp in ks.keypairs:
-            keys.load_key(keys.load_cert(kp))
+            keys.load_key(keys.load_cert(kp), check=False)
     # keys in a token stay there: such keypairs are set up in the check's
     # engine as a relay's are, with a ca channel (never used: no loop runs)
     ca_link = (socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -347,11 +347,23 @@ def load_key(cert: Cert, check: bool = True) -> CaKey:
             key = P11Key(kp.p11.token, kp.p11.object, kp.p11.id,
                          cert.chain_pem)
             if check:
-                key.check()
+                check_token_key(cert, key)
             return key
         return CaKey(read_key(cert), cert.chain_pem)
     except NativeError as e:
-        if kp.p11 is not None and _pkcs11_line is not None and "CKR_PIN_" in str(e):
+        raise ConfigError(kp.where.file, kp.where.line,
+                          f"{kp.key}: {e}") from None
+
+
+def check_token_key(cert: Cert, key: CaKey) -> None:
+    """A test signature by the token, verified with the certificate: a
+    ConfigError at the key's line, or at the pkcs11 line for the PIN."""
+    kp = cert.keypair
+    assert isinstance(key, P11Key)
+    try:
+        key.check()
+    except NativeError as e:
+        if _pkcs11_line is not None and "CKR_PIN_" in str(e):
             p11 = _pkcs11_line     # the PIN is the pkcs11 line's
             raise ConfigError(p11.where.file, p11.where.line,
                               f"pkcs11 pin file {p11.pin_file}: refused for "

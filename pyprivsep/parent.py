@@ -18,6 +18,7 @@ stopped (SIGSTOP, SIGTSTP) is killed and restarted.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -1044,8 +1045,16 @@ def session_dict(s: Any, pair: Pair, names: list[str]) -> dict[str, Any]:
 
 def check_keys(cfg: Config) -> str | None:
     """Load every key and match it to its certificate, as the new cas will,
-    in a throwaway child: the parent never holds a private key.  Returns
-    the error, or None."""
+    in a throwaway child: the parent never holds a private key, nor loads
+    a PKCS#11 module.  Returns the error, or None."""
+    error = check_keys_error(cfg)
+    return None if error is None else str(error)
+
+
+def check_keys_error(cfg: Config, *, files: bool = True) -> ConfigError | None:
+    """check_keys()'s child, its error as a ConfigError (file and line
+    kept), for reload and for `pyprivsep -n` (files False: only the keys
+    in a token, -n reads key files itself)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -1053,22 +1062,25 @@ def check_keys(cfg: Config) -> str | None:
         try:
             signal.set_wakeup_fd(-1)
             os.close(r)
-            keys.pkcs11_setup(cfg)      # a module, in this child only
-            if not cfg.keys_inprocess:
-                ca.load_keys(cfg)
-            for ks in cfg.keyservices:
-                ca.load_service_keys(ks)
+            ca.check_keys(cfg, files=files)
         except ConfigError as e:
-            os.write(w, str(e).encode()[:4000])
+            os.write(w, json.dumps([e.file, e.line, e.msg]).encode()[:4000])
         except BaseException as e:
-            os.write(w, f"checking the keys: {e}".encode()[:4000])
+            os.write(w, json.dumps([cfg.path, 0, f"checking the keys: {e}"]).encode()[:4000])
         finally:
             os._exit(status)
     os.close(w)
     with os.fdopen(r, "rb") as f:
-        error = f.read().decode(errors="replace")
+        data = f.read()
     os.waitpid(pid, 0)
-    return error or None
+    if not data:
+        return None
+    try:
+        file, line, msg = json.loads(data)
+        return ConfigError(str(file), int(line), str(msg))
+    except (ValueError, TypeError):
+        return ConfigError(cfg.path, 0, "checking the keys: "
+                           + data.decode(errors="replace"))
 
 
 def log_fds() -> set[int]:

@@ -135,12 +135,13 @@ def import_key(token: Token, name: str, key_id: int, kind: str) -> KeyPair:
     return kp
 
 
-def generate_key(token: Token, name: str, key_id: int, key_type: str) -> KeyPair:
+def generate_key(token: Token, name: str, key_id: int, key_type: str, *, always_auth: bool = False) -> KeyPair:
     """A key made in the token (key_type: rsa:2048, EC:prime256v1), sensitive
-    and not extractable; its certificate is made for the public key read
+    and not extractable (with always_auth: CKA_ALWAYS_AUTHENTICATE, a PIN
+    for each signature); its certificate is made for the public key read
     back from the token."""
     token.tool("--keypairgen", "--key-type", key_type, "--label", name, "--id", f"{key_id:02x}",
-               "--usage-sign", "--sensitive")
+               "--usage-sign", "--sensitive", *(["--always-auth"] if always_auth else []))
     der = token.directory / f"{name}.pub.der"
     token.tool("--read-object", "--type", "pubkey", "--id", f"{key_id:02x}", "-o", str(der))
     public = serialization.load_der_public_key(der.read_bytes())

@@ -50,6 +50,7 @@ def token() -> Iterator[Token]:
         import_key(token, "imported-ec", 2, "p256")
         generate_key(token, "generated-rsa", 3, "rsa:2048")
         generate_key(token, "generated-ec", 4, "EC:prime256v1")
+        generate_key(token, "always-auth", 5, "rsa:2048", always_auth=True)
         token.give_to_ca_user()
         yield token
     finally:
@@ -392,3 +393,37 @@ def test_a_reload_checks_the_token_keys_in_a_child_and_the_parent_stays_clean(
     wait_until(lambda: _handshake_ok(daemon, token), 30, lambda: f"handshakes\n{daemon.describe()}")
     assert_handshakes(daemon, token)
     assert "libsofthsm2.so" not in Path(f"/proc/{daemon.parent_pid}/maps").read_text()
+
+
+def test_a_key_that_wants_the_pin_for_each_signature(start_daemon: StartDaemon, token: Token,
+                                                    http_backend: HttpBackend) -> None:
+    """CKA_ALWAYS_AUTHENTICATE (smart cards, some HSM policies): the ca
+    logs in for the context (CKU_CONTEXT_SPECIFIC) before each C_Sign."""
+    assert "always authenticate" in token.tool("--list-objects", "--type", "privkey", "--label", "always-auth")
+    daemon = start_daemon(DaemonConfig([relay_of(token, http_backend, ("always-auth",))], prefork=1,
+                                       globals=[token.pkcs11_line()]))
+    kp = token.keys["always-auth"]
+    for version in VERSIONS:
+        for _ in range(3):
+            info = tls_handshake(daemon.config.relays[0].listen_port, kp.dns_name,
+                                 cafile=token.issuer.cert_path, version=version, timeout=20)
+            assert info.peer_cert_der == kp.cert_der
+
+
+def test_check_through_a_p11kit_server_that_admits_the_ca_user_only(token: Token, tmp_path: Path,
+                                                                     p11kit: P11KitServer) -> None:
+    """-n signs with the token keys as `ca user`, as a ca will: the test's
+    p11-kit server (-u _pyprivsep_ca) refuses root."""
+    kp = token.keys["generated-ec"]
+    line = token.pkcs11_line(module=P11KIT_CLIENT, server=p11kit.socket_path)
+    conf = write_config(tmp_path / "p.conf", config_text(
+        token, [f'    tls certificate "{kp.cert_path}" key "{kp.key_path}"'], pkcs11=line))
+    proc = run_pyprivsep("-n", "-f", str(conf))
+    assert proc.returncode == 0, proc.stderr
+    other = token.keys["imported-ec"]
+    conf = write_config(tmp_path / "q.conf", config_text(
+        token, [f'    tls certificate "{kp.cert_path}" key "{other.key_path}"'], pkcs11=line))
+    proc = run_pyprivsep("-n", "-f", str(conf))
+    assert proc.returncode == 1
+    assert f"{conf}:{line_of(conf, 'tls certificate')}:" in proc.stderr
+    assert "does not match the certificate" in proc.stderr, proc.stderr

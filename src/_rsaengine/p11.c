@@ -81,6 +81,8 @@ struct pps_p11key {
 	int		 has_label, has_id;
 	CK_OBJECT_HANDLE handle;
 	unsigned	 epoch;		/* handle valid if == p11.epoch + 1 */
+	CK_BBOOL	 always_auth;	/* CKA_ALWAYS_AUTHENTICATE: log in
+					 * (context specific) for each C_Sign */
 };
 
 static const char *
@@ -267,6 +269,10 @@ open_token(struct p11_token *t, const char **what)
 	}
 	if (t->open)
 		return CKR_OK;
+	if (p11.pin_refused) {
+		*what = "C_Login";
+		return CKR_PIN_INCORRECT;
+	}
 	*what = "finding the token";
 	if ((rv = find_slot(t, &slot)) != CKR_OK)
 		return rv;
@@ -275,8 +281,6 @@ open_token(struct p11_token *t, const char **what)
 	    &t->session)) != CKR_OK)
 		return rv;
 	t->open = 1;
-	if (p11.pin_refused)
-		return CKR_PIN_INCORRECT;
 	*what = "C_Login";
 	rv = p11.f->C_Login(t->session, CKU_USER, p11.pin, p11.pinlen);
 	if (rv == CKR_USER_ALREADY_LOGGED_IN)
@@ -329,6 +333,13 @@ find_object(struct pps_p11key *k, const char **what)
 		return CKR_ARGUMENTS_BAD;	/* reported by *what alone */
 	}
 	k->handle = found[0];
+	k->always_auth = CK_FALSE;
+	tmpl[0].type = CKA_ALWAYS_AUTHENTICATE;
+	tmpl[0].pValue = &k->always_auth;
+	tmpl[0].ulValueLen = sizeof(k->always_auth);
+	if (p11.f->C_GetAttributeValue(t->session, k->handle, tmpl, 1) !=
+	    CKR_OK)
+		k->always_auth = CK_FALSE;	/* not a PKCS#11 2.20+ token */
 	k->epoch = p11.epoch + 1;
 	return CKR_OK;
 }
@@ -347,6 +358,19 @@ sign_once(struct pps_p11key *k, CK_MECHANISM_TYPE mech, const uint8_t *in,
 	*what = "C_SignInit";
 	if ((rv = p11.f->C_SignInit(t->session, &m, k->handle)) != CKR_OK)
 		return rv;
+	if (k->always_auth) {
+		*what = "C_Login (context specific)";
+		rv = p11.f->C_Login(t->session, CKU_CONTEXT_SPECIFIC, p11.pin,
+		    p11.pinlen);
+		if (pin_refused(rv))
+			p11.pin_refused = 1;
+		if (rv != CKR_OK) {
+			/* the signing operation stays active: end it */
+			(void)p11.f->C_CloseSession(t->session);
+			t->open = 0;
+			return rv;
+		}
+	}
 	*what = "C_Sign";
 	return p11.f->C_Sign(t->session, (CK_BYTE_PTR)in, inlen, out, outlen);
 }
