@@ -557,8 +557,9 @@ class PyprivsepRelay(Relay):
         """The certificate's key imported into a SoftHSM token made in the
         work dir: (its URI, the `pkcs11` line, the daemon's environment).
         The cas open the token as their user, out of the chroot: the token's
-        files are theirs (SoftHSM), or the p11-kit server's socket is open
-        to them (mode 0666 in the 0755 work dir)."""
+        files are theirs (SoftHSM), or the p11-kit server's socket is theirs
+        and lets in their uid only (pyprivsep checks the keys as that user
+        too), in the 0755 work dir."""
         softhsm = tests_module("softhsm")
         token = softhsm.make_token(self.workdir / "hsm")
         uri = token.import_key(self.cert["key"], "bench", "01")
@@ -567,7 +568,8 @@ class PyprivsepRelay(Relay):
                 token.give_to(CA_USER)
             line = f'pkcs11 module "{softhsm.SOFTHSM_MODULE}" pin "file:{token.pin_file}"'
             return uri, line, token.env
-        self.p11kit = softhsm.P11KitServer(token, self.workdir / "p11kit.sock", mode=0o666,
+        self.p11kit = softhsm.P11KitServer(token, self.workdir / "p11kit.sock",
+                                           user=CA_USER if os.getuid() == 0 else None,
                                            prefix=Pinning.prefix(SERVER_CPU))
         self.p11kit.start()
         line = (f'pkcs11 module "{softhsm.p11kit_client_module()}" pin "file:{token.pin_file}" '

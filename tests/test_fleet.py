@@ -144,6 +144,7 @@ def test_without_the_shared_file_a_session_resumes_only_where_it_was_made(
 
 # -- every instance signing through one p11-kit server ------------------------
 
+CA_USER = "_pyprivsep_ca"      # the daemon's default `ca user`
 P11_KEYS = {"rsa2048": ("www-rsa", "01"), "p256": ("www-ec", "02")}
 # (version, the key's name in the pki: its certificate is chosen by SNI, sigalg)
 FULL_HANDSHAKES: tuple[tuple[TlsVersion, str, str], ...] = (
@@ -192,10 +193,9 @@ def test_every_instance_signs_through_one_p11kit_server(
     keypairs = []
     for name, (label, key_id) in P11_KEYS.items():
         keypairs.append(with_key(pki[name], token.import_key(pki[name].key_path, label, key_id)))
-    # root (`pyprivsep -n`, the parent's key check) and the cas' user both
-    # connect: no -u (that lets one uid in), the socket open to all in a
-    # directory of the test's
-    with softhsm.P11KitServer(token, p11_dir / "p11kit.sock", mode=0o666) as server:
+    # the socket the cas' user's, and no other uid let in (-u, -g): the
+    # cas, and pyprivsep's key checks (-n, reload), which run as that user
+    with softhsm.P11KitServer(token, p11_dir / "p11kit.sock", user=CA_USER) as server:
         line = pkcs11_line(token, server)
         why = pkcs11_supported(tmp_path / "probe", line, keypairs)
         if why:
