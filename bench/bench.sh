@@ -8,7 +8,9 @@
 #   BENCH_REPEATS=N      interleaved rounds, the median is shown (default 3)
 #   BENCH_CLIENTS=N      client processes in parallel (default 2)
 #   BENCH_RELAYS=a,b     pps-async,pps-blocking,pps-inprocess,nginx,nginx-keyservice,
-#                        haproxy,hitch,h2o,pps-async-p1,pps-blocking-p1
+#                        haproxy,hitch,h2o,pps-async-p1,pps-blocking-p1,
+#                        pps-async-softhsm,pps-async-p11kit (the key in a SoftHSM
+#                        token, loaded by the cas or through p11-kit server)
 #   BENCH_CERTS=a,b      rsa2048,p256
 #   BENCH_MEASURES=a,b   full,resumed,mib
 #   BENCH_TLS=1.3|1.2|default   what the clients ask for (default 1.3; every

@@ -17,6 +17,14 @@ certificate and two workers:
     h2o            h2o, an HTTP reverse proxy (proxy.reverse.url), num-threads 2,
                    its key in its neverbleed process (counted with it)
     pps-async-p1, pps-blocking-p1   the same with prefork 1 (handshakes only)
+    pps-async-softhsm  pps-async, its key in a SoftHSM token made for the run
+                   (`pkcs11 module` libsofthsm2.so, loaded by the cas)
+    pps-async-p11kit   pps-async, the same token reached through `p11-kit
+                   server` on a UNIX socket (the cas load p11-kit's client
+                   module; the server and the p11-kit-remote it forks for
+                   each ca are counted with the relay, pinned with it):
+                   both handshakes only; n/a, saying why, without softhsm2
+                   and p11-kit, or while pyprivsep takes no pkcs11 keys
 
 With 2 CPUs or more, every process of the relay under test runs on CPU 1
 (`taskset -c 1` at its start; the affinity of every thread is checked) and
@@ -71,7 +79,8 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from types import ModuleType
+from typing import Any, BinaryIO, Callable, Iterator
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -96,9 +105,15 @@ PPS_RELAYS = {
     "pps-inprocess": (2, None, True),
     "pps-async-p1": (1, "async", False),
     "pps-blocking-p1": (1, "blocking", False),
+    "pps-async-softhsm": (2, "async", False),
+    "pps-async-p11kit": (2, "async", False),
 }
+# the key in a PKCS#11 token (tests/softhsm.py makes it): the cas load
+# SoftHSM itself, or reach it through a p11-kit server
+PKCS11_RELAYS = {"pps-async-softhsm": "softhsm", "pps-async-p11kit": "p11kit"}
 ALL_RELAYS = ["pps-async", "pps-blocking", "pps-inprocess", "nginx", "nginx-keyservice",
-              "haproxy", "hitch", "h2o", "pps-async-p1", "pps-blocking-p1"]
+              "haproxy", "hitch", "h2o", "pps-async-p1", "pps-blocking-p1",
+              "pps-async-softhsm", "pps-async-p11kit"]
 # the programs pyprivsep is compared with ("the best peer": the lowest CPU
 # per operation among them)
 PEERS = ["nginx", "haproxy", "hitch", "h2o"]
@@ -108,8 +123,10 @@ LATENCY_RELAYS = ["pps-async-p1", "nginx-1w"]
 # nginx-keyservice: the key service's cas, one per nginx worker
 KEYSERVICE_CAS = 2
 MEASURES = ["full", "resumed", "mib"]
-# the prefork-1 rows compare the two ways of waiting for the ca: handshakes
+# the prefork-1 rows compare the two ways of waiting for the ca, the token
+# rows the ways of reaching the key: handshakes
 MEASURES_P1 = ["full", "resumed"]
+HANDSHAKES_ONLY = {"pps-async-p1", "pps-blocking-p1", *PKCS11_RELAYS}
 
 
 def log(msg: str) -> None:
@@ -509,16 +526,21 @@ class PyprivsepRelay(Relay):
             lines.append(f"keyops {keyops}")
         if inprocess:
             lines.append("keys inprocess")
+        env = dict(os.environ, PYTHONPATH=str(self.tree))
+        key = str(self.cert["key"])
+        if self.kind in PKCS11_RELAYS:
+            key, line, more_env = self.token_key(PKCS11_RELAYS[self.kind])
+            lines.append(line)
+            env.update(more_env)
         lines += [
             'relay "bench" {',
             f"    listen on 127.0.0.1 port {self.port} tls",
             f"    forward to 127.0.0.1 port {self.backend_port}",
-            f'    tls certificate "{self.cert["crt"]}" key "{self.cert["key"]}"',
+            f'    tls certificate "{self.cert["crt"]}" key "{key}"',
             "}",
         ]
         conf = self.workdir / f"{self.name}.conf"
         conf.write_text("\n".join(lines) + "\n")
-        env = dict(os.environ, PYTHONPATH=str(self.tree))
         self.popen([PYTHON, "-m", "pyprivsep", "-d", "-f", str(conf)], cwd=self.tree, env=env)
 
     def start(self) -> None:
@@ -528,6 +550,43 @@ class PyprivsepRelay(Relay):
         want = prefork * (1 if inprocess else 2) + 1
         wait_until(lambda: len(process_tree(self.pid)) >= want, 15,
                    f"{self.name}: {want} processes", self.alive)
+
+    p11kit: Any = None  # a tests/softhsm.P11KitServer, for pps-async-p11kit
+
+    def token_key(self, via: str) -> tuple[str, str, dict[str, str]]:
+        """The certificate's key imported into a SoftHSM token made in the
+        work dir: (its URI, the `pkcs11` line, the daemon's environment).
+        The cas open the token as their user, out of the chroot: the token's
+        files are theirs (SoftHSM), or the p11-kit server's socket is theirs
+        and lets in their uid only (pyprivsep checks the keys as that user
+        too), in the 0755 work dir."""
+        softhsm = tests_module("softhsm")
+        token = softhsm.make_token(self.workdir / "hsm")
+        uri = token.import_key(self.cert["key"], "bench", "01")
+        if via == "softhsm":
+            if os.getuid() == 0:
+                token.give_to(CA_USER)
+            line = f'pkcs11 module "{softhsm.SOFTHSM_MODULE}" pin "file:{token.pin_file}"'
+            return uri, line, token.env
+        self.p11kit = softhsm.P11KitServer(token, self.workdir / "p11kit.sock",
+                                           user=CA_USER if os.getuid() == 0 else None,
+                                           prefix=Pinning.prefix(SERVER_CPU))
+        self.p11kit.start()
+        line = (f'pkcs11 module "{softhsm.p11kit_client_module()}" pin "file:{token.pin_file}" '
+                f'server "{self.p11kit.address}"')
+        return uri, line, {}
+
+    def cpu_roots(self) -> list[int]:
+        return [self.pid] + ([self.p11kit.pid] if self.p11kit and self.p11kit.proc else [])
+
+    def alive(self) -> bool:
+        return super().alive() and (self.p11kit is None or self.p11kit.proc is not None
+                                    and self.p11kit.proc.poll() is None)
+
+    def stop(self) -> None:
+        super().stop()
+        if self.p11kit:
+            self.p11kit.stop()
 
 
 class NginxRelay(Relay):
@@ -735,7 +794,41 @@ def nginx_worker_user() -> str:
     return NGINX_USER if os.getuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
 
 
+def tests_module(name: str) -> ModuleType:
+    """A helper module of tests/ (softhsm: the token and p11-kit server the
+    tests sign with, one owner for both)."""
+    import importlib
+    tests = str(REPO / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
+    return importlib.import_module(name)
+
+
+# the cas' user when root (pyprivsep.conf(5) `ca user`'s default)
+CA_USER = "_pyprivsep_ca"
+_PKCS11_SUPPORT: dict[Path, str | None] = {}
+
+
+def pkcs11_unsupported(tree: Path) -> str | None:
+    """Why the pyprivsep of `tree` takes no `pkcs11` line (its `-n` does not
+    know the directive), or None; asked once per tree."""
+    if tree not in _PKCS11_SUPPORT:
+        with tempfile.TemporaryDirectory() as d:
+            conf = Path(d, "probe.conf")
+            conf.write_text('pkcs11 module "/nonexistent.so" pin "file:/nonexistent"\n')
+            out = subprocess.run([PYTHON, "-m", "pyprivsep", "-n", "-f", str(conf)], cwd=tree,
+                                 env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True,
+                                 text=True, timeout=60).stderr
+        _PKCS11_SUPPORT[tree] = ("this pyprivsep takes no pkcs11 keys"
+                                 if 'unknown directive "pkcs11"' in out else None)
+    return _PKCS11_SUPPORT[tree]
+
+
 def missing_tool(name: str) -> str | None:
+    base, _, label = name.partition("@")
+    if base in PKCS11_RELAYS:
+        why = tests_module("softhsm").missing(p11kit=PKCS11_RELAYS[base] == "p11kit")
+        return why or pkcs11_unsupported(TREES[label] if label else REPO)
     tool = {"nginx": "nginx", "nginx-keyservice": "nginx", "nginx-1w": "nginx",
             "haproxy": "haproxy", "hitch": "hitch", "h2o": "h2o"}.get(name)
     if tool and not shutil.which(tool):
@@ -1448,7 +1541,7 @@ def measure_rounds(running: dict[str, Relay], cert: str, a: argparse.Namespace,
     """a.repeats rounds, each measuring every relay in turn (interleaved)."""
     for rep in range(a.repeats):
         for name, relay in running.items():
-            measures = a.measures if name not in ("pps-async-p1", "pps-blocking-p1") \
+            measures = a.measures if name.split("@")[0] not in HANDSHAKES_ONLY \
                 else [m for m in a.measures if m in MEASURES_P1]
             for measure in measures:
                 if not relay.alive():
@@ -1549,7 +1642,7 @@ def main(argv: list[str]) -> int:
         },
         "uid": os.getuid(),
     }
-    n_cells = sum(len(a.measures if r not in ("pps-async-p1", "pps-blocking-p1")
+    n_cells = sum(len(a.measures if r.split("@")[0] not in HANDSHAKES_ONLY
                       else [m for m in a.measures if m in MEASURES_P1])
                   for r in a.relays) * a.repeats * len(a.certs)
     log(f"bench: {len(a.relays)} relays x {len(a.certs)} certs, {n_cells} cells of "

@@ -4,7 +4,7 @@ tlsclients, memscan, cawire, hosts)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ from daemonctl import Daemon, DaemonConfig, StartDaemon
 from keypairs import KeyPair, Pki, generate_pki, make_keypair
 from procs import Freezer
 from servers import StartServer, start_servers
+from softhsm import P11KitServer, Token, make_token, missing
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +88,34 @@ def start_server() -> Iterator[StartServer]:
     leftovers killed, at teardown."""
     with start_servers() as start:
         yield start
+
+
+@pytest.fixture
+def softhsm_token(tmp_path: Path) -> Token:
+    """A fresh SoftHSM token "web" in tmp_path/hsm with a random PIN and its
+    PIN file (tests/softhsm.py); skips when softhsm2 or opensc is missing."""
+    why = missing()
+    if why:
+        pytest.skip(why)
+    return make_token(tmp_path / "hsm")
+
+
+@pytest.fixture
+def start_p11kit(tmp_path: Path) -> Iterator[Callable[..., P11KitServer]]:
+    """Factory: ``start_p11kit(token, user=None) -> P11KitServer``, a
+    `p11-kit server` exporting the token on a UNIX socket in tmp_path
+    (started, answering); every one is stopped at teardown.  Skips when
+    p11-kit or its client module is missing."""
+    why = missing(p11kit=True)
+    if why:
+        pytest.skip(why)
+    servers: list[P11KitServer] = []
+
+    def start(token: Token, user: str | None = None) -> P11KitServer:
+        server = P11KitServer(token, tmp_path / f"p11kit{len(servers)}.sock", user=user)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()

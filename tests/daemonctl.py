@@ -176,6 +176,9 @@ def keep_asan_report(stderr: str, name: str) -> None:
 class Daemon:
     """``python3 -m pyprivsep -d -f CONF`` running in its own process group."""
 
+    # a command the daemon runs under (tests/fleet.py: ``ip netns exec NS``)
+    command_prefix: Sequence[str] = ()
+
     def __init__(
         self,
         workdir: Path,
@@ -207,7 +210,7 @@ class Daemon:
         self.started_at = time.monotonic()
         with self.stderr_path.open("wb") as stderr, (self.workdir / "daemon.stdout").open("wb") as out:
             self._proc = subprocess.Popen(
-                pyprivsep_command("-d", "-f", str(self.conf_path), *self.args),
+                [*self.command_prefix, *pyprivsep_command("-d", "-f", str(self.conf_path), *self.args)],
                 cwd=REPO_ROOT,
                 env=pyprivsep_env(),
                 stdin=subprocess.DEVNULL,
@@ -230,9 +233,13 @@ class Daemon:
             for service in self.config.keyservices:
                 if len(self.keyservice_pids(service.name)) != service.cas:
                     return False
-            return all(handshake_succeeds(port, name, timeout=2.0) for port, name in self.config.probes)
+            return all(self.probe(port, name) for port, name in self.config.probes)
 
         wait_until(ready, timeout, lambda: f"daemon to become ready\n{self.describe()}", interval=0.1)
+
+    def probe(self, port: int, name: str) -> bool:
+        """Whether a relay block's port handshakes (readiness)."""
+        return handshake_succeeds(port, name, timeout=2.0)
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 10.0) -> int:
         """Signal the parent and return its exit code."""
