@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import pytest
+
 from basics import LOCALHOST, free_port, wait_until
 from daemonctl import DaemonConfig, RelaySpec, StartDaemon, pyprivsep_command, pyprivsep_env, run_pyprivsep
 from keypairs import Pki
@@ -39,31 +41,18 @@ def test_roundrobin_alternates(start_daemon: StartDaemon, pki: Pki) -> None:
     assert seen in ([HOST_A, HOST_B] * 3, [HOST_B, HOST_A] * 3), seen
 
 
-def test_source_hash_is_stable_per_client_address(start_daemon: StartDaemon, pki: Pki) -> None:
+@pytest.mark.parametrize("mode, net", [("source-hash", "127.0.1"), ("loadbalance", "127.0.2")])
+def test_client_hashing_modes_are_stable_per_client_and_spread(
+        start_daemon: StartDaemon, pki: Pki, mode: str, net: str) -> None:
+    """source-hash (the client's address) and loadbalance (relayd: that
+    and the local address and port; one listener here): each client
+    always the same host, whichever relay process; the clients spread
+    over both hosts."""
     port = backend_port()
     relay = RelaySpec("web", free_port(), port, [pki["p256"]], forward_host="<web>",
-                      forward_options="mode source-hash")
+                      forward_options=f"mode {mode}")
     cfg = DaemonConfig([relay], prefork=2, globals=[TWO])
-    sources = [f"127.0.1.{i}" for i in range(1, 13)]
-    with backends(port, (HOST_A, HOST_B)):
-        start_daemon(cfg)
-        chosen = {src: {get(relay.listen_port, "p256.test", source=src) for _ in range(4)}
-                  for src in sources}
-    # every client address always the same host, whichever relay process
-    assert all(len(hosts) == 1 for hosts in chosen.values()), chosen
-    # and the addresses spread over both
-    assert {h for hosts in chosen.values() for h in hosts} == {HOST_A, HOST_B}, chosen
-
-
-def test_loadbalance_is_stable_per_client_and_spreads(start_daemon: StartDaemon, pki: Pki) -> None:
-    """relayd's loadbalance: a hash of the client's address and the local
-    address and port.  One listener: each client always the same host,
-    from either relay process; the clients spread over both hosts."""
-    port = backend_port()
-    relay = RelaySpec("web", free_port(), port, [pki["p256"]], forward_host="<web>",
-                      forward_options="mode loadbalance")
-    cfg = DaemonConfig([relay], prefork=2, globals=[TWO])
-    sources = [f"127.0.2.{i}" for i in range(1, 13)]
+    sources = [f"{net}.{i}" for i in range(1, 13)]
     with backends(port, (HOST_A, HOST_B)):
         start_daemon(cfg)
         chosen = {src: {get(relay.listen_port, "p256.test", source=src) for _ in range(4)}
