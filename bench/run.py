@@ -566,15 +566,12 @@ class PyprivsepRelay(Relay):
         if via == "softhsm":
             if os.getuid() == 0:
                 token.give_to(CA_USER)
-            line = f'pkcs11 module "{softhsm.SOFTHSM_MODULE}" pin "file:{token.pin_file}"'
-            return uri, line, token.env
+            return uri, token.pkcs11_line(), token.env
         self.p11kit = softhsm.P11KitServer(token, self.workdir / "p11kit.sock",
                                            user=CA_USER if os.getuid() == 0 else None,
                                            prefix=Pinning.prefix(SERVER_CPU))
         self.p11kit.start()
-        line = (f'pkcs11 module "{softhsm.p11kit_client_module()}" pin "file:{token.pin_file}" '
-                f'server "{self.p11kit.address}"')
-        return uri, line, {}
+        return uri, token.pkcs11_line(self.p11kit), {}
 
     def cpu_roots(self) -> list[int]:
         return [self.pid] + ([self.p11kit.pid] if self.p11kit and self.p11kit.proc else [])

@@ -132,6 +132,9 @@ def simple_relay(
 
 # `make asan`: the daemon runs with the AddressSanitizer runtime preloaded.
 SANITIZED = bool(os.environ.get("PYPRIVSEP_DAEMON_PRELOAD"))
+# the user a Daemon's cas run as: the daemon's default `ca user`, or root
+# under `make asan` (Daemon keeps every child root then)
+CA_USER = "root" if SANITIZED else "_pyprivsep_ca"
 
 
 def pyprivsep_env() -> dict[str, str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -238,6 +239,18 @@ def make_issued_keypair(
     localhost), or with `client` a client certificate (clientAuth).  With
     `chain` its file holds the issuer's certificate after it."""
     key = new_private_key(key_name)
+    cert, cert_path = issue_certificate(directory, name, issuer, key.public_key(), client=client, chain=chain)
+    key_path = directory / f"{name}.key"
+    write_key(key_path, key)
+    return KeyPair(name, f"{name}.test", cert_path, key_path, cert, key_secrets(key))
+
+
+def issue_certificate(
+    directory: Path, name: str, issuer: Issuer, public_key: CertificatePublicKeyTypes, *,
+    client: bool = False, chain: bool = True,
+) -> tuple[x509.Certificate, Path]:
+    """`make_issued_keypair`'s certificate, for a public key made elsewhere
+    (in a PKCS#11 token: tests/tokenkeys.py), written to NAME.crt."""
     dns_name = f"{name}.test"
     now = datetime.datetime.now(datetime.UTC)
     usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
@@ -245,7 +258,7 @@ def make_issued_keypair(
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)]))
         .issuer_name(issuer.certificate.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=30))
@@ -256,13 +269,12 @@ def make_issued_keypair(
         san = [x509.DNSName(dns_name), x509.DNSName("localhost"), x509.IPAddress(IPv4Address(LOCALHOST))]
         builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
     cert = builder.sign(issuer.key, hashes.SHA256())
-    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path = directory / f"{name}.crt"
     pem = cert.public_bytes(serialization.Encoding.PEM)
     if chain:
         pem += issuer.certificate.public_bytes(serialization.Encoding.PEM)
     cert_path.write_bytes(pem)
-    write_key(key_path, key)
-    return KeyPair(name, dns_name, cert_path, key_path, cert, key_secrets(key))
+    return cert, cert_path
 
 
 OcspStatus = ocsp.OCSPCertStatus

@@ -10,13 +10,17 @@ absent, for a skip.
     token = make_token(tmp_path / "hsm")            # label "web", a random PIN
     uri = token.import_key(key_pem, "www")          # a PKCS#8 PEM key file
     spki = token.generate_key("p256", "gen")        # made on the token, never extractable
+    token.pkcs11_line()                             # pyprivsep's `pkcs11` line for it
     with P11KitServer(token, tmp_path / "p11.sock") as server:
         server.address                              # "unix:path=/.../p11.sock"
+        token.pkcs11_line(server)                   # the line through the server
 
 The token's files live in ``token.directory``; a process using the token
 through SoftHSM directly needs ``token.env`` (SOFTHSM2_CONF) and read and
 write access to them (``token.give_to(user)``); through p11-kit it needs
 only to connect to the socket (``P11KitServer``'s ``user`` and ``mode``).
+tests/tokenkeys.py adds what the PKCS#11 tests need on top (certificates
+from a test issuer, KeyPairs).
 """
 
 from __future__ import annotations
@@ -101,13 +105,26 @@ class Token:
     def full_env(self) -> dict[str, str]:
         return {**os.environ, **self.env}
 
-    def uri(self, label: str) -> str:
-        """The RFC 7512 URI of the private key labelled ``label``."""
-        return f"pkcs11:token={self.label};object={label};type=private"
+    def uri(self, label: str, key_id: str | None = None) -> str:
+        """The RFC 7512 URI of the private key labelled ``label`` (and, given,
+        with CKA_ID ``key_id``, hex)."""
+        uri = f"pkcs11:token={self.label};object={label}"
+        if key_id is not None:      # percent-encoded bytes
+            uri += ";id=" + "".join(f"%{key_id[i:i + 2]}" for i in range(0, len(key_id), 2))
+        return uri + ";type=private"
 
-    def _tool(self, *args: str) -> list[str]:
-        return ["pkcs11-tool", "--module", str(SOFTHSM_MODULE), "--token-label", self.label,
-                "--login", "--pin", self.pin, *args]
+    def tool(self, *args: str) -> str:
+        """pkcs11-tool on the token, through SoftHSM, logged in: its output."""
+        return _run(["pkcs11-tool", "--module", str(SOFTHSM_MODULE), "--token-label", self.label,
+                     "--login", "--pin", self.pin, *args], self.full_env(), f"pkcs11-tool {args[0]}")
+
+    def pkcs11_line(self, server: P11KitServer | None = None) -> str:
+        """pyprivsep's `pkcs11` line for this token: SoftHSM loaded in the
+        ca, or through ``server`` with p11-kit's client module."""
+        if server is None:
+            return f'pkcs11 module "{SOFTHSM_MODULE}" pin "file:{self.pin_file}"'
+        return (f'pkcs11 module "{p11kit_client_module()}" pin "file:{self.pin_file}" '
+                f'server "{server.address}"')
 
     def import_key(self, key_pem: Path, label: str, key_id: str = "01") -> str:
         """Imports a PKCS#8 PEM private key (unencrypted) as ``label`` with
@@ -116,20 +133,21 @@ class Token:
               "--id", key_id, "--pin", self.pin], self.full_env(), f"importing {key_pem}")
         return self.uri(label)
 
-    def generate_key(self, kind: KeyKind, label: str, key_id: str = "02") -> bytes:
-        """A key pair made on the token (sensitive, never extractable);
-        returns the public key as DER SubjectPublicKeyInfo (for a
-        certificate of it)."""
-        _run(self._tool("--keypairgen", "--key-type", _PKCS11_TOOL_TYPES[kind], "--label", label,
-                        "--id", key_id, "--usage-sign"), self.full_env(), f"generating {kind} {label}")
+    def generate_key(self, kind: KeyKind, label: str, key_id: str = "02", *,
+                     always_auth: bool = False) -> bytes:
+        """A key pair made on the token (sensitive, never extractable; with
+        ``always_auth`` CKA_ALWAYS_AUTHENTICATE: a login for each
+        signature); returns the public key as DER SubjectPublicKeyInfo (for
+        a certificate of it)."""
+        self.tool("--keypairgen", "--key-type", _PKCS11_TOOL_TYPES[kind], "--label", label,
+                  "--id", key_id, "--usage-sign", "--sensitive", *(["--always-auth"] if always_auth else []))
         out = self.directory / f"{label}.pub.der"
-        _run(self._tool("--read-object", "--type", "pubkey", "--id", key_id, "-o", str(out)),
-             self.full_env(), f"reading {label}'s public key")
+        self.tool("--read-object", "--type", "pubkey", "--id", key_id, "-o", str(out))
         return out.read_bytes()
 
     def objects(self) -> str:
         """pkcs11-tool's listing of the token's objects (for messages)."""
-        return _run(self._tool("--list-objects"), self.full_env(), "listing objects")
+        return self.tool("--list-objects")
 
     def give_to(self, user: str) -> None:
         """The token's directory and files owned by ``user`` (SoftHSM opens
@@ -207,6 +225,7 @@ class P11KitServer:
             group = grp.getgrgid(pwd.getpwnam(self.user).pw_gid).gr_name
             args += ["-u", self.user, "-g", group]
         args.append(f"pkcs11:token={self.token.label}")
+        self.socket.unlink(missing_ok=True)     # a crashed run's: p11-kit would not bind
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(args, env=self.token.full_env(), stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT, text=True,
@@ -251,20 +270,22 @@ class P11KitServer:
     def stop(self) -> None:
         """The server and the p11-kit-remote it forked for each client (its
         process group; they would go on serving the clients connected):
-        an outage for every client."""
+        an outage for every client.  SIGTERM, then SIGKILL for what is
+        left; returns once no process of the group is left (RuntimeError
+        if one outlives 30 s), and removes the socket."""
         if self.proc is not None:
-            pgid = self.proc.pid
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-            deadline = time.monotonic() + 30
-            while _group_alive(pgid) and time.monotonic() < deadline:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, signal.SIGKILL)
-                time.sleep(0.05)
-            self.proc.wait(10)
+            proc, pgid = self.proc, self.proc.pid
             self.proc = None
+            _killpg(pgid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+            deadline = time.monotonic() + 30
+            while _group_alive(pgid):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"p11-kit server {pgid}: its process group outlived SIGKILL")
+                _killpg(pgid, signal.SIGKILL)
+                time.sleep(0.05)
+                proc.poll()         # the server's zombie, reaped, leaves the group
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
 
@@ -274,6 +295,11 @@ class P11KitServer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
 
 
 def _group_alive(pgid: int) -> bool:

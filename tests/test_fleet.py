@@ -152,12 +152,6 @@ FULL_HANDSHAKES: tuple[tuple[TlsVersion, str, str], ...] = (
     ("1.2", "rsa2048", "RSA+SHA256"), ("1.2", "p256", "ECDSA+SHA256"))
 
 
-def pkcs11_line(token: softhsm.Token, server: softhsm.P11KitServer) -> str:
-    client = softhsm.p11kit_client_module()
-    return (f'pkcs11 module "{client}" pin "file:{token.pin_file}" '
-            f'server "{server.address}"')
-
-
 def pkcs11_supported(workdir: Path, line: str, keypairs: Sequence[KeyPair]) -> str | None:
     """None when `pyprivsep -n` takes the configuration; the reason to skip
     when it does not know the `pkcs11` directive.  Any other refusal fails."""
@@ -196,7 +190,7 @@ def test_every_instance_signs_through_one_p11kit_server(
     # the socket the cas' user's, and no other uid let in (-u, -g): the
     # cas, and pyprivsep's key checks (-n, reload), which run as that user
     with softhsm.P11KitServer(token, p11_dir / "p11kit.sock", user=CA_USER) as server:
-        line = pkcs11_line(token, server)
+        line = token.pkcs11_line(server)
         why = pkcs11_supported(tmp_path / "probe", line, keypairs)
         if why:
             pytest.skip(why)

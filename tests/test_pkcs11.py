@@ -1,9 +1,9 @@
 """Keys in a PKCS#11 token (SoftHSM2), used by the ca processes only.
 
-One token per module (tests/p11token.py): an RSA-2048 and a P-256 key the
-test made and imported (their primes known, for the memory scan), and an
-RSA-2048 and a P-256 key generated in the token, sensitive and never
-extractable.  Through the relay: TLS 1.3 and 1.2 handshakes with each
+One token per module (tests/tokenkeys.py, on tests/softhsm.py): an
+RSA-2048 and a P-256 key the test made and imported (their primes known,
+for the memory scan), and an RSA-2048 and a P-256 key generated in the
+token, sensitive and never extractable.  Through the relay: TLS 1.3 and 1.2 handshakes with each
 (Python ssl, openssl s_client, curl), directly with SoftHSM in the ca and
 through `p11-kit server` + p11-kit-client.so (`server "unix:path=..."`);
 a hostile relay's frames refused by a token-backed ca as by any other; a
@@ -29,28 +29,28 @@ from cawire import spki_keyid
 from daemonctl import SANITIZED, Daemon, DaemonConfig, RelaySpec, StartDaemon, run_pyprivsep
 from keypairs import key_patterns
 from memscan import scan_process_memory
-from p11token import (P11KIT_CLIENT, PIN, P11KitServer, Token, generate_key, import_key, iter_files,
-                      make_token, missing_tools, token_directory)
+from softhsm import SOFTHSM_MODULE, P11KitServer, missing
+from tokenkeys import TokenKeys, make_token_keys, token_directory
 from tlsclients import TlsVersion, curl, s_client, tls_handshake
 
-pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools()))
+pytestmark = pytest.mark.skipif(missing(p11kit=True) is not None, reason=str(missing(p11kit=True)))
 
 VERSIONS: tuple[TlsVersion, ...] = ("1.3", "1.2")
 KEYS = ("imported-rsa", "imported-ec", "generated-rsa", "generated-ec")
 
 
 @pytest.fixture(scope="module")
-def token() -> Iterator[Token]:
+def token() -> Iterator[TokenKeys]:
     directory = token_directory()
     saved = os.environ.get("SOFTHSM2_CONF")
     try:
-        token = make_token(directory)
-        os.environ["SOFTHSM2_CONF"] = str(token.conf)   # the daemon and ca children read it
-        import_key(token, "imported-rsa", 1, "rsa2048")
-        import_key(token, "imported-ec", 2, "p256")
-        generate_key(token, "generated-rsa", 3, "rsa:2048")
-        generate_key(token, "generated-ec", 4, "EC:prime256v1")
-        generate_key(token, "always-auth", 5, "rsa:2048", always_auth=True)
+        token = make_token_keys(directory)
+        os.environ["SOFTHSM2_CONF"] = str(token.hsm.conf)   # the daemon and ca children read it
+        token.import_key("imported-rsa", 1, "rsa2048")
+        token.import_key("imported-ec", 2, "p256")
+        token.generate_key("generated-rsa", 3, "rsa2048")
+        token.generate_key("generated-ec", 4, "p256")
+        token.generate_key("always-auth", 5, "rsa2048", always_auth=True)
         token.give_to_ca_user()
         yield token
     finally:
@@ -62,24 +62,23 @@ def token() -> Iterator[Token]:
 
 
 @pytest.fixture
-def p11kit(token: Token) -> Iterator[P11KitServer]:
-    server = P11KitServer(token, token.directory / "p11kit.sock").start()
+def p11kit(token: TokenKeys) -> Iterator[P11KitServer]:
+    server = token.p11kit_server(token.directory / "p11kit.sock").start()
     yield server
     server.stop()
 
 
-def relay_of(token: Token, backend: HttpBackend, names: tuple[str, ...] = KEYS) -> RelaySpec:
+def relay_of(token: TokenKeys, backend: HttpBackend, names: tuple[str, ...] = KEYS) -> RelaySpec:
     return RelaySpec("www", free_port(), backend.port, [token.keys[n] for n in names])
 
 
-def start(start_daemon: StartDaemon, token: Token, backend: HttpBackend, *, remote: P11KitServer | None = None,
+def start(start_daemon: StartDaemon, token: TokenKeys, backend: HttpBackend, *, remote: P11KitServer | None = None,
           prefork: int = 2) -> Daemon:
-    line = (token.pkcs11_line() if remote is None
-            else token.pkcs11_line(module=P11KIT_CLIENT, server=remote.socket_path))
+    line = token.hsm.pkcs11_line(remote)
     return start_daemon(DaemonConfig([relay_of(token, backend)], prefork=prefork, globals=[line]))
 
 
-def assert_handshakes(daemon: Daemon, token: Token) -> None:
+def assert_handshakes(daemon: Daemon, token: TokenKeys) -> None:
     """Each key signs a full handshake in TLS 1.3 and 1.2 (chosen by SNI),
     and the relay's certificate is that key's."""
     port = daemon.config.relays[0].listen_port
@@ -96,8 +95,8 @@ def write_config(path: Path, text: str) -> Path:
     return path
 
 
-def config_text(token: Token, relay_lines: list[str], pkcs11: str | None = None) -> str:
-    pk = token.pkcs11_line() if pkcs11 is None else pkcs11
+def config_text(token: TokenKeys, relay_lines: list[str], pkcs11: str | None = None) -> str:
+    pk = token.hsm.pkcs11_line() if pkcs11 is None else pkcs11
     # `make asan`: every child root, as daemonctl.Daemon makes them
     users = ['user "root"', 'ca user "root"'] if SANITIZED else []
     return "\n".join(["prefork 1", *users, pk, 'relay "www" {', "    listen on 127.0.0.1 port 8443 tls",
@@ -113,8 +112,8 @@ def line_of(path: Path, needle: str) -> int:
 # --------------------------------------------------------------------------
 
 
-def test_generated_keys_are_sensitive_and_never_extractable(token: Token) -> None:
-    listing = token.tool("--list-objects", "--type", "privkey")
+def test_generated_keys_are_sensitive_and_never_extractable(token: TokenKeys) -> None:
+    listing = token.hsm.tool("--list-objects", "--type", "privkey")
     blocks = listing.split("Private Key Object")[1:]
     access = {re.search(r"label:\s+(\S+)", b).group(1): re.search(r"Access:\s+(.*)", b).group(1)  # type: ignore[union-attr]
               for b in blocks}
@@ -127,8 +126,8 @@ def test_generated_keys_are_sensitive_and_never_extractable(token: Token) -> Non
     # an imported key was outside the token once: the listing tells them apart
     assert "never extractable" not in access["imported-rsa"], access
     # and no file of the test's but the token's own holds a private key
-    for path in iter_files(token.directory):
-        if "tokens" not in path.parts:
+    for path in token.directory.rglob("*"):
+        if path.is_file() and "tokens" not in path.parts:
             assert b"PRIVATE KEY" not in path.read_bytes(), path
 
 
@@ -137,7 +136,7 @@ def test_generated_keys_are_sensitive_and_never_extractable(token: Token) -> Non
 # --------------------------------------------------------------------------
 
 
-def test_check_accepts_the_token_keys(token: Token, tmp_path: Path) -> None:
+def test_check_accepts_the_token_keys(token: TokenKeys, tmp_path: Path) -> None:
     conf = write_config(tmp_path / "p.conf", config_text(token, [
         f'    tls certificate "{token.keys[n].cert_path}" key "{token.keys[n].key_path}"' for n in KEYS]))
     proc = run_pyprivsep("-n", "-f", str(conf))
@@ -145,14 +144,14 @@ def test_check_accepts_the_token_keys(token: Token, tmp_path: Path) -> None:
     assert "configuration OK" in proc.stderr
 
 
-def test_check_refuses_a_wrong_pin_naming_the_pkcs11_line(token: Token, tmp_path: Path) -> None:
+def test_check_refuses_a_wrong_pin_naming_the_pkcs11_line(token: TokenKeys, tmp_path: Path) -> None:
     pin = tmp_path / "wrong.pin"
     pin.write_text("not-the-pin\n")
     pin.chmod(0o600)
     kp = token.keys["imported-rsa"]
     conf = write_config(tmp_path / "p.conf", config_text(
         token, [f'    tls certificate "{kp.cert_path}" key "{kp.key_path}"'],
-        pkcs11=f'pkcs11 module "/usr/lib/softhsm/libsofthsm2.so" pin "file:{pin}"'))
+        pkcs11=f'pkcs11 module "{SOFTHSM_MODULE}" pin "file:{pin}"'))
     proc = run_pyprivsep("-n", "-f", str(conf))
     assert proc.returncode == 1
     assert f"{conf}:{line_of(conf, 'pkcs11 module')}: pkcs11 pin file {pin}" in proc.stderr, proc.stderr
@@ -160,7 +159,7 @@ def test_check_refuses_a_wrong_pin_naming_the_pkcs11_line(token: Token, tmp_path
     assert "not-the-pin" not in proc.stderr
 
 
-def test_check_refuses_a_missing_object_naming_its_line(token: Token, tmp_path: Path) -> None:
+def test_check_refuses_a_missing_object_naming_its_line(token: TokenKeys, tmp_path: Path) -> None:
     kp = token.keys["imported-rsa"]
     conf = write_config(tmp_path / "p.conf", config_text(
         token, [f'    tls certificate "{kp.cert_path}" key "pkcs11:token=web;object=nothere"']))
@@ -170,7 +169,7 @@ def test_check_refuses_a_missing_object_naming_its_line(token: Token, tmp_path: 
     assert "no such private key in the token" in proc.stderr
 
 
-def test_check_refuses_a_token_key_that_is_not_the_certificates(token: Token, tmp_path: Path) -> None:
+def test_check_refuses_a_token_key_that_is_not_the_certificates(token: TokenKeys, tmp_path: Path) -> None:
     cert, other = token.keys["generated-ec"].cert_path, token.keys["imported-ec"].key_path
     conf = write_config(tmp_path / "p.conf", config_text(token, [f'    tls certificate "{cert}" key "{other}"']))
     proc = run_pyprivsep("-n", "-f", str(conf))
@@ -179,7 +178,7 @@ def test_check_refuses_a_token_key_that_is_not_the_certificates(token: Token, tm
     assert "does not match the certificate" in proc.stderr, proc.stderr
 
 
-def test_check_refuses_a_missing_token(token: Token, tmp_path: Path) -> None:
+def test_check_refuses_a_missing_token(token: TokenKeys, tmp_path: Path) -> None:
     kp = token.keys["imported-rsa"]
     conf = write_config(tmp_path / "p.conf", config_text(
         token, [f'    tls certificate "{kp.cert_path}" key "pkcs11:token=elsewhere;object=imported-rsa"']))
@@ -193,7 +192,7 @@ def test_check_refuses_a_missing_token(token: Token, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------
 
 
-def test_handshakes_with_keys_in_the_token(start_daemon: StartDaemon, token: Token, http_backend: HttpBackend) -> None:
+def test_handshakes_with_keys_in_the_token(start_daemon: StartDaemon, token: TokenKeys, http_backend: HttpBackend) -> None:
     daemon = start(start_daemon, token, http_backend)
     assert_handshakes(daemon, token)
     port = daemon.config.relays[0].listen_port
@@ -211,7 +210,7 @@ def test_handshakes_with_keys_in_the_token(start_daemon: StartDaemon, token: Tok
     assert daemon.stop() == 0, daemon.describe()
 
 
-def test_only_the_cas_load_the_module(start_daemon: StartDaemon, token: Token, http_backend: HttpBackend) -> None:
+def test_only_the_cas_load_the_module(start_daemon: StartDaemon, token: TokenKeys, http_backend: HttpBackend) -> None:
     daemon = start(start_daemon, token, http_backend)
     assert_handshakes(daemon, token)
 
@@ -223,7 +222,7 @@ def test_only_the_cas_load_the_module(start_daemon: StartDaemon, token: Token, h
     assert not loaded(daemon.parent_pid)
 
 
-def test_a_killed_ca_is_restarted_and_signs_again(start_daemon: StartDaemon, token: Token,
+def test_a_killed_ca_is_restarted_and_signs_again(start_daemon: StartDaemon, token: TokenKeys,
                                                  http_backend: HttpBackend) -> None:
     daemon = start(start_daemon, token, http_backend, prefork=1)
     old = daemon.ca_pids()[1]
@@ -235,7 +234,7 @@ def test_a_killed_ca_is_restarted_and_signs_again(start_daemon: StartDaemon, tok
     assert_handshakes(daemon, token)
 
 
-def _handshake_ok(daemon: Daemon, token: Token, name: str = "imported-rsa") -> bool:
+def _handshake_ok(daemon: Daemon, token: TokenKeys, name: str = "imported-rsa") -> bool:
     try:
         tls_handshake(daemon.config.relays[0].listen_port, token.keys[name].dns_name, version="1.3", timeout=20)
     except OSError:
@@ -245,7 +244,7 @@ def _handshake_ok(daemon: Daemon, token: Token, name: str = "imported-rsa") -> b
 
 @pytest.mark.skipif(SANITIZED, reason="memory scan skipped in an AddressSanitizer run")
 @pytest.mark.skipif(os.geteuid() != 0, reason="reading the cas' memory needs root")
-def test_memory_of_the_daemon_with_keys_in_the_token(start_daemon: StartDaemon, token: Token,
+def test_memory_of_the_daemon_with_keys_in_the_token(start_daemon: StartDaemon, token: TokenKeys,
                                                      http_backend: HttpBackend, p11kit: P11KitServer) -> None:
     """No pyprivsep process holds the imported keys' primes or scalar, the
     cas included: through p11-kit server the key is only ever in another
@@ -266,7 +265,7 @@ def test_memory_of_the_daemon_with_keys_in_the_token(start_daemon: StartDaemon, 
     local = start(start_daemon, token, http_backend)
     assert_handshakes(local, token)
     # the PIN: only the cas read it (the parent and the relays never)
-    pin = {"pin": PIN.encode()}
+    pin = {"pin": token.hsm.pin.encode()}
     assert scan_process_memory(os.getpid(), pin).found
     for pid in [local.parent_pid, *local.relay_pids().values()]:
         assert not scan_process_memory(pid, pin).found, f"the PIN in pid {pid}"
@@ -282,7 +281,7 @@ def test_memory_of_the_daemon_with_keys_in_the_token(start_daemon: StartDaemon, 
 
 
 @pytest.fixture
-def token_ca(token: Token, tmp_path: Path) -> Iterator[CaChild]:
+def token_ca(token: TokenKeys, tmp_path: Path) -> Iterator[CaChild]:
     conf = write_config(tmp_path / "ca.conf", config_text(token, [
         f'    tls certificate "{token.keys[n].cert_path}" key "{token.keys[n].key_path}"'
         for n in ("generated-rsa", "generated-ec")]))
@@ -291,7 +290,7 @@ def token_ca(token: Token, tmp_path: Path) -> Iterator[CaChild]:
     child.stop()
 
 
-def test_hostile_frames_to_a_token_backed_ca_are_refused(token: Token, token_ca: CaChild) -> None:
+def test_hostile_frames_to_a_token_backed_ca_are_refused(token: TokenKeys, token_ca: CaChild) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
     from test_ca_hostile import HOSTILE, Keys, assert_serves_valid_requests
@@ -313,7 +312,7 @@ def test_hostile_frames_to_a_token_backed_ca_are_refused(token: Token, token_ca:
 # --------------------------------------------------------------------------
 
 
-def test_handshakes_through_p11kit_server(start_daemon: StartDaemon, token: Token, http_backend: HttpBackend,
+def test_handshakes_through_p11kit_server(start_daemon: StartDaemon, token: TokenKeys, http_backend: HttpBackend,
                                           p11kit: P11KitServer) -> None:
     daemon = start(start_daemon, token, http_backend, remote=p11kit)
     assert_handshakes(daemon, token)
@@ -326,7 +325,7 @@ def test_handshakes_through_p11kit_server(start_daemon: StartDaemon, token: Toke
     assert daemon.stop() == 0, daemon.describe()
 
 
-def test_a_p11kit_server_outage_fails_handshakes_not_the_cas(start_daemon: StartDaemon, token: Token,
+def test_a_p11kit_server_outage_fails_handshakes_not_the_cas(start_daemon: StartDaemon, token: TokenKeys,
                                                               http_backend: HttpBackend, p11kit: P11KitServer) -> None:
     daemon = start(start_daemon, token, http_backend, remote=p11kit, prefork=1)
     assert_handshakes(daemon, token)
@@ -351,20 +350,20 @@ def test_a_p11kit_server_outage_fails_handshakes_not_the_cas(start_daemon: Start
 # --------------------------------------------------------------------------
 
 
-def test_a_keyservice_signs_with_token_keys(start_daemon: StartDaemon, token: Token) -> None:
+def test_a_keyservice_signs_with_token_keys(start_daemon: StartDaemon, token: TokenKeys) -> None:
     from daemonctl import KeyServiceSpec
     from test_keyservice import signs
 
     keypairs = [token.keys["imported-rsa"], token.keys["generated-ec"]]
     spec = KeyServiceSpec("tok", token.directory / "run" / "tok.sock", keypairs)
-    daemon = start_daemon(DaemonConfig([], keyservices=[spec], globals=[token.pkcs11_line()]))
+    daemon = start_daemon(DaemonConfig([], keyservices=[spec], globals=[token.hsm.pkcs11_line()]))
     for i, kp in enumerate(keypairs * 2):
         signs(spec.socket, kp, req_id=10 + i)
     assert len(daemon.keyservice_pids("tok")) == spec.cas
     assert daemon.stop() == 0, daemon.describe()
 
 
-def test_a_token_gone_and_back_is_reopened_by_the_same_ca(start_daemon: StartDaemon, token: Token,
+def test_a_token_gone_and_back_is_reopened_by_the_same_ca(start_daemon: StartDaemon, token: TokenKeys,
                                                          http_backend: HttpBackend) -> None:
     """SoftHSM's token directory taken away: signatures fail (the ca
     answers PPS_ERR_CRYPTO, the relay fails the handshake), the ca lives
@@ -373,7 +372,7 @@ def test_a_token_gone_and_back_is_reopened_by_the_same_ca(start_daemon: StartDae
     daemon = start(start_daemon, token, http_backend, prefork=1)
     assert_handshakes(daemon, token)
     cas = daemon.ca_pids()
-    tokens, away = token.directory / "tokens", token.directory / "tokens.away"
+    tokens, away = token.hsm.directory / "tokens", token.hsm.directory / "tokens.away"
     tokens.rename(away)
     try:
         with pytest.raises(OSError):
@@ -389,7 +388,7 @@ def test_a_token_gone_and_back_is_reopened_by_the_same_ca(start_daemon: StartDae
 
 
 def test_a_reload_checks_the_token_keys_in_a_child_and_the_parent_stays_clean(
-        start_daemon: StartDaemon, token: Token, http_backend: HttpBackend) -> None:
+        start_daemon: StartDaemon, token: TokenKeys, http_backend: HttpBackend) -> None:
     """SIGHUP: the parent checks every key in a throwaway child (which loads
     the module and logs in), then starts a new generation of cas and
     relays; the parent itself never maps the module."""
@@ -403,13 +402,13 @@ def test_a_reload_checks_the_token_keys_in_a_child_and_the_parent_stays_clean(
     assert "libsofthsm2.so" not in Path(f"/proc/{daemon.parent_pid}/maps").read_text()
 
 
-def test_a_key_that_wants_the_pin_for_each_signature(start_daemon: StartDaemon, token: Token,
+def test_a_key_that_wants_the_pin_for_each_signature(start_daemon: StartDaemon, token: TokenKeys,
                                                     http_backend: HttpBackend) -> None:
     """CKA_ALWAYS_AUTHENTICATE (smart cards, some HSM policies): the ca
     logs in for the context (CKU_CONTEXT_SPECIFIC) before each C_Sign."""
-    assert "always authenticate" in token.tool("--list-objects", "--type", "privkey", "--label", "always-auth")
+    assert "always authenticate" in token.hsm.tool("--list-objects", "--type", "privkey", "--label", "always-auth")
     daemon = start_daemon(DaemonConfig([relay_of(token, http_backend, ("always-auth",))], prefork=1,
-                                       globals=[token.pkcs11_line()]))
+                                       globals=[token.hsm.pkcs11_line()]))
     kp = token.keys["always-auth"]
     for version in VERSIONS:
         for _ in range(3):
@@ -418,12 +417,12 @@ def test_a_key_that_wants_the_pin_for_each_signature(start_daemon: StartDaemon, 
             assert info.peer_cert_der == kp.cert_der
 
 
-def test_check_through_a_p11kit_server_that_admits_the_ca_user_only(token: Token, tmp_path: Path,
+def test_check_through_a_p11kit_server_that_admits_the_ca_user_only(token: TokenKeys, tmp_path: Path,
                                                                      p11kit: P11KitServer) -> None:
     """-n signs with the token keys as `ca user`, as a ca will: the test's
     p11-kit server (-u _pyprivsep_ca) refuses root."""
     kp = token.keys["generated-ec"]
-    line = token.pkcs11_line(module=P11KIT_CLIENT, server=p11kit.socket_path)
+    line = token.hsm.pkcs11_line(p11kit)
     conf = write_config(tmp_path / "p.conf", config_text(
         token, [f'    tls certificate "{kp.cert_path}" key "{kp.key_path}"'], pkcs11=line))
     proc = run_pyprivsep("-n", "-f", str(conf))
@@ -437,7 +436,7 @@ def test_check_through_a_p11kit_server_that_admits_the_ca_user_only(token: Token
     assert "does not match the certificate" in proc.stderr, proc.stderr
 
 
-def test_a_token_out_of_reach_is_a_crypto_error_reply_not_a_dead_ca(token: Token, token_ca: CaChild) -> None:
+def test_a_token_out_of_reach_is_a_crypto_error_reply_not_a_dead_ca(token: TokenKeys, token_ca: CaChild) -> None:
     """The relay's view: PPS_ERR_CRYPTO for a well-formed request while the
     token is away, a signature again once it is back, one ca throughout."""
     import hashlib
@@ -454,7 +453,7 @@ def test_a_token_out_of_reach_is_a_crypto_error_reply_not_a_dead_ca(token: Token
                                        block)).arg
 
     assert request() == P.PPS_OK, token_ca.log()
-    tokens, away = token.directory / "tokens", token.directory / "tokens.away"
+    tokens, away = token.hsm.directory / "tokens", token.hsm.directory / "tokens.away"
     tokens.rename(away)
     try:
         assert request() == P.PPS_ERR_CRYPTO, token_ca.log()
@@ -465,7 +464,7 @@ def test_a_token_out_of_reach_is_a_crypto_error_reply_not_a_dead_ca(token: Token
     assert token_ca.alive()
     log = token_ca.log()
     assert "PKCS#11 token \"web\"" in log and "session reopened" in log, log
-    assert PIN not in log
+    assert token.hsm.pin not in log
 
 
 # --------------------------------------------------------------------------
@@ -475,7 +474,7 @@ def test_a_token_out_of_reach_is_a_crypto_error_reply_not_a_dead_ca(token: Token
 
 @pytest.mark.skipif(os.geteuid() != 0 or SANITIZED, reason="the users and the seccomp filter need root "
                     "(and not `make asan`, whose children stay unfiltered)")
-def test_a_token_cas_filter_adds_files_and_unix_sockets_only(start_daemon: StartDaemon, token: Token,
+def test_a_token_cas_filter_adds_files_and_unix_sockets_only(start_daemon: StartDaemon, token: TokenKeys,
                                                              http_backend: HttpBackend) -> None:
     """A process set up as a token-backed ca (tests/test_sandbox.py's
     attacker, with pkcs11=True: ca user, no chroot, the wider filter):
