@@ -98,18 +98,10 @@ backend_tls_ctx(struct relay *r, const char *ca_pem, size_t ca_len,
     const char *name)
 {
 	SSL_CTX *ctx;
-	long opts = SSL_OP_NO_COMPRESSION;
+	long opts = tls_options();
 
 	if (r->backend_ctx != NULL)
 		return pps_seterr("relay %s: backend TLS set twice", r->name);
-#ifdef SSL_OP_NO_RENEGOTIATION
-	opts |= SSL_OP_NO_RENEGOTIATION;
-#endif
-#ifdef SSL_OP_IGNORE_UNEXPECTED_EOF
-	/* a backend that closes without close_notify has ended (as a plain
-	 * one does with its FIN); the client's protocol sees truncation */
-	opts |= SSL_OP_IGNORE_UNEXPECTED_EOF;
-#endif
 	if ((ctx = SSL_CTX_new(TLS_client_method())) == NULL)
 		return pps_seterr_ssl("SSL_CTX_new");
 	SSL_CTX_set_options(ctx, opts);

@@ -167,6 +167,7 @@ extern struct pps_engine_conf pps_conf;
 extern time_t	pps_now;		/* monotonic seconds, per loop turn */
 
 /* tls.c */
+long	tls_options(void);
 int	tls_keypair(struct relay *, const char *, size_t, const uint8_t *,
 	    const char *, size_t);
 int	tls_check_relay(struct relay *);

@@ -862,6 +862,25 @@ pump_backend_tls_write(struct conn *c)
 	return backend_tls_blocked(c, n, &c->bwr_want, "write");
 }
 
+/* After a read from the backend into the down buffer: n bytes came
+ * (counted), or none (the buffer is freed if it is still empty).
+ * Whether any came. */
+static int
+down_filled(struct conn *c, ssize_t n)
+{
+	if (n > 0) {
+		c->down->len += n;
+		c->bytes_out += n;
+		stats.bytes_out += n;
+		return 1;
+	}
+	if (buf_len(c->down) == 0) {
+		free(c->down);
+		c->down = NULL;
+	}
+	return 0;
+}
+
 static int
 pump_backend_tls_read(struct conn *c)
 {
@@ -873,16 +892,9 @@ pump_backend_tls_read(struct conn *c)
 	if ((p = buf_tail(&c->down, DOWN_BUFSZ)) == NULL)
 		return -1;
 	n = SSL_read(c->bssl, p, (int)buf_space(c->down, DOWN_BUFSZ));
-	if (n > 0) {
+	if (down_filled(c, n)) {
 		c->brd_want = 0;
-		c->down->len += n;
-		c->bytes_out += n;
-		stats.bytes_out += n;
 		return 1;
-	}
-	if (buf_len(c->down) == 0) {
-		free(c->down);
-		c->down = NULL;
 	}
 	switch (SSL_get_error(c->bssl, n)) {
 	case SSL_ERROR_ZERO_RETURN:
@@ -961,16 +973,8 @@ pump_backend_read(struct conn *c)
 	if ((p = buf_tail(&c->down, DOWN_BUFSZ)) == NULL)
 		return -1;
 	n = recv(c->backend.fd, p, buf_space(c->down, DOWN_BUFSZ), 0);
-	if (n > 0) {
-		c->down->len += n;
-		c->bytes_out += n;
-		stats.bytes_out += n;
+	if (down_filled(c, n))
 		return 1;
-	}
-	if (buf_len(c->down) == 0) {
-		free(c->down);
-		c->down = NULL;
-	}
 	if (n == 0 || errno == ECONNRESET) {
 		c->flags |= CF_BACKEND_EOF;
 		return 1;

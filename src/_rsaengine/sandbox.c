@@ -296,9 +296,46 @@ emit_list(struct prog *p, const int *list, uint32_t ret)
 	}
 }
 
+/*
+ * if (nr == call) { if (low 32 bits of args[arg] is one of vals[0..n))
+ * return ALLOW; else return *other, or with other NULL, go on to the next
+ * test (nr reloaded) }.  The nr is in A.  The kernel reads an ioctl
+ * request or a socket family as an int: the low 32 bits decide.
+ */
+static void
+emit_arg_in(struct prog *p, int call, int arg, const uint32_t *vals,
+    unsigned n, const uint32_t *other)
+{
+	unsigned i;
+
+	emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
+	    (uint32_t)call, 0, n + 3));
+	emit(p, (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
+	    ARG_LO(arg)));
+	for (i = 0; i < n; i++)
+		emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
+		    vals[i], n - 1 - i, i == n - 1 ? 1 : 0));
+	emit(p, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K,
+	    SECCOMP_RET_ALLOW));
+	if (other != NULL)
+		emit(p, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, *other));
+	else
+		emit(p, (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
+		    offsetof(struct seccomp_data, nr)));
+}
+
 static void
 build(struct prog *p, int role, int p11)
 {
+	static const uint32_t fionbio[] = { FIONBIO };
+	static const uint32_t unix_only[] = { AF_UNIX };
+	static const uint32_t inet[] = { AF_INET, AF_INET6 };
+#if defined(PPS_POLLER_KQUEUE)
+	static const uint32_t queued[] = { SIOCINQ, SIOCOUTQ };
+#endif
+	const uint32_t kill = SECCOMP_RET_KILL_PROCESS;
+	const uint32_t eacces = RET_ERRNO(EACCES);
+
 	/* the architecture first: a syscall number means nothing without it */
 	emit(p, (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
 	    offsetof(struct seccomp_data, arch)));
@@ -325,20 +362,9 @@ build(struct prog *p, int role, int p11)
 	    SECCOMP_RET_ALLOW);
 	if (p11)
 		emit_list(p, p11_calls, SECCOMP_RET_ALLOW);
-	if (role == PPS_SANDBOX_HCE) {
-		/* ioctl(fd, FIONBIO, ...) only: nr is in A; on to the next
-		 * test (nr reloaded) for any other request */
-		emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
-		    __NR_ioctl, 0, 4));
-		emit(p, (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
-		    ARG_LO(1)));
-		emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
-		    FIONBIO, 0, 1));
-		emit(p, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K,
-		    SECCOMP_RET_ALLOW));
-		emit(p, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K,
-		    SECCOMP_RET_KILL_PROCESS));
-	}
+	/* the hce: ioctl(fd, FIONBIO, ...) only */
+	if (role == PPS_SANDBOX_HCE)
+		emit_arg_in(p, __NR_ioctl, 1, fionbio, 1, &kill);
 #if defined(PPS_POLLER_KQUEUE)
 	if (role == PPS_SANDBOX_RELAY)
 		emit_list(p, kqueue_calls, SECCOMP_RET_ALLOW);
@@ -349,20 +375,8 @@ build(struct prog *p, int role, int p11)
 	 * pass in a relay; any other ioctl kills it, as before.  The kernel
 	 * reads the request as an unsigned int: the low 32 bits decide.
 	 */
-	if (role == PPS_SANDBOX_RELAY) {
-		emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
-		    __NR_ioctl, 0, 5));
-		emit(p, (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
-		    ARG_LO(1)));
-		emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
-		    SIOCINQ, 1, 0));
-		emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
-		    SIOCOUTQ, 0, 1));
-		emit(p, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K,
-		    SECCOMP_RET_ALLOW));
-		emit(p, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K,
-		    SECCOMP_RET_KILL_PROCESS));
-	}
+	if (role == PPS_SANDBOX_RELAY)
+		emit_arg_in(p, __NR_ioctl, 1, queued, 2, &kill);
 #endif
 	emit_list(p, eacces_calls, RET_ERRNO(EACCES));
 	/*
@@ -372,34 +386,15 @@ build(struct prog *p, int role, int p11)
 	 * every family fails with EACCES, so a logger that tries survives.
 	 * The kernel reads the family as an int: the low 32 bits decide.
 	 */
-	if (p11) {
-		/* a PKCS#11 module's ca: AF_UNIX sockets only */
+	if (p11)	/* a PKCS#11 module's ca: AF_UNIX sockets too */
+		emit_arg_in(p, __NR_socket, 0, unix_only, 1, NULL);
+	if (role == PPS_SANDBOX_RELAY || role == PPS_SANDBOX_HCE)
+		emit_arg_in(p, __NR_socket, 0, inet, 2, &eacces);
+	else {
 		emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
-		    __NR_socket, 0, 3));
-		emit(p, (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
-		    ARG_LO(0)));
-		emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
-		    AF_UNIX, 0, 1));
-		emit(p, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K,
-		    SECCOMP_RET_ALLOW));
-		/* anything else: nr reloaded for the tests below */
-		emit(p, (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
-		    offsetof(struct seccomp_data, nr)));
+		    __NR_socket, 0, 1));
+		emit(p, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, eacces));
 	}
-	emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
-	    __NR_socket, 0, role == PPS_SANDBOX_RELAY ||
-	    role == PPS_SANDBOX_HCE ? 5 : 1));
-	if (role == PPS_SANDBOX_RELAY || role == PPS_SANDBOX_HCE) {
-		emit(p, (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
-		    ARG_LO(0)));
-		emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
-		    AF_INET, 1, 0));
-		emit(p, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
-		    AF_INET6, 0, 1));
-		emit(p, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K,
-		    SECCOMP_RET_ALLOW));
-	}
-	emit(p, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, RET_ERRNO(EACCES)));
 	/* everything else: kill, kill, ptrace, execve, clone, prlimit64... */
 	emit(p, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K,
 	    SECCOMP_RET_KILL_PROCESS));

@@ -222,13 +222,13 @@ tls_ctx_client_ca(SSL_CTX *ctx, struct relay *r)
 	return 0;
 }
 
-static SSL_CTX *
-tls_ctx(struct relay *r)
+/* Both sides' options: no compression, no renegotiation, and a peer that
+ * closes without close_notify has ended (as a plain one does with its
+ * FIN); the protocol inside sees any truncation. */
+long
+tls_options(void)
 {
-	char ciphers[1024];
-	const char *base = r->ciphers != NULL ? r->ciphers : PPS_CIPHERS_DEFAULT;
-	SSL_CTX *ctx;
-	long opts = SSL_OP_NO_COMPRESSION | SSL_OP_CIPHER_SERVER_PREFERENCE;
+	long opts = SSL_OP_NO_COMPRESSION;
 
 #ifdef SSL_OP_NO_RENEGOTIATION
 	opts |= SSL_OP_NO_RENEGOTIATION;
@@ -236,6 +236,17 @@ tls_ctx(struct relay *r)
 #ifdef SSL_OP_IGNORE_UNEXPECTED_EOF
 	opts |= SSL_OP_IGNORE_UNEXPECTED_EOF;
 #endif
+	return opts;
+}
+
+static SSL_CTX *
+tls_ctx(struct relay *r)
+{
+	char ciphers[1024];
+	const char *base = r->ciphers != NULL ? r->ciphers : PPS_CIPHERS_DEFAULT;
+	SSL_CTX *ctx;
+	long opts = tls_options() | SSL_OP_CIPHER_SERVER_PREFERENCE;
+
 	if ((size_t)snprintf(ciphers, sizeof(ciphers), "%s%s", base,
 	    PPS_CIPHERS_FORCED) >= sizeof(ciphers)) {
 		pps_seterr("cipher list too long");
