@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import pytest
 import fleet as fleetmod
 import softhsm
 from basics import wait_until
-from daemonctl import DaemonConfig, RelaySpec, run_pyprivsep
+from daemonctl import CA_USER, SANITIZED, DaemonConfig, RelaySpec, run_pyprivsep
 from fleet import Fleet, with_key
 from keypairs import KeyPair, Pki
 from test_ticketfile import key, ticket_key_name, write_keys
@@ -144,7 +145,6 @@ def test_without_the_shared_file_a_session_resumes_only_where_it_was_made(
 
 # -- every instance signing through one p11-kit server ------------------------
 
-CA_USER = "_pyprivsep_ca"      # the daemon's default `ca user`
 P11_KEYS = {"rsa2048": ("www-rsa", "01"), "p256": ("www-ec", "02")}
 # (version, the key's name in the pki: its certificate is chosen by SNI, sigalg)
 FULL_HANDSHAKES: tuple[tuple[TlsVersion, str, str], ...] = (
@@ -158,7 +158,10 @@ def pkcs11_supported(workdir: Path, line: str, keypairs: Sequence[KeyPair]) -> s
     workdir.mkdir(exist_ok=True)
     conf = workdir / "probe.conf"
     relay = RelaySpec("www", 8443, 8080, keypairs)
-    conf.write_text(DaemonConfig([relay], prefork=1, globals=[line]).render())
+    config = DaemonConfig([relay], prefork=1, globals=[line])
+    if SANITIZED:       # as the fleet's daemons run (daemonctl.Daemon)
+        config = replace(config, user="root", ca_user="root")
+    conf.write_text(config.render())
     check = run_pyprivsep("-n", "-f", str(conf))
     if 'unknown directive "pkcs11"' in check.stderr:
         return ("this pyprivsep takes no PKCS#11 keys yet (`pyprivsep -n`: "
