@@ -1575,10 +1575,12 @@ def measure_latency(a: argparse.Namespace, cert: dict[str, Path], backend: Serve
                     workdir: Path, tls_args: list[str], servers: list[Server]) -> dict:
     """The latency cell, LATENCY_RELAYS with an RSA-4096 certificate,
     a.repeats interleaved rounds, round trips pooled."""
-    lat: dict = {"relays": {n: {"cells": []} for n in LATENCY_RELAYS},
+    # and the other trees' pps-async-p1 (--tree), for an A/B of the cell
+    names = LATENCY_RELAYS + [r for r in a.relays if r.startswith(LATENCY_RELAYS[0] + "@")]
+    lat: dict = {"relays": {n: {"cells": []} for n in names},
                  "flooders": 2, "seconds": a.latency_time, "max_requests": a.latency_requests}
     running: dict[str, Relay] = {}
-    for name in LATENCY_RELAYS:
+    for name in names:
         relay = start_relay(name, cert, backend, workdir, a.tls, tls_args, lat["relays"][name])
         if relay:
             servers.append(relay)
