@@ -42,7 +42,9 @@ sysdeps:
 
 # The servers tests/test_servers.py runs on loopback with our keys (and the
 # integration tests with key references): nginx, postfix, dovecot (imapd),
-# haproxy, and gdb (to read a server process's environment).  Installed
+# haproxy, and gdb (to read a server process's environment); SoftHSM2,
+# p11-kit (server and client module) and opensc's pkcs11-tool for the
+# PKCS#11 tests; iproute2's ip for the fleet's network namespaces.  Installed
 # only when missing, as root, by scripts/apt-install.sh:
 # none of their services starts (policy-rc.d), postfix gets "No
 # configuration".  Not root: a note, and those tests skip saying why.
@@ -58,6 +60,7 @@ testdeps:
 	command -v p11-kit >/dev/null || missing="$$missing p11-kit"; \
 	[ -f /usr/lib/$$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)/pkcs11/p11-kit-client.so ] || missing="$$missing p11-kit-modules"; \
 	command -v pkcs11-tool >/dev/null || missing="$$missing opensc"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then sh scripts/apt-install.sh $$missing; \
 		else echo "not root, not installing:$$missing (their tests will skip)" >&2; fi; \
