@@ -193,6 +193,10 @@ pyprivsep demo: https://127.0.0.1:8443/ -> backend http://127.0.0.1:8080/
   ps -eo pid,user:14,args | grep '[p]yprivsep:'     # parent, relays, cas
 Ctrl-C stops everything.
 """, flush=True)
+    # SIGTERM and SIGHUP (a closed terminal, `timeout make run`) stop
+    # everything as Ctrl-C does, rather than orphaning the daemon
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)
     relay = subprocess.Popen([sys.executable, "-m", "pyprivsep", "-d", "-f", conf])
     try:
         return relay.wait()
