@@ -159,14 +159,19 @@ def test_check_refuses_a_wrong_pin_naming_the_pkcs11_line(token: TokenKeys, tmp_
     assert "not-the-pin" not in proc.stderr
 
 
-def test_check_refuses_a_missing_object_naming_its_line(token: TokenKeys, tmp_path: Path) -> None:
+@pytest.mark.parametrize("uri, why", [
+    ("pkcs11:token=web;object=nothere", "no such private key in the token"),
+    ("pkcs11:token=elsewhere;object=imported-rsa", "CKR_TOKEN_NOT_PRESENT"),
+], ids=["missing-object", "missing-token"])
+def test_check_refuses_a_key_the_token_lacks_naming_its_line(
+        token: TokenKeys, tmp_path: Path, uri: str, why: str) -> None:
     kp = token.keys["imported-rsa"]
     conf = write_config(tmp_path / "p.conf", config_text(
-        token, [f'    tls certificate "{kp.cert_path}" key "pkcs11:token=web;object=nothere"']))
+        token, [f'    tls certificate "{kp.cert_path}" key "{uri}"']))
     proc = run_pyprivsep("-n", "-f", str(conf))
     assert proc.returncode == 1
-    assert f"{conf}:{line_of(conf, 'nothere')}: pkcs11:token=web;object=nothere" in proc.stderr, proc.stderr
-    assert "no such private key in the token" in proc.stderr
+    assert f"{conf}:{line_of(conf, uri)}: " in proc.stderr, proc.stderr
+    assert why in proc.stderr, proc.stderr
 
 
 def test_check_refuses_a_token_key_that_is_not_the_certificates(token: TokenKeys, tmp_path: Path) -> None:
@@ -176,15 +181,6 @@ def test_check_refuses_a_token_key_that_is_not_the_certificates(token: TokenKeys
     assert proc.returncode == 1
     assert f"{conf}:{line_of(conf, 'tls certificate')}:" in proc.stderr
     assert "does not match the certificate" in proc.stderr, proc.stderr
-
-
-def test_check_refuses_a_missing_token(token: TokenKeys, tmp_path: Path) -> None:
-    kp = token.keys["imported-rsa"]
-    conf = write_config(tmp_path / "p.conf", config_text(
-        token, [f'    tls certificate "{kp.cert_path}" key "pkcs11:token=elsewhere;object=imported-rsa"']))
-    proc = run_pyprivsep("-n", "-f", str(conf))
-    assert proc.returncode == 1
-    assert f"{conf}:{line_of(conf, 'elsewhere')}:" in proc.stderr and "CKR_TOKEN_NOT_PRESENT" in proc.stderr
 
 
 # --------------------------------------------------------------------------
