@@ -775,12 +775,25 @@ conn_connected(struct conn *c, unsigned events)
 	list_touch(c, &c->relay->established, c->relay->idle_timeout);
 }
 
+/*
+ * Whether SSL_read()'s failure err (its result n) is the peer's end: a
+ * close_notify, or a close without one (nothing on the error queue, EOF
+ * or a reset), which ends the direction as a plain socket's FIN does.
+ */
+static int
+ssl_read_ended(int err, int n)
+{
+	return err == SSL_ERROR_ZERO_RETURN ||
+	    (err == SSL_ERROR_SYSCALL && ERR_peek_error() == 0 &&
+	    (n == 0 || errno == 0 || errno == ECONNRESET));
+}
+
 /* SSL_read into up; returns 1 on progress, 0 if blocked, -1 on error. */
 static int
 pump_client_read(struct conn *c)
 {
 	uint8_t *p;
-	int n;
+	int n, err;
 
 	if (c->flags & CF_CLIENT_EOF || buf_space(c->up, UP_BUFSZ) == 0 ||
 	    (c->rd_want != 0 && !(c->cready & c->rd_want)))
@@ -794,7 +807,12 @@ pump_client_read(struct conn *c)
 		stats.bytes_in += n;
 		return 1;
 	}
-	switch (SSL_get_error(c->ssl, n)) {
+	err = SSL_get_error(c->ssl, n);
+	if (ssl_read_ended(err, n)) {
+		c->flags |= CF_CLIENT_EOF;
+		return 1;
+	}
+	switch (err) {
 	case SSL_ERROR_WANT_READ:
 		c->rd_want = PPS_IN;
 		client_blocked(c, PPS_IN);
@@ -803,16 +821,6 @@ pump_client_read(struct conn *c)
 		c->rd_want = PPS_OUT;
 		client_blocked(c, PPS_OUT);
 		break;
-	case SSL_ERROR_ZERO_RETURN:
-		c->flags |= CF_CLIENT_EOF;
-		return 1;
-	case SSL_ERROR_SYSCALL:
-		if (ERR_peek_error() == 0 && (n == 0 || errno == 0 ||
-		    errno == ECONNRESET)) {
-			c->flags |= CF_CLIENT_EOF;
-			return 1;
-		}
-		/* FALLTHROUGH */
 	default:
 		pps_log(LOG_DEBUG, "relay %s: client read: %s", c->relay->name,
 		    ssl_reason());
@@ -896,17 +904,9 @@ pump_backend_tls_read(struct conn *c)
 		c->brd_want = 0;
 		return 1;
 	}
-	switch (SSL_get_error(c->bssl, n)) {
-	case SSL_ERROR_ZERO_RETURN:
+	if (ssl_read_ended(SSL_get_error(c->bssl, n), n)) {
 		c->flags |= CF_BACKEND_EOF;
 		return 1;
-	case SSL_ERROR_SYSCALL:
-		if (ERR_peek_error() == 0 && (n == 0 || errno == 0 ||
-		    errno == ECONNRESET)) {
-			c->flags |= CF_BACKEND_EOF;
-			return 1;
-		}
-		break;
 	}
 	return backend_tls_blocked(c, n, &c->brd_want, "read");
 }
